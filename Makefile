@@ -1,0 +1,47 @@
+# Two set-up commands on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch that lies on the machine's disk; an unpinned torch pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+OPEN_CLIP_SPEC ?= open-clip-torch==3.3.0
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_HOME := $(CURDIR)/.flwr-home
+export FEDDIFRC_CACHE_DIR ?= $(CURDIR)/.cache/feddifrc
+export FEDDIFRC_RUNS_DIR ?= $(CURDIR)/runs
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv data demo test lint
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
+	# open-clip-torch ships the real CLIP BPE vocabulary; --no-deps because it requires torchvision.
+	$(PY) -m pip install -q --no-deps "$(OPEN_CLIP_SPEC)"
+	@touch $(STAMP)
+
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist) ..."; \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null)); \
+	else \
+	  echo "Fashion-MNIST is missing from $(FMNIST_DIR). Install the Debian package"; \
+	  echo "dataset-fashion-mnist (as root: apt-get install dataset-fashion-mnist) or put the four"; \
+	  echo "IDX files in a folder and pass data-path=\"/that/folder\" in the run config."; exit 1; \
+	fi
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv data lint
+	$(VENV)/bin/pytest -q

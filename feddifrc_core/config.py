@@ -1,0 +1,235 @@
+"""Typed, frozen run and node configuration, parsed once at the Flower edge.
+
+Every knob of the method has a field here. Dataclass defaults are the paper's / reference code's
+values (the comment says why); `pyproject.toml` `[tool.flwr.app.config]` carries the offline demo
+values and must list exactly the same keys (kebab-case of the field names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "tiny-imagenet", "image-folder", "digits")
+ALGORITHMS = ("fedavg", "fedprox", "moon", "feddifrc", "feddifrc-ssl", "simclr")
+SSL_ALGORITHMS = ("feddifrc-ssl", "simclr")
+DIFFUSION_ALGORITHMS = ("feddifrc", "feddifrc-ssl")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+def _opt(default: Any, *, choices: tuple[Any, ...] = (), lo: float | None = None,
+         hi: float | None = None, lo_open: bool = False) -> Any:
+    """A config field with its validation rule kept beside its default."""
+    return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # --- federation -------------------------------------------------------------------------
+    seed: int = _opt(7)  # reference seed
+    num_rounds: int = _opt(50, lo=1)  # paper: 50 communication rounds
+    fraction_train: float = _opt(0.5, lo=0.0, hi=1.0, lo_open=True)  # paper: 5 of 10 clients per round
+    min_train_nodes: int = _opt(2, lo=1)  # below this many replies a round fails loudly
+    min_available_nodes: int = _opt(2, lo=1)
+    round_timeout: float = _opt(3600.0, lo=1.0)  # seconds a round waits for replies
+    eval_every: int = _opt(1, lo=1)  # central test evaluation period in rounds
+    eval_batch_size: int = _opt(512, lo=1)
+    output_dir: str = _opt("")  # "" -> $FEDDIFRC_RUNS_DIR or ./runs
+    run_name: str = _opt("")  # "" -> <algorithm>-<dataset>-<timestamp>
+    resume: bool = _opt(False)  # continue the named run from its last complete round
+    device: str = _opt("auto")  # auto | cpu | cuda | cuda:N; a node's `device` overrides it
+    torch_threads: int = _opt(0, lo=0)  # 0 = torch default; simulation sets it per client
+    # --- data -------------------------------------------------------------------------------
+    dataset: str = _opt("cifar10", choices=DATASETS)  # paper's headline data set
+    data_path: str = _opt("")  # "" -> the data set's standard location; a node's `data-path` overrides
+    data_subset: str = _opt("all", choices=("all", "private"))  # private = half not seen by the teacher
+    train_samples: int = _opt(0, lo=0)  # 0 = all; a seeded subsample keeps CPU demos short
+    test_samples: int = _opt(0, lo=0)  # 0 = whole test set
+    partition: str = _opt("dirichlet-reference", choices=("dirichlet-reference", "flwr-dirichlet", "iid"))
+    dirichlet_alpha: float = _opt(0.05, lo=0.0, lo_open=True)  # README example of the reference code
+    imb_factor: float = _opt(1.0, lo=0.0, hi=1.0, lo_open=True)  # 1 = balanced; reference example 0.1
+    augment: bool = _opt(True)  # pad+crop (+flip where it suits the data)
+    # --- local model and optimiser ------------------------------------------------------------
+    model: str = _opt("resnet10", choices=("resnet10", "small-cnn"))  # paper backbone for CIFAR
+    model_width: int = _opt(64, lo=1)  # ResNet-10 base width 64 -> 512-d features
+    local_epochs: int = _opt(10, lo=1)  # paper: 10 local epochs
+    batch_size: int = _opt(64, lo=1)  # paper: 64
+    lr: float = _opt(0.01, lo=0.0, lo_open=True)  # paper: SGD 0.01
+    momentum: float = _opt(0.9, lo=0.0, hi=1.0)  # paper: 0.9
+    weight_decay: float = _opt(1e-5, lo=0.0)  # paper: 1e-5 on CIFAR-10
+    # --- algorithm ----------------------------------------------------------------------------
+    algorithm: str = _opt("feddifrc", choices=ALGORITHMS)
+    proximal_mu: float = _opt(0.01, lo=0.0)  # FedProx proximal weight
+    moon_mu: float = _opt(1.0, lo=0.0)  # MOON contrastive weight
+    moon_temperature: float = _opt(0.5, lo=0.0, lo_open=True)  # MOON paper temperature
+    lambda_tdcl: float = _opt(1.0, lo=0.0)  # reference weight of TDCL; 0 switches it off
+    lambda_ndcr: float = _opt(1.0, lo=0.0)  # reference weight of NDCR; 0 switches it off
+    tau: float = _opt(0.04, lo=0.0, lo_open=True)  # reference InfoNCE temperature
+    ndcr_loss: str = _opt("l2", choices=("l2", "kl", "l2-raw"))  # project decision (METHOD.md)
+    neg_num: int = _opt(10, lo=1)  # reference: 10 negative class prompts per sample
+    # --- diffusion representations -------------------------------------------------------------
+    diffusion_model: str = _opt("stabilityai/stable-diffusion-2-1")  # or a folder, offline-teacher, tiny-sd
+    diffusion_revision: str = _opt("")  # hub revision; "" = default branch
+    diffusion_timestep: int = _opt(300, lo=0, hi=999)  # paper: t=300 best for SD 2.1
+    diffusion_image_size: int = _opt(224, lo=0)  # reference: 224; 0 = the backbone's native size
+    up_blocks: str = _opt("1,2,3")  # decoder blocks whose outputs are kept
+    ensemble_size: int = _opt(1, lo=1)  # noise draws averaged per image
+    extraction_batch_size: int = _opt(16, lo=1)  # images per UNet call (x prompts)
+    diffusion_dtype: str = _opt("auto", choices=("auto", "float32", "float16", "bfloat16"))
+    projection: str = _opt("federated-pca", choices=("federated-pca", "random"))  # shared basis
+    prompt_template: str = _opt("a photo of a {}")  # paper prompt
+    cache_dir: str = _opt("")  # "" -> $FEDDIFRC_CACHE_DIR or ~/.cache/feddifrc
+    # --- self-supervised variant ---------------------------------------------------------------
+    ssl_positive_prompt: str = _opt("a photo of a similar object")  # paper
+    ssl_null_prompt: str = _opt("a photo of a visual object")  # paper
+    ssl_vocabulary: str = _opt("tiny-imagenet")  # negative prompt vocabulary (file name or path)
+    simclr_temperature: float = _opt(0.5, lo=0.0, lo_open=True)
+    probe_train_samples: int = _opt(5000, lo=1)  # labelled samples for the server's linear probe
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's run_config (kebab-case keys); every problem raises ConfigError."""
+        return _from_mapping(cls, run_config, what="run config")
+
+    def to_flower(self) -> dict[str, Any]:
+        """The kebab-case mapping Flower uses (inverse of `from_flower`)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A validated copy with some fields changed (snake_case names)."""
+        merged = {**self.to_flower(), **{k.replace("_", "-"): v for k, v in changes.items()}}
+        return RunConfig.from_flower(merged)
+
+    # --- derived values --------------------------------------------------------------------------
+    @property
+    def up_block_ids(self) -> tuple[int, ...]:
+        return _parse_up_blocks(self.up_blocks)
+
+    @property
+    def uses_diffusion(self) -> bool:
+        return self.algorithm in DIFFUSION_ALGORITHMS
+
+    @property
+    def is_self_supervised(self) -> bool:
+        return self.algorithm in SSL_ALGORITHMS
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir or os.environ.get("FEDDIFRC_RUNS_DIR") or "runs").expanduser()
+
+    def resolved_cache_dir(self) -> Path:
+        default = Path("~/.cache/feddifrc").expanduser()
+        return Path(self.cache_dir or os.environ.get("FEDDIFRC_CACHE_DIR") or default).expanduser()
+
+    def __post_init__(self) -> None:
+        _parse_up_blocks(self.up_blocks)
+        if "{}" not in self.prompt_template:
+            raise ConfigError(
+                f"prompt-template must contain '{{}}' where the class name goes, got {self.prompt_template!r}"
+            )
+        if self.min_available_nodes < self.min_train_nodes:
+            raise ConfigError(
+                f"min-available-nodes ({self.min_available_nodes}) must be >= min-train-nodes "
+                f"({self.min_train_nodes})"
+            )
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Per-node settings: simulation gives partition-id/num-partitions; deployment adds the rest."""
+
+    partition_id: int = _opt(0, lo=0)
+    num_partitions: int = _opt(1, lo=1)
+    data_path: str = _opt("")  # overrides the run's data-path on this node
+    device: str = _opt("")  # overrides the run's device on this node
+    cache_dir: str = _opt("")  # overrides the run's cache-dir on this node
+
+    @classmethod
+    def from_flower(cls, node_config: Mapping[str, Any]) -> NodeConfig:
+        cfg = _from_mapping(cls, node_config, what="node config", coerce_strings=True)
+        if cfg.partition_id >= cfg.num_partitions:
+            raise ConfigError(
+                f"node config: partition-id must be < num-partitions ({cfg.num_partitions}), "
+                f"got {cfg.partition_id}"
+            )
+        return cfg
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else is checked and returned."""
+    import torch
+
+    if requested in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {requested!r} was requested but no CUDA device is available; use 'cpu'")
+    if requested != "cpu" and not requested.startswith(("cuda", "mps")):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+    return requested
+
+
+def _parse_up_blocks(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(part) for part in str(text).split(",") if part.strip() != "")
+    except ValueError:
+        raise ConfigError(f"up-blocks must be comma-separated integers like '1,2,3', got {text!r}") from None
+    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise ConfigError(f"up-blocks must be distinct non-negative integers like '1,2,3', got {text!r}")
+    return tuple(sorted(ids))
+
+
+def _coerce(key: str, value: Any, expected: type, what: str, coerce_strings: bool) -> Any:
+    if coerce_strings and isinstance(value, str) and expected is not str:
+        text = value.strip()
+        try:
+            if expected is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return text.lower() in ("true", "1")
+            return expected(text)
+        except ValueError:
+            raise ConfigError(f"{what}: '{key}' expects {expected.__name__}, got {value!r}") from None
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what}: '{key}' expects true/false, got {value!r} ({type(value).__name__})")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{what}: '{key}' expects an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{what}: '{key}' expects a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{what}: '{key}' expects a string, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _from_mapping(cls: type, raw: Mapping[str, Any], *, what: str, coerce_strings: bool = False) -> Any:
+    fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{what}: unknown key(s) {unknown}; known keys are {sorted(fields)}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        f = fields[key]
+        expected = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+        value = _coerce(key, value, expected, what, coerce_strings)
+        meta = f.metadata
+        if meta["choices"] and value not in meta["choices"]:
+            raise ConfigError(f"{what}: '{key}' must be one of {list(meta['choices'])}, got {value!r}")
+        lo, hi = meta["lo"], meta["hi"]
+        if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
+            bound = f"> {lo}" if meta["lo_open"] else f">= {lo}"
+            raise ConfigError(f"{what}: '{key}' must be {bound}, got {value!r}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{what}: '{key}' must be <= {hi}, got {value!r}")
+        values[f.name] = value
+    return cls(**values)
