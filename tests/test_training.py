@@ -1,0 +1,253 @@
+"""Local training of every algorithm on a tiny model: it learns, it is reproducible, it validates."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from feddifrc_core.config import RunConfig
+from feddifrc_core.targets import DiffusionTargets
+from feddifrc_core.training import (
+    TrainSettings,
+    derive_seed,
+    evaluate,
+    extract_features,
+    train_local,
+)
+
+N, C, D, K = 48, 3, 8, 2
+
+
+class TinyNet(nn.Module):
+    """forward(x) -> (features [B, D], logits [B, C]) like the project's models."""
+
+    feature_dim = D
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, D), nn.Dropout(0.1),
+        )
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.body(x)
+        return z, self.head(z)
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Class c lights up quadrant c of an 8x8 image, plus noise: learnable in a few steps."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(N) % C
+    images = torch.randint(0, 60, (N, 1, 8, 8), generator=g)
+    for i, c in enumerate(labels.tolist()):
+        r, q = divmod(c, 2)
+        images[i, 0, 4 * r:4 * r + 4, 4 * q:4 * q + 4] += 180
+    return images.to(torch.uint8), labels.long()
+
+
+def _targets() -> DiffusionTargets:
+    """Like real diffusion features: one prototype per prompt (class) plus per-image noise."""
+    g = torch.Generator().manual_seed(1)
+    protos = torch.randn(C, D, generator=g)  # [C, D]
+    labels = torch.arange(N) % C
+    others = torch.stack([(labels + 1) % C, (labels + 2) % C], dim=1)  # [N, K]
+    return DiffusionTargets(positive=protos[labels] + 0.1 * torch.randn(N, D, generator=g),
+                            negatives=protos[others] + 0.1 * torch.randn(N, K, D, generator=g),
+                            null=0.5 * protos[labels] + 0.1 * torch.randn(N, D, generator=g))
+
+
+def flip_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip + small noise, all drawn from `generator` on the CPU."""
+    x = images.float() / 255.0
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5  # [B]
+    x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+    return x + 0.05 * torch.randn(x.shape, generator=generator).to(x.device)
+
+
+def _model(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def _settings(algorithm: str, **kw: object) -> TrainSettings:
+    base = dict(algorithm=algorithm, local_epochs=6, batch_size=16, lr=0.05, momentum=0.9,
+                weight_decay=0.0, seed=3, tau=0.5)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+class PoisonLabels:
+    """Any use of this object (attribute, indexing, len, iteration) fails the test."""
+
+    def __getattribute__(self, name: str) -> object:
+        raise AssertionError(f"labels were accessed: .{name}")
+
+    def __len__(self) -> int:
+        raise AssertionError("labels were accessed: len()")
+
+    def __getitem__(self, item: object) -> object:
+        raise AssertionError("labels were accessed: []")
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "moon", "feddifrc", "feddifrc-ssl",
+                                       "simclr"])
+def test_training_lowers_the_loss(algorithm: str) -> None:
+    images, labels = _data()
+    model = _model()
+    ssl = algorithm in ("feddifrc-ssl", "simclr")
+    kwargs = dict(transform=flip_transform, targets=_targets())
+    if algorithm == "moon":
+        kwargs["previous_model"] = _model(seed=5)  # a distinct previous local model
+    res = train_local(model, images, None if ssl else labels, _settings(algorithm),
+                      "cpu", **kwargs)
+    first, last = res.epochs[0], res.epochs[-1]
+    assert len(res.epochs) == 6 and res.num_examples == N
+    # NT-Xent over 32 views falls slowly from ~log(31); the others drop fast on this toy set
+    factor = 0.95 if algorithm == "simclr" else 0.8
+    assert last["loss"] < factor * first["loss"], (algorithm, first, last)
+    assert res.loss == last["loss"] and res.metrics == last
+    expected_parts = {"fedavg": {"ce"}, "fedprox": {"ce", "prox"}, "moon": {"ce", "moon"},
+                      "feddifrc": {"ce", "tdcl", "ndcr"}, "feddifrc-ssl": {"tdcl", "ndcr"},
+                      "simclr": {"ntxent"}}[algorithm]
+    assert set(last) == expected_parts | {"loss", "accuracy"}
+    if not ssl:
+        assert last["accuracy"] > first["accuracy"]
+
+
+def test_same_seed_is_bit_identical_and_another_seed_differs() -> None:
+    images, labels = _data()
+    init = _model()
+    runs = []
+    for seed in (3, 3, 4):
+        model = copy.deepcopy(init)
+        res = train_local(model, images, labels, _settings("feddifrc", seed=seed, local_epochs=2),
+                          "cpu", transform=flip_transform, targets=_targets())
+        runs.append((res.epochs, model.state_dict()))
+    (e1, s1), (e2, s2), (e3, s3) = runs
+    assert e1 == e2
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not all(torch.equal(s1[k], s3[k]) for k in s1)
+
+
+def test_global_rng_state_is_left_alone() -> None:
+    images, labels = _data()
+    state = torch.get_rng_state()
+    train_local(_model(), images, labels, _settings("fedavg", local_epochs=1), "cpu",
+                transform=flip_transform)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("algorithm", ["feddifrc-ssl", "simclr"])
+def test_label_free_algorithms_never_touch_labels(algorithm: str) -> None:
+    images, _ = _data()
+    res = train_local(_model(), images, PoisonLabels(), _settings(algorithm, local_epochs=1),
+                      "cpu", transform=flip_transform, targets=_targets())
+    assert res.accuracy == 0.0 and "ce" not in res.metrics
+
+
+def test_supervised_algorithm_without_labels_is_a_clear_error() -> None:
+    images, _ = _data()
+    with pytest.raises(ValueError, match="labels.*None"):
+        train_local(_model(), images, None, _settings("fedavg"), "cpu")
+
+
+@pytest.mark.parametrize("algorithm", ["feddifrc", "feddifrc-ssl"])
+def test_missing_targets_is_a_clear_error(algorithm: str) -> None:
+    images, labels = _data()
+    with pytest.raises(ValueError, match="needs the client's DiffusionTargets"):
+        train_local(_model(), images, labels, _settings(algorithm), "cpu")
+
+
+def test_targets_of_wrong_size_are_rejected() -> None:
+    images, labels = _data()
+    t = _targets()
+    short = DiffusionTargets(t.positive[:5], t.negatives[:5], t.null[:5])
+    with pytest.raises(ValueError, match="one row per image"):
+        train_local(_model(), images, labels, _settings("feddifrc"), "cpu", targets=short)
+
+
+def test_zero_lambda_skips_the_term() -> None:
+    images, labels = _data()
+    res = train_local(_model(), images, labels, _settings("feddifrc", lambda_ndcr=0.0,
+                                                          local_epochs=1), "cpu", targets=_targets())
+    assert "ndcr" not in res.metrics and "tdcl" in res.metrics
+    with pytest.raises(ValueError, match="cannot both be 0"):
+        _settings("feddifrc-ssl", lambda_tdcl=0.0, lambda_ndcr=0.0)
+
+
+def test_fedavg_equals_feddifrc_with_both_lambdas_zero() -> None:
+    images, labels = _data()
+    a, b = _model(), _model()
+    ra = train_local(a, images, labels, _settings("fedavg", local_epochs=2), "cpu")
+    rb = train_local(b, images, labels, _settings("feddifrc", local_epochs=2, lambda_tdcl=0.0,
+                                                  lambda_ndcr=0.0), "cpu", targets=_targets())
+    assert ra.epochs == rb.epochs
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_fedprox_pulls_toward_the_global_model() -> None:
+    images, labels = _data()
+    init = _model()
+
+    def distance(mu: float) -> float:
+        model = copy.deepcopy(init)
+        train_local(model, images, labels, _settings("fedprox", proximal_mu=mu), "cpu")
+        return sum((p - q).pow(2).sum() for p, q in zip(model.parameters(), init.parameters(),
+                                                         strict=True)).item()
+
+    assert distance(10.0) < 0.5 * distance(0.0)
+
+
+def test_moon_first_round_term_is_log2_without_a_previous_model() -> None:
+    images, labels = _data()
+    res = train_local(_model(), images, labels, _settings("moon", local_epochs=1, lr=1e-6),
+                      "cpu")
+    assert res.metrics["moon"] == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_simclr_requires_a_random_transform() -> None:
+    images, _ = _data()
+    with pytest.raises(ValueError, match="transform"):
+        train_local(_model(), images, None, _settings("simclr"), "cpu")
+
+
+def test_settings_from_run_config_and_validation() -> None:
+    cfg = RunConfig().replace(algorithm="moon", moon_mu=5.0, batch_size=32, ndcr_loss="kl")
+    s = TrainSettings.from_run_config(cfg)
+    assert (s.algorithm, s.moon_mu, s.batch_size, s.ndcr_loss, s.seed) == ("moon", 5.0, 32, "kl",
+                                                                           cfg.seed)
+    assert s.lr == cfg.lr and s.tau == cfg.tau and s.local_epochs == cfg.local_epochs
+    with pytest.raises(ValueError, match="algorithm"):
+        TrainSettings(algorithm="fedbn")
+    with pytest.raises(ValueError, match="tau"):
+        TrainSettings(tau=0.0)
+
+
+def test_derive_seed_is_stable_and_separates_keys() -> None:
+    assert derive_seed(7, 1, 2) == derive_seed(7, 1, 2)
+    assert len({derive_seed(7, r, c) for r in range(5) for c in range(5)}) == 25
+
+
+def test_evaluate_and_extract_features() -> None:
+    images, labels = _data()
+    model = _model()
+    model.train()
+    res = evaluate(model, images, labels, batch_size=10, device="cpu")
+    assert model.training  # mode restored
+    with torch.no_grad():
+        model.eval()
+        _, logits = model(images.float() / 255.0)
+        model.train()
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    assert res.num_examples == N
+    assert res.accuracy == pytest.approx(acc) and res.loss == pytest.approx(loss, rel=1e-5)
+    feats = extract_features(model, images, batch_size=7, device="cpu")
+    assert feats.shape == (N, D) and feats.dtype == torch.float32
+    with pytest.raises(ValueError, match="labels"):
+        evaluate(model, images, None, 10, "cpu")
