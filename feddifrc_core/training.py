@@ -185,7 +185,8 @@ def train_local(
         targets: diffusion targets, required by feddifrc and feddifrc-ssl.
         global_model: FedProx/MOON anchor; None = a frozen copy of `model` as it enters.
         previous_model: MOON's previous local model of this client; None (its first round) = the
-            global model, which makes the MOON term a constant log 2 with zero gradient, as in MOON.
+            global model: the MOON term is then a constant log 2 with zero gradient (MOON's code
+            has no negative in its first round: the same update).
     """
     # 1. validate inputs; labels are not looked at in the label-free algorithms
     s = settings
