@@ -1,0 +1,128 @@
+"""DIFT-style extraction on the offline tiny SD pipeline (built from configs, loaded from disk)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from feddifrc_core.diffusion.backbone import load_backbone
+from feddifrc_core.diffusion.extractor import (
+    DiffusionFeatureExtractor,
+    to_model_pixels,
+    up_block_channels,
+)
+from feddifrc_core.diffusion.tokenizer import load_clip_tokenizer
+
+PROMPTS = ["a photo of a cat", "a photo of a dog", "a photo of a car", ""]
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory: pytest.TempPathFactory):
+    torch.set_num_threads(1)
+    cache = tmp_path_factory.getbasetemp() / "feddifrc-cache"  # shared by all diffusion test files
+    return load_backbone("tiny-sd", "cpu", torch.float32, cache_dir=str(cache))
+
+
+def _images(n: int, channels: int = 1, size: int = 28, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, channels, size, size), generator=gen, dtype=torch.uint8)
+
+
+def test_tokenizer_is_the_real_clip_bpe(tmp_path: Path) -> None:
+    tok = load_clip_tokenizer(tmp_path)
+    # ids of the public CLIP vocabulary: <start> a photo of a cat <end>
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tok) == 49408 and tok.model_max_length == 77
+
+
+def test_tiny_sd_is_loaded_from_a_saved_folder(backbone) -> None:
+    ident = backbone.identity()
+    folder = Path(ident["model"])
+    assert ident["kind"] == "tiny-sd" and len(ident["content_sha256"]) == 64
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (folder / sub).is_dir()
+    assert not hasattr(backbone, "vae") and not hasattr(backbone.vae_encoder, "decoder")
+    assert not any(p.requires_grad for p in backbone.unet.parameters())
+    assert len(backbone.unet.up_blocks) == 4
+    # the cached loader returns the same object
+    assert load_backbone("tiny-sd", "cpu", torch.float32, cache_dir=str(folder.parents[1])) is backbone
+
+
+def test_shapes_and_channels_match_the_unet_config(backbone) -> None:
+    ex = DiffusionFeatureExtractor(backbone, timestep=300, up_blocks=(1, 2, 3), batch_size=4)
+    feats = ex.extract(_images(6), list(range(6)), PROMPTS)
+    expected = [list(reversed(backbone.unet.config.block_out_channels))[b] for b in (1, 2, 3)]
+    assert ex.block_channels == tuple(expected) == up_block_channels(backbone.unet)[1:]
+    assert [tuple(f.shape) for f in feats] == [(6, 4, c) for c in expected]
+    assert all(f.dtype == torch.float32 and torch.isfinite(f).all() for f in feats)
+    assert ex.image_size == backbone.sample_size
+    assert ex.alpha_bar == pytest.approx(float(backbone.scheduler.alphas_cumprod[300]))
+
+
+def test_prompts_change_features(backbone) -> None:
+    ex = DiffusionFeatureExtractor(backbone, batch_size=8)
+    feats = ex.extract(_images(3), [0, 1, 2], PROMPTS)
+    for f in feats:  # positive (prompt 0) differs from every other prompt of the same image
+        for p in range(1, len(PROMPTS)):
+            assert (f[:, 0] - f[:, p]).abs().max() > 1e-4
+
+
+def test_bit_identical_for_same_seeds_and_independent_of_batching(backbone) -> None:
+    imgs, ids = _images(5), [10, 11, 12, 13, 14]
+    a = DiffusionFeatureExtractor(backbone, batch_size=5, seed=3).extract(imgs, ids, PROMPTS)
+    b = DiffusionFeatureExtractor(backbone, batch_size=5, seed=3).extract(imgs, ids, PROMPTS)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    other_seed = DiffusionFeatureExtractor(backbone, batch_size=5, seed=4).extract(imgs, ids, PROMPTS)
+    assert not torch.equal(a[0], other_seed[0])
+    # noise belongs to the sample id, not to its position in a batch
+    c = DiffusionFeatureExtractor(backbone, batch_size=2, seed=3).extract(imgs.flip(0), ids[::-1], PROMPTS)
+    for x, y in zip(a, c, strict=True):
+        torch.testing.assert_close(x, y.flip(0), rtol=1e-4, atol=1e-5)
+
+
+def test_per_image_prompt_ids(backbone) -> None:
+    ex = DiffusionFeatureExtractor(backbone, batch_size=4)
+    imgs, ids = _images(3), [0, 1, 2]
+    full = ex.extract(imgs, ids, PROMPTS)
+    chosen = torch.tensor([[0, 3], [1, 3], [2, 0]])
+    part = ex.extract(imgs, ids, PROMPTS, prompt_ids=chosen)
+    for f, p in zip(full, part, strict=True):
+        torch.testing.assert_close(p, torch.gather(f, 1, chosen[..., None].expand(-1, -1, f.shape[-1])),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_pass_stops_after_last_needed_block(backbone) -> None:
+    calls = []
+    handle = backbone.unet.up_blocks[2].register_forward_hook(lambda *_: calls.append("up2"))
+    try:
+        feats = DiffusionFeatureExtractor(backbone, up_blocks=(1,)).extract(_images(2), [0, 1], PROMPTS[:1])
+    finally:
+        handle.remove()
+    assert calls == [] and feats[0].shape == (2, 1, 64)
+    assert not backbone.unet.up_blocks[1]._forward_hooks  # our hooks are removed
+
+
+def test_ensemble_averages_noise_draws(backbone) -> None:
+    imgs = _images(2)
+    one = DiffusionFeatureExtractor(backbone, ensemble_size=1).extract(imgs, [0, 1], PROMPTS[:2])
+    three = DiffusionFeatureExtractor(backbone, ensemble_size=3).extract(imgs, [0, 1], PROMPTS[:2])
+    assert one[0].shape == three[0].shape and not torch.allclose(one[0], three[0])
+
+
+def test_input_validation(backbone) -> None:
+    with pytest.raises(ValueError, match="up_blocks.*4 up"):
+        DiffusionFeatureExtractor(backbone, up_blocks=(1, 4))
+    with pytest.raises(ValueError, match="timestep"):
+        DiffusionFeatureExtractor(backbone, timestep=1000)
+    ex = DiffusionFeatureExtractor(backbone)
+    with pytest.raises(ValueError, match="uint8"):
+        ex.extract(torch.zeros(1, 1, 8, 8), [0], PROMPTS)
+    with pytest.raises(ValueError, match="sample_ids"):
+        ex.extract(_images(2), [0], PROMPTS)
+
+
+def test_pixels_are_in_minus_one_to_one() -> None:
+    img = torch.tensor([[[[0, 255], [128, 64]]]], dtype=torch.uint8)
+    px = to_model_pixels(img, 2, 3, torch.device("cpu"), torch.float32)
+    assert px.shape == (1, 3, 2, 2) and px.min() == -1.0 and px.max() == 1.0
+    assert torch.equal(px[:, 0], px[:, 2])  # grey repeated to RGB
