@@ -147,12 +147,12 @@ def _frozen_copy(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Row indices of one seeded epoch. A trailing batch of one sample is dropped when n > 1:
-    BatchNorm cannot train on it and NT-Xent needs two images."""
+    """Row indices of one seeded epoch. A trailing batch of one sample after full batches is
+    dropped: BatchNorm cannot train on it and NT-Xent needs two images."""
     perm = torch.randperm(n, generator=generator)  # [N] on CPU: device-independent order
     for start in range(0, n, batch_size):
         rows = perm[start:start + batch_size]
-        if rows.numel() == 1 and n > 1:
+        if rows.numel() == 1 and start > 0 and batch_size > 1:
             continue
         yield rows
 
@@ -269,7 +269,7 @@ def train_local(
         return total, {k: v.detach() for k, (_, v) in parts.items()}, logits
 
     # 4. epochs over seeded shuffles; sums stay on the device (no sync per step)
-    steps_per_epoch = sum(1 for _ in _batches(n, s.batch_size, torch.Generator().manual_seed(0)))
+    steps_per_epoch = math.ceil(n / s.batch_size) - int(n > s.batch_size and n % s.batch_size == 1)
     bar = tqdm(total=s.local_epochs * steps_per_epoch, desc=f"train {s.algorithm}",
                disable=not progress, leave=False)
     history: list[dict[str, float]] = []

@@ -251,3 +251,35 @@ def test_evaluate_and_extract_features() -> None:
     assert feats.shape == (N, D) and feats.dtype == torch.float32
     with pytest.raises(ValueError, match="labels"):
         evaluate(model, images, None, 10, "cpu")
+
+
+
+class CountingLinear(nn.Module):
+    """No BatchNorm; counts the samples it trains on."""
+
+    feature_dim = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(64, C)
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen += x.shape[0]
+        return x.flatten(1), self.head(x.flatten(1))
+
+
+def test_trailing_single_sample_batch_is_dropped_but_batch_size_one_works() -> None:
+    images, labels = _data()
+    images49, labels49 = torch.cat([images, images[:1]]), torch.cat([labels, labels[:1]])
+    model = CountingLinear()
+    res = train_local(model, images49, labels49, _settings("fedavg", local_epochs=2), "cpu")
+    assert res.num_examples == 49 and model.seen == 2 * 48  # 49 = 3 x 16 + 1
+    model = CountingLinear()
+    train_local(model, images[:5], labels[:5], _settings("fedavg", batch_size=1, local_epochs=1),
+                "cpu")
+    assert model.seen == 5
+    # NT-Xent cannot use a final batch of one image: it is dropped, training runs
+    res = train_local(_model(), images49, None, _settings("simclr", local_epochs=1), "cpu",
+                      transform=flip_transform)
+    assert res.num_examples == 49
