@@ -1,0 +1,669 @@
+#!/usr/bin/env python3
+"""Run FedDifRC on a real Flower deployment: a SuperLink and N SuperNodes as separate processes.
+
+    python scripts/deploy/deploy.py up --nodes 2 [--insecure] [--hosts netns] [--data-path P]
+    python scripts/deploy/deploy.py run [APP] [-c "num-rounds=2 ..."]
+    python scripts/deploy/deploy.py status | add-node | kill-node I | restart-node I | down
+
+`up` makes certificates (unless --insecure), starts the SuperLink (gRPC Fleet API, TLS, SuperNode
+auth), registers one ECDSA key per node, starts the SuperNodes with their node config and writes a
+`flwr` connection; `run` submits the app with `flwr run`, follows it with `flwr ls` and watches
+every process, so a failed run exits non-zero with the component that failed; `down` stops
+everything by PID (process groups) and deletes the namespaces of `--hosts netns`.
+State (PIDs, logs, certificates) lives in --state-dir (default .cache/deploy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hosts  # noqa: E402  (sibling module of this script)
+
+REPO = Path(__file__).resolve().parents[2]
+CERTS_SCRIPT = Path(__file__).resolve().parent / "make_certs.sh"
+CONNECTION = "feddifrc-deployment"
+
+# Exit codes of this script (Flower's own codes, e.g. 305 for a refused SuperNode, pass through).
+EXIT_USAGE = 2
+EXIT_START_FAILED = 3
+EXIT_COMPONENT_DIED = 4
+EXIT_RUN_FAILED = 5
+EXIT_TIMEOUT = 6
+EXIT_SUPERLINK_UNREACHABLE = 7
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; `component` names the part that failed, `code` the exit code."""
+
+    def __init__(self, component: str, message: str, code: int) -> None:
+        super().__init__(f"{component}: {message}")
+        self.component = component
+        self.code = code
+
+
+@dataclass
+class Component:
+    """One long-running process of the deployment (a SuperLink, SuperNode or SuperExec)."""
+
+    name: str  # "superlink", "sn1", "sn1-superexec", ...
+    argv: list[str]
+    log: str
+    netns: str | None = None
+    pid: int = 0
+    index: int = 0  # SuperNode index (1-based); 0 for the SuperLink side
+
+    @property
+    def label(self) -> str:
+        """How messages name it: 'SuperLink', 'SuperNode sn2', 'SuperExec sn2-superexec'."""
+        if self.name == "superlink":
+            return "SuperLink"
+        return ("SuperExec " if self.name.endswith("superexec") else "SuperNode ") + self.name
+
+
+@dataclass
+class Deployment:
+    """Everything `up` decided; saved as JSON so later commands (run, down) find it."""
+
+    state_dir: str
+    flwr_home: str
+    num_nodes: int
+    secure: bool
+    hosts: str  # "loopback" | "netns"
+    isolation: str  # "subprocess" | "process"
+    fleet_address: str  # what SuperNodes dial
+    control_address: str  # what the `flwr` CLI dials (from cli_netns)
+    certs_dir: str
+    node_config: dict[str, str] = field(default_factory=dict)
+    namespaces: list[str] = field(default_factory=list)
+    cli_netns: str | None = None
+    components: list[Component] = field(default_factory=list)
+
+    def save(self) -> None:
+        path = Path(self.state_dir) / "deployment.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)  # atomic: a kill never leaves a half-written state file
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Deployment:
+        path = state_dir / "deployment.json"
+        if not path.is_file():
+            raise DeployError("deployment", f"no deployment in {state_dir}; start one with `up`",
+                              EXIT_USAGE)
+        data = json.loads(path.read_text())
+        data["components"] = [Component(**c) for c in data["components"]]
+        return cls(**data)
+
+    def component(self, name: str) -> Component:
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        raise DeployError(name, f"no such component (have {[c.name for c in self.components]})",
+                          EXIT_USAGE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines (pure): the same argv the docs and compose.yaml use.
+
+
+def flwr_bin_dir() -> Path:
+    """Folder with flower-superlink & co.; SuperLink/SuperNode spawn `flower-superexec` by name."""
+    venv = REPO / ".venv" / "bin"
+    if (venv / "flower-superlink").exists():
+        return venv
+    found = shutil.which("flower-superlink")
+    if found is None:
+        raise DeployError("flwr", "flower-superlink not found: run `make venv` first", EXIT_USAGE)
+    return Path(found).parent
+
+
+def child_env(flwr_home: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_HOME=flwr_home,
+        # A SuperLink otherwise runs `uv sync` per run, which pulls a multi-GB CUDA torch.
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
+        TOKENIZERS_PARALLELISM="false",
+        PATH=f"{flwr_bin_dir()}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+def node_config_string(values: dict[str, object]) -> str:
+    """`--node-config` text: ints bare, strings TOML-quoted (paths may contain spaces)."""
+    parts = []
+    for key, value in values.items():
+        text = str(value) if isinstance(value, int) else json.dumps(str(value))
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def superlink_argv(fleet_address: str, control_host: str, control_port: int, certs: Path | None,
+                   isolation: str = "subprocess") -> list[str]:
+    argv = ["flower-superlink", "--fleet-api-address", fleet_address, "--host", control_host,
+            "--port", str(control_port), "--isolation", isolation,
+            "--disable-runtime-dependency-installation"]
+    if certs is None:
+        return [*argv, "--insecure"]
+    return [*argv, "--ssl-ca-certfile", str(certs / "ca.crt"),
+            "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
+            "--enable-supernode-auth"]
+
+
+def supernode_argv(superlink: str, runtime_port: int, node_config: str, certs: Path | None,
+                   auth_key: Path | None, isolation: str = "subprocess",
+                   max_wait_time: float = 60.0) -> list[str]:
+    # max-wait-time bounds how long a node keeps redialling an unreachable SuperLink.
+    argv = ["flower-supernode", "--superlink", superlink, "--port", str(runtime_port),
+            "--isolation", isolation, "--node-config", node_config,
+            "--max-wait-time", str(max_wait_time)]
+    if certs is None:
+        return [*argv, "--insecure"]
+    argv += ["--root-certificates", str(certs / "ca.crt")]
+    if auth_key is not None:
+        argv += ["--auth-supernode-private-key", str(auth_key)]
+    return argv
+
+
+def superexec_argv(runtime_address: str, root_cert: Path | None) -> list[str]:
+    argv = ["flower-superexec", "--runtime-api-address", runtime_address]
+    return [*argv, "--insecure"] if root_cert is None else [*argv, "--root-certificates", str(root_cert)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as dead)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+def exit_code(pid: int) -> int | None:
+    """Exit status of a process this Python process started (None when unknown or running)."""
+    proc = _CHILDREN.get(pid)
+    return None if proc is None else proc.poll()
+
+
+def start(comp: Component, env: dict[str, str]) -> Component:
+    """Start `comp` in its own session (so stop() can end its children too); logs to comp.log."""
+    Path(comp.log).parent.mkdir(parents=True, exist_ok=True)
+    with open(comp.log, "ab") as log:
+        proc = subprocess.Popen(hosts.wrap(comp.netns, comp.argv), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=REPO, start_new_session=True)
+    _CHILDREN[proc.pid] = proc
+    comp.pid = proc.pid
+    return comp
+
+
+def stop(comp: Component, timeout: float = 10.0) -> None:
+    """SIGTERM the component's process group, then SIGKILL what is left after `timeout`."""
+    if comp.pid <= 0:
+        return
+    for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(comp.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc = _CHILDREN.get(comp.pid)
+            if proc is not None:
+                proc.poll()
+            if not pid_alive(comp.pid) and not _group_alive(comp.pid):
+                return
+            time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Zombies in the group still answer signal 0: look at the real states.
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def log_tail(comp: Component, lines: int = 15) -> str:
+    try:
+        text = Path(comp.log).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+def flower_exit_code(comp: Component) -> int | None:
+    """Flower's own exit code ("Exit Code: 305") from the log; the process itself exits 1."""
+    found = re.findall(r"Exit Code: (\d+)", log_tail(comp, 60))
+    return int(found[-1]) if found else None
+
+
+def describe_death(comp: Component) -> str:
+    code = exit_code(comp.pid)
+    how = f"exited with code {code}" if code is not None else "is no longer running"
+    if (flower_code := flower_exit_code(comp)) is not None:
+        how += f" (Flower exit code {flower_code})"
+    return f"{comp.label} (pid {comp.pid}) {how}; last lines of {comp.log}:\n{log_tail(comp)}"
+
+
+def wait_for_log(comp: Component, needle: str, timeout: float, since: int = 0) -> None:
+    """Wait until `needle` appears in comp.log after byte `since`; fail if the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(comp.log, "rb") as fh:
+                fh.seek(since)
+                if needle.encode() in fh.read():
+                    return
+        except FileNotFoundError:
+            pass
+        if not pid_alive(comp.pid):
+            raise DeployError(comp.label, describe_death(comp), EXIT_START_FAILED)
+        time.sleep(0.2)
+    raise DeployError(comp.label, f"not ready after {timeout:.0f} s (waited for '{needle}'); "
+                      f"last lines of {comp.log}:\n{log_tail(comp)}", EXIT_START_FAILED)
+
+
+# ----------------------------------------------------------------------------------------------
+# The flwr CLI (Control API)
+
+
+def write_connection(flwr_home: Path, name: str, address: str, root_cert: Path | None) -> None:
+    """Add/replace [superlink.<name>] in $FLWR_HOME/config.toml, keeping every other entry."""
+    import tomli  # both are dependencies of flwr (tomllib needs Python 3.11)
+    import tomli_w
+
+    path = flwr_home / "config.toml"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    if not path.is_file():  # start from flwr's own default so `flwr run .` keeps its local SuperLink
+        from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
+
+        path.write_text(DEFAULT_FLOWER_CONFIG_TOML)
+    config = tomli.loads(path.read_text())
+    superlinks = config.setdefault("superlink", {})
+    entry: dict[str, object] = {"address": address}
+    if root_cert is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(root_cert.resolve())
+    superlinks[name] = entry
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(tomli_w.dumps(config))
+    os.replace(tmp, path)
+
+
+def flwr_cli(dep: Deployment, args: list[str], timeout: float = 120.0
+             ) -> subprocess.CompletedProcess[str]:
+    argv = hosts.wrap(dep.cli_netns, [str(flwr_bin_dir() / "flwr"), *args])
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                              env=child_env(dep.flwr_home))
+    except subprocess.TimeoutExpired:
+        raise DeployError("flwr CLI", f"`flwr {' '.join(args)}` did not answer within "
+                          f"{timeout:.0f} s", EXIT_TIMEOUT) from None
+
+
+def flwr_json(dep: Deployment, args: list[str], timeout: float = 120.0) -> dict:
+    """Run a `flwr ... --format json` command; raise naming the SuperLink when it is unreachable."""
+    done = flwr_cli(dep, [*args, "--format", "json"], timeout)
+    try:
+        # flwr prints some lines before the JSON document (e.g. a created config).
+        out = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        raise DeployError("flwr CLI", f"`flwr {' '.join(args)}` gave no JSON (exit "
+                          f"{done.returncode}): {done.stdout[-800:]}{done.stderr[-800:]}",
+                          EXIT_RUN_FAILED) from None
+    if not out.get("success", False):
+        message = str(out.get("error-message", out))
+        if "unavailable" in message.lower():
+            raise DeployError("SuperLink", f"Control API at {dep.control_address} is unreachable "
+                              f"(`flwr {args[0]} {args[1] if len(args) > 1 else ''}`): {message}",
+                              EXIT_SUPERLINK_UNREACHABLE)
+        raise DeployError("flwr CLI", f"`flwr {' '.join(args)}` failed: {message}", EXIT_RUN_FAILED)
+    return out
+
+
+def register_node(dep: Deployment, public_key: Path) -> str:
+    out = flwr_json(dep, ["supernode", "register", str(public_key), CONNECTION])
+    return str(out["node-id"])
+
+
+def wait_superlink_ready(dep: Deployment, link: Component, timeout: float) -> None:
+    wait_for_log(link, "Starting Fleet API", timeout)
+    deadline = time.monotonic() + timeout
+    while True:  # the Control API (HTTP) answers a little after the Fleet API starts
+        try:
+            flwr_json(dep, ["supernode", "list", CONNECTION], timeout=30)
+            return
+        except DeployError as err:
+            if not pid_alive(link.pid):
+                raise DeployError("SuperLink", describe_death(link), EXIT_START_FAILED) from err
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# up / down / nodes
+
+
+def make_certs(certs_dir: Path, num_nodes: int, sans: list[str]) -> None:
+    done = subprocess.run(["bash", str(CERTS_SCRIPT), str(certs_dir), str(num_nodes), *sans],
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise DeployError("certificates", done.stderr.strip() or done.stdout, EXIT_START_FAILED)
+
+
+def node_component(dep: Deployment, index: int, key: Path | None = None) -> list[Component]:
+    """The SuperNode `index` (and its SuperExec under process isolation), not yet started."""
+    state = Path(dep.state_dir)
+    certs = Path(dep.certs_dir) if dep.secure else None
+    # Nodes beyond --nodes (add-node) share the host of node ((index - 1) % N) + 1 and hold the
+    # same partition; every node on one host needs its own Runtime API port.
+    host = (index - 1) % dep.num_nodes + 1
+    netns = dep.namespaces[host] if dep.hosts == "netns" else None
+    base = 9094 if netns else int(dep.node_config.get("_node_port_base", 9094))
+    port = base + (host - 1 if netns is None else 0) + (index - host)
+    values: dict[str, object] = {"partition-id": host - 1, "num-partitions": dep.num_nodes}
+    values.update({k: v for k, v in dep.node_config.items() if not k.startswith("_")})
+    if key is None and certs is not None:
+        key = certs / "supernodes" / f"sn{index}"
+    node = Component(
+        name=f"sn{index}", index=index, netns=netns, log=str(state / "logs" / f"sn{index}.log"),
+        argv=supernode_argv(dep.fleet_address, port, node_config_string(values), certs, key,
+                            dep.isolation),
+    )
+    comps = [node]
+    if dep.isolation == "process":
+        comps.append(Component(name=f"sn{index}-superexec", index=index, netns=netns,
+                               log=str(state / "logs" / f"sn{index}-superexec.log"),
+                               argv=superexec_argv(f"127.0.0.1:{port}", None)))
+    return comps
+
+
+def start_node(dep: Deployment, index: int, key: Path | None = None, timeout: float = 60.0
+               ) -> list[Component]:
+    """Start SuperNode `index` and wait until the SuperLink activated it (or it gave up)."""
+    comps = node_component(dep, index, key)
+    env = child_env(dep.flwr_home)
+    node = comps[0]
+    since = Path(node.log).stat().st_size if Path(node.log).exists() else 0
+    start(node, env)
+    try:
+        wait_for_log(node, "SuperNode ID:", timeout, since=since)
+    except DeployError:
+        stop(node, timeout=3)
+        raise
+    for extra in comps[1:]:
+        start(extra, env)
+    return comps
+
+
+def up(args: argparse.Namespace) -> Deployment:
+    state = Path(args.state_dir).resolve()
+    if (state / "deployment.json").exists():
+        old = Deployment.load(state)
+        alive = [c.name for c in old.components if pid_alive(c.pid)]
+        if alive or old.namespaces:
+            raise DeployError("deployment", f"one is already up in {state} (running: {alive}, "
+                              f"namespaces: {old.namespaces}); run `down` first", EXIT_USAGE)
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    flwr_home = Path(args.flwr_home).resolve()
+    secure = not args.insecure
+    certs_dir = Path(args.certs_dir).resolve() if args.certs_dir else state / "certs"
+
+    # 1. Hosts: one loopback, or a namespace per component joined by veth links.
+    topo = None
+    if args.hosts == "netns":
+        topo = hosts.create_topology(args.nodes)
+        fleet_host, sans = hosts.SUPERLINK_IP, [f"IP:{hosts.SUPERLINK_IP}"]
+    else:
+        fleet_host, sans = "127.0.0.1", []
+    sans += [f"DNS:{s}" if not s[0].isdigit() else f"IP:{s}" for s in args.san]
+    node_config: dict[str, str] = {"_node_port_base": str(args.node_port)}
+    for key in ("data_path", "device", "cache_dir"):
+        if getattr(args, key):
+            value = getattr(args, key)
+            node_config[key.replace("_", "-")] = (str(Path(value).resolve()) if key != "device"
+                                                  else value)
+    dep = Deployment(
+        state_dir=str(state), flwr_home=str(flwr_home), num_nodes=args.nodes, secure=secure,
+        hosts=args.hosts, isolation=args.isolation,
+        fleet_address=f"{fleet_host}:{args.fleet_port}",
+        control_address=f"127.0.0.1:{args.control_port}", certs_dir=str(certs_dir),
+        # namespaces[0] is the SuperLink host, namespaces[i] SuperNode i's host.
+        node_config=node_config, namespaces=list(topo.all_ns) if topo else [],
+        cli_netns=topo.superlink_ns if topo else None,
+    )
+    dep.save()
+    try:
+        # 2. Certificates (kept across runs) and the CLI connection.
+        if secure:
+            make_certs(certs_dir, args.nodes, sans)
+        write_connection(flwr_home, CONNECTION, dep.control_address,
+                         certs_dir / "ca.crt" if secure else None)
+        env = child_env(str(flwr_home))
+        # 3. SuperLink (+ its SuperExec for ServerApps under process isolation).
+        link = Component(name="superlink", netns=dep.cli_netns, log=str(state / "logs" / "superlink.log"),
+                         argv=superlink_argv(dep.fleet_address, "127.0.0.1", args.control_port,
+                                             certs_dir if secure else None, args.isolation))
+        dep.components.append(start(link, env))
+        dep.save()
+        wait_superlink_ready(dep, link, args.ready_timeout)
+        if args.isolation == "process":
+            dep.components.append(start(Component(
+                name="superlink-superexec", netns=dep.cli_netns,
+                log=str(state / "logs" / "superlink-superexec.log"),
+                argv=superexec_argv(dep.control_address, certs_dir / "ca.crt" if secure else None),
+            ), env))
+        # 4. Register every node's public key, then start the nodes.
+        for i in range(1, args.nodes + 1):
+            if secure:
+                node_id = register_node(dep, certs_dir / "supernodes" / f"sn{i}.pub")
+                print(f"deploy: registered sn{i} as node {node_id}", file=sys.stderr)
+            dep.components.extend(start_node(dep, i, timeout=args.ready_timeout))
+            dep.save()
+    except BaseException:
+        down(dep)
+        raise
+    dep.save()
+    return dep
+
+
+def down(dep: Deployment) -> None:
+    for comp in reversed(dep.components):
+        stop(comp)
+    failed = hosts.destroy_topology(dep.namespaces) if dep.namespaces else []
+    dep.components = [c for c in dep.components if pid_alive(c.pid)]
+    dep.namespaces = []
+    dep.save()
+    if failed or dep.components:
+        raise DeployError("down", f"left behind: {[c.name for c in dep.components]} {failed}",
+                          EXIT_START_FAILED)
+
+
+# ----------------------------------------------------------------------------------------------
+# run
+
+
+def run_app(dep: Deployment, app: str, run_config: list[str], timeout: float,
+            tolerate_node_failures: bool = False) -> dict:
+    """Submit `app` with `flwr run` and follow it to the end; raise DeployError on any failure."""
+    # 1. Everything must be up before submitting.
+    for comp in dep.components:
+        if not pid_alive(comp.pid):
+            raise DeployError(comp.label, "is down before the run: " + describe_death(comp),
+                              EXIT_COMPONENT_DIED)
+    cfg_args = [arg for cfg in run_config for arg in ("-c", cfg)]
+    out = flwr_json(dep, ["run", str(Path(app).resolve()), CONNECTION, *cfg_args])
+    run_id = int(out["run-id"])
+    print(f"deploy: run {run_id} submitted to {dep.control_address}", file=sys.stderr)
+    # 2. Follow the run; a component that dies fails it (unless node failures are tolerated).
+    deadline = time.monotonic() + timeout
+    unreachable = 0
+    while True:
+        for comp in dep.components:
+            if pid_alive(comp.pid):
+                continue
+            if tolerate_node_failures and comp.index > 0:
+                continue
+            flwr_cli(dep, ["stop", str(run_id), CONNECTION], timeout=30)
+            raise DeployError(comp.label, f"died during run {run_id}: {describe_death(comp)}",
+                              EXIT_COMPONENT_DIED)
+        try:
+            runs = flwr_json(dep, ["ls", "--run-id", str(run_id), CONNECTION], timeout=30)["runs"]
+            unreachable = 0
+        except DeployError as err:
+            unreachable += 1
+            if err.code != EXIT_SUPERLINK_UNREACHABLE or unreachable >= 5:
+                raise
+            runs = [{"status": "unknown"}]
+        status = str(runs[0].get("status", "")) if runs else ""
+        if status.startswith("finished"):
+            break
+        if time.monotonic() > deadline:
+            flwr_cli(dep, ["stop", str(run_id), CONNECTION], timeout=30)
+            raise DeployError("run", f"run {run_id} not finished after {timeout:.0f} s "
+                              f"(status {status}); stopped it", EXIT_TIMEOUT)
+        time.sleep(2.0)
+    # 3. Completed, or failed with the ServerApp's own reason from the run log.
+    if status != "finished:completed":
+        logs = flwr_cli(dep, ["log", str(run_id), CONNECTION, "--show"], timeout=60)
+        tail = "\n".join("    " + ln for ln in logs.stdout.splitlines()[-20:])
+        raise DeployError("ServerApp", f"run {run_id} ended {status}; run log:\n{tail}",
+                          EXIT_RUN_FAILED)
+    print(f"deploy: run {run_id} {status}", file=sys.stderr)
+    return runs[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--state-dir", default=str(REPO / ".cache" / "deploy"))
+    p.add_argument("--flwr-home", default=os.environ.get("FLWR_HOME", str(REPO / ".flwr-home")))
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    u = sub.add_parser("up", help="start SuperLink + SuperNodes")
+    u.add_argument("--nodes", type=int, default=2)
+    u.add_argument("--insecure", action="store_true", help="no TLS, no node auth (only on request)")
+    u.add_argument("--hosts", choices=("loopback", "netns"), default="loopback",
+                   help="netns: SuperLink and each SuperNode in their own network namespace")
+    u.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
+                   help="process: separate flower-superexec processes, as in docker/compose.yaml")
+    u.add_argument("--data-path", default="")
+    u.add_argument("--device", default="")
+    u.add_argument("--cache-dir", default="")
+    u.add_argument("--certs-dir", default="", help="default: <state-dir>/certs")
+    u.add_argument("--san", action="append", default=[],
+                   help="extra address in the server certificate (IP or DNS name)")
+    u.add_argument("--fleet-port", type=int, default=9092)
+    u.add_argument("--control-port", type=int, default=8000)
+    u.add_argument("--node-port", type=int, default=9094, help="first SuperNode Runtime API port")
+    u.add_argument("--ready-timeout", type=float, default=60.0)
+
+    r = sub.add_parser("run", help="flwr run the app and follow it to the end")
+    r.add_argument("app", nargs="?", default=str(REPO))
+    r.add_argument("-c", "--run-config", action="append", default=[])
+    r.add_argument("--timeout", type=float, default=1800.0)
+    r.add_argument("--tolerate-node-failures", action="store_true",
+                   help="a SuperNode that dies does not fail the run (the ServerApp decides)")
+
+    a = sub.add_parser("add-node", help="start one more SuperNode (e.g. with an unregistered key)")
+    a.add_argument("--index", type=int, required=True, help="> --nodes of `up`")
+    a.add_argument("--key", default="", help="private key (default: sn<index> of the certs)")
+    a.add_argument("--register", action="store_true", help="register its public key first")
+    for name in ("kill-node", "restart-node"):
+        k = sub.add_parser(name)
+        k.add_argument("index", type=int)
+    sub.add_parser("status")
+    sub.add_parser("down")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    state = Path(args.state_dir).resolve()
+    try:
+        if args.cmd == "up":
+            dep = up(args)
+            print(f"deploy: up: {', '.join(f'{c.name}={c.pid}' for c in dep.components)}; "
+                  f"connection '{CONNECTION}' in {dep.flwr_home}/config.toml")
+            return 0
+        dep = Deployment.load(state)
+        if args.cmd == "run":
+            run_app(dep, args.app, args.run_config, args.timeout, args.tolerate_node_failures)
+        elif args.cmd == "add-node":
+            if args.index <= dep.num_nodes:
+                raise DeployError("add-node", f"--index must be > {dep.num_nodes} (the nodes of "
+                                  "`up`); use restart-node for those", EXIT_USAGE)
+            key = Path(args.key).resolve() if args.key else None
+            if args.register and dep.secure:
+                pub = Path(f"{key}.pub") if key else Path(dep.certs_dir) / "supernodes" / f"sn{args.index}.pub"
+                register_node(dep, pub)
+            dep.components.extend(start_node(dep, args.index, key))
+            dep.save()
+        elif args.cmd == "kill-node":
+            comp = dep.component(f"sn{args.index}")
+            os.killpg(comp.pid, signal.SIGKILL)
+        elif args.cmd == "restart-node":
+            comp = dep.component(f"sn{args.index}")
+            stop(comp, timeout=5)
+            dep.components = [c for c in dep.components if c.index != args.index]
+            dep.components.extend(start_node(dep, args.index))
+            dep.save()
+        elif args.cmd == "status":
+            for comp in dep.components:
+                state_text = "running" if pid_alive(comp.pid) else "DEAD"
+                print(f"{comp.name:22s} pid {comp.pid:<8d} {state_text:8s} {comp.netns or ''}")
+            return 0 if all(pid_alive(c.pid) for c in dep.components) else EXIT_COMPONENT_DIED
+        elif args.cmd == "down":
+            down(dep)
+            print("deploy: down")
+    except DeployError as err:
+        print(f"deploy: FAILED: {err}", file=sys.stderr)
+        return err.code
+    except hosts.HostsError as err:
+        print(f"deploy: FAILED: hosts: {err}", file=sys.stderr)
+        return EXIT_START_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
