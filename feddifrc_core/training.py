@@ -202,10 +202,11 @@ def train_local(
             )
         if len(targets) != n:
             raise ValueError(f"`targets` must have one row per image ({n}), got {len(targets)}")
-        if targets.feature_dim != model.feature_dim:
+        model_dim = getattr(model, "feature_dim", targets.feature_dim)
+        if targets.feature_dim != model_dim:
             raise ValueError(
                 f"`targets` have {targets.feature_dim} dims but the model's features have "
-                f"{model.feature_dim}; project the diffusion features to the model's feature size"
+                f"{model_dim}; project the diffusion features to the model's feature size"
             )
     if s.algorithm == "simclr" and transform is None:
         raise ValueError("simclr contrasts two random augmentations: pass a random `transform`")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -283,3 +284,22 @@ def test_trailing_single_sample_batch_is_dropped_but_batch_size_one_works() -> N
     res = train_local(_model(), images49, None, _settings("simclr", local_epochs=1), "cpu",
                       transform=flip_transform)
     assert res.num_examples == 49
+
+
+def test_with_project_model_and_augmentation() -> None:
+    from feddifrc_core.models import build_model
+    from feddifrc_core.transforms import TrainAugment
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,), generator=g)
+    aug = TrainAugment.for_dataset("fashion-mnist")
+    torch.manual_seed(0)
+    model = build_model("small-cnn", 1, 10, 8, feature_dim=16)
+    t = DiffusionTargets(torch.randn(40, 16), torch.randn(40, 3, 16), torch.randn(40, 16))
+    res = train_local(model, images, labels, _settings("feddifrc", local_epochs=1), "cpu",
+                      transform=aug, targets=t)
+    assert {"ce", "tdcl", "ndcr"} <= set(res.metrics) and math.isfinite(res.loss)
+    ev = evaluate(model, images, labels, 16, "cpu", transform=aug.eval)
+    assert ev.num_examples == 40 and 0.0 <= ev.accuracy <= 1.0
+    assert extract_features(model, images, 16, "cpu", aug.eval).shape == (40, 16)
