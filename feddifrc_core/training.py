@@ -334,7 +334,7 @@ def evaluate(
     transform = transform or _scale_only
     was_training = model.training
     model.to(device).eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=device)  # float32: MPS has no float64
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for start in range(0, n, batch_size):
         x = transform(images[start:start + batch_size].to(device))  # [B, C, H, W]

@@ -147,7 +147,7 @@ def test_global_rng_state_is_left_alone() -> None:
 def test_label_free_algorithms_never_touch_labels(algorithm: str) -> None:
     images, _ = _data()
     res = train_local(_model(), images, PoisonLabels(), _settings(algorithm, local_epochs=1),
-                      "cpu", transform=flip_transform, targets=_targets())
+                      "cpu", transform=flip_transform, targets=_targets(), progress=True)
     assert res.accuracy == 0.0 and "ce" not in res.metrics
 
 
