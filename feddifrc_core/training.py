@@ -217,9 +217,9 @@ def train_local(
     # 2. move the whole client set to the device once: per step only index gathers remain
     model.to(device).train()
     images_d = images.to(device)  # [N, C, H, W] uint8
-    labels_d = labels.to(device) if s.needs_labels else None  # [N]
+    labels_d = labels.to(device) if (s.needs_labels and labels is not None) else None  # [N]
     tgt = None
-    if s.needs_targets:
+    if s.needs_targets and targets is not None:
         tgt = DiffusionTargets(
             positive=targets.positive.to(device, torch.float32),  # [N, D]
             negatives=targets.negatives.to(device, torch.float32),  # [N, K, D]
@@ -230,7 +230,7 @@ def train_local(
         anchor = _frozen_copy(global_model if global_model is not None else model, device)
     prev = _frozen_copy(previous_model, device) if (
         s.algorithm == "moon" and previous_model is not None) else anchor
-    anchor_params = [p.detach() for p in anchor.parameters()] if s.algorithm == "fedprox" else None
+    anchor_params = [p.detach() for p in anchor.parameters()] if anchor is not None else []
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad],
         lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
@@ -250,11 +250,12 @@ def train_local(
             parts["ntxent"] = (1.0, nt_xent(z1, z2, s.simclr_temperature))
         else:
             z, logits = model(x)  # [B, D], [B, C]
-            if s.needs_labels:
+            if labels_d is not None:
                 parts["ce"] = (1.0, F.cross_entropy(logits, labels_d[rows]))
             if s.algorithm == "fedprox" and s.proximal_mu > 0:
                 parts["prox"] = (s.proximal_mu, fedprox_term(model, anchor_params, 1.0))
             if s.algorithm == "moon" and s.moon_mu > 0:
+                assert anchor is not None and prev is not None  # set in step 2 for moon
                 with torch.no_grad():
                     z_g = anchor(x)[0]  # [B, D]
                     z_p = prev(x)[0] if prev is not anchor else z_g  # [B, D]
@@ -265,8 +266,11 @@ def train_local(
                     parts["tdcl"] = (s.lambda_tdcl, tdcl_loss(z, pos, neg, s.tau))
                 if s.lambda_ndcr > 0:
                     parts["ndcr"] = (s.lambda_ndcr, ndcr_loss(z, tgt.null[rows], s.ndcr_loss))
-        total = sum(w * v for w, v in parts.values())
-        logits = logits if s.needs_labels else None  # label-free: no accuracy to count
+        weighted = [w * v for w, v in parts.values()]
+        total = weighted[0]
+        for term in weighted[1:]:
+            total = total + term
+        logits = logits if labels_d is not None else None  # label-free: no accuracy to count
         return total, {k: v.detach() for k, (_, v) in parts.items()}, logits
 
     # 4. epochs over seeded shuffles; sums stay on the device (no sync per step)
@@ -292,7 +296,7 @@ def train_local(
                 seen += b
                 for key, value in {"loss": total.detach(), **parts}.items():
                     sums[key] = sums.get(key, 0.0) + value * b
-                if logits is not None:
+                if logits is not None and labels_d is not None:
                     correct += (logits.detach().argmax(dim=1) == labels_d[rows]).sum()
                 bar.update(1)
             means = {key: float(value) / seen for key, value in sums.items()}
