@@ -26,6 +26,7 @@ import threading
 import urllib.error
 import urllib.request
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,7 @@ class ImageDataset:
 
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageDataset:
         """A new data set with the given samples (a copy of those rows), same class names."""
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        idx = torch.from_numpy(np.array(indices, dtype=np.int64))  # a copy: callers keep theirs
         if idx.dim() != 1:
             raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
         if idx.numel() and (idx.min() < -len(self) or idx.max() >= len(self)):
@@ -198,6 +199,22 @@ def clear_dataset_cache() -> None:
     """Forget every memoised data set (frees memory once nothing else holds them)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+        _DERIVED.clear()
+
+
+# select_subset / subsample results per source data set, so that every simulated client in a
+# process gets the same pool object instead of a fresh copy; entries die with their source.
+_DERIVED: weakref.WeakKeyDictionary[ImageDataset, dict[tuple, tuple[ImageDataset, np.ndarray]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _derived(ds: ImageDataset, key: tuple, make) -> tuple[ImageDataset, np.ndarray]:
+    with _CACHE_LOCK:
+        per_ds = _DERIVED.setdefault(ds, {})
+        if key not in per_ds:
+            per_ds[key] = make()
+        return per_ds[key]
 
 
 def select_subset(ds: ImageDataset, subset: str, seed: int = 0) -> tuple[ImageDataset, np.ndarray]:
@@ -212,16 +229,20 @@ def select_subset(ds: ImageDataset, subset: str, seed: int = 0) -> tuple[ImageDa
         raise ValueError(f"subset must be one of {list(SUBSETS)}, got {subset!r}")
     if subset == "all":
         return ds, np.arange(len(ds), dtype=np.int64)
-    labels = ds.labels.numpy()
-    rng = np.random.RandomState(seed)
-    public, private = [], []
-    for c in range(ds.num_classes):
-        idx = np.flatnonzero(labels == c)
-        perm = idx[rng.permutation(idx.size)]
-        public.append(perm[: idx.size // 2])
-        private.append(perm[idx.size // 2 :])
-    chosen = np.sort(np.concatenate(public if subset == "public" else private)).astype(np.int64)
-    return ds.subset(chosen), chosen
+
+    def make() -> tuple[ImageDataset, np.ndarray]:
+        labels = ds.labels.numpy()
+        rng = np.random.RandomState(seed)
+        public, private = [], []
+        for c in range(ds.num_classes):
+            idx = np.flatnonzero(labels == c)
+            perm = idx[rng.permutation(idx.size)]
+            public.append(perm[: idx.size // 2])
+            private.append(perm[idx.size // 2 :])
+        chosen = np.sort(np.concatenate(public if subset == "public" else private))
+        return _frozen_subset(ds, chosen)
+
+    return _derived(ds, ("subset", subset, seed), make)
 
 
 def subsample(ds: ImageDataset, n: int, seed: int) -> tuple[ImageDataset, np.ndarray]:
@@ -235,18 +256,28 @@ def subsample(ds: ImageDataset, n: int, seed: int) -> tuple[ImageDataset, np.nda
         raise ValueError(f"n must be an integer, got {n!r}")
     if n <= 0 or n >= len(ds):
         return ds, np.arange(len(ds), dtype=np.int64)
-    labels = ds.labels.numpy()
-    counts = np.bincount(labels, minlength=ds.num_classes)
-    quota = n * counts / counts.sum()
-    take = np.floor(quota).astype(np.int64)
-    for c in np.argsort(-(quota - take), kind="stable")[: n - int(take.sum())]:
-        take[c] += 1
-    rng = np.random.RandomState(seed)
-    chosen = []
-    for c in range(ds.num_classes):
-        idx = np.flatnonzero(labels == c)
-        chosen.append(idx[rng.permutation(idx.size)[: take[c]]])
-    indices = np.sort(np.concatenate(chosen)).astype(np.int64)
+
+    def make() -> tuple[ImageDataset, np.ndarray]:
+        labels = ds.labels.numpy()
+        counts = np.bincount(labels, minlength=ds.num_classes)
+        quota = n * counts / counts.sum()
+        take = np.floor(quota).astype(np.int64)
+        for c in np.argsort(-(quota - take), kind="stable")[: n - int(take.sum())]:
+            take[c] += 1
+        rng = np.random.RandomState(seed)
+        chosen = []
+        for c in range(ds.num_classes):
+            idx = np.flatnonzero(labels == c)
+            chosen.append(idx[rng.permutation(idx.size)[: take[c]]])
+        indices = np.sort(np.concatenate(chosen)).astype(np.int64)
+        return _frozen_subset(ds, indices)
+
+    return _derived(ds, ("subsample", int(n), seed), make)
+
+
+def _frozen_subset(ds: ImageDataset, indices: np.ndarray) -> tuple[ImageDataset, np.ndarray]:
+    indices = indices.astype(np.int64)
+    indices.flags.writeable = False  # shared by every caller through the cache
     return ds.subset(indices), indices
 
 

@@ -362,7 +362,9 @@ def test_public_private_halves_are_fixed_disjoint_and_stratified():
     private, priv_idx = select_subset(ds, "private")
     assert set(pub_idx).isdisjoint(priv_idx) and sorted([*pub_idx, *priv_idx]) == list(range(21))
     assert np.bincount(public.labels.numpy()).tolist() == [5, 5]  # the odd sample goes private
-    assert torch.equal(public.images[:, 0, 0, 0].long(), torch.as_tensor(pub_idx))
+    assert torch.equal(public.images[:, 0, 0, 0].long(), torch.tensor(pub_idx.tolist()))
+    # memoised per source set: every simulated client of a process shares one pool
+    assert select_subset(ds, "public")[0] is public and not pub_idx.flags.writeable
     # the project's split is fixed forever (seed 0): a change would leak client data to the teacher
     assert select_subset(_labelled(np.arange(20) % 2), "public")[1].tolist() == [
         2, 3, 4, 5, 7, 8, 11, 16, 18, 19,
@@ -377,7 +379,8 @@ def test_subsample_is_stratified_and_deterministic():
     ds = _labelled(np.repeat([0, 1, 2], [50, 30, 20]))
     sub, idx = subsample(ds, 10, seed=1)
     assert np.bincount(sub.labels.numpy()).tolist() == [5, 3, 2]
-    assert subsample(ds, 10, seed=1)[1].tolist() == idx.tolist()
+    assert subsample(ds, 10, seed=1)[0] is sub
+    assert subsample(_labelled(ds.labels), 10, seed=1)[1].tolist() == idx.tolist()
     assert subsample(ds, 10, seed=2)[1].tolist() != idx.tolist()
     assert np.bincount(subsample(ds, 11, seed=1)[0].labels.numpy()).tolist() == [6, 3, 2]
     assert subsample(ds, 0, seed=1)[0] is ds and subsample(ds, 500, seed=1)[0] is ds

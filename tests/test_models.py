@@ -1,0 +1,83 @@
+"""Models: the (features, logits) contract for 1/3 channels at 28/32/64 px, the reference
+ResNet-10 layout, configurable widths, and argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from feddifrc_core.models import SmallCNN, build_model, resnet10
+
+
+@pytest.mark.parametrize("name,width,dim", [("resnet10", 8, 64), ("small-cnn", 8, 128)])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [28, 32, 64])
+def test_output_shapes(name, width, dim, channels, size):
+    torch.manual_seed(0)
+    model = build_model(name, channels, 7, width).eval()
+    with torch.no_grad():
+        features, logits = model(torch.randn(2, channels, size, size))
+    assert model.feature_dim == dim
+    assert features.shape == (2, dim) and logits.shape == (2, 7)
+    assert torch.isfinite(features).all() and torch.isfinite(logits).all()
+
+
+def test_resnet10_matches_the_reference_layout():
+    # resnet10(10) of the authors' model/resnet_cnn.py: 3x3 stride-1 stem, no max-pool, one
+    # BasicBlock per stage, 512-d features, classifier `cls`; 4,903,242 parameters.
+    model = resnet10(10)
+    assert model.feature_dim == 512
+    assert sum(p.numel() for p in model.parameters()) == 4_903_242
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    assert [len(s) for s in (model.layer1, model.layer2, model.layer3, model.layer4)] == [
+        1,
+        1,
+        1,
+        1,
+    ]
+    keys = set(model.state_dict())
+    assert {"conv1.weight", "layer2.0.shortcut.0.weight", "cls.weight", "cls.bias"} <= keys
+    assert "layer1.0.shortcut.0.weight" not in keys  # identity shortcut in the first stage
+
+
+def test_resnet_spatial_resolution_per_stage():
+    model = resnet10(10, in_channels=1, width=4).eval()
+    x = torch.randn(1, 1, 32, 32)
+    out = model.conv1(x)
+    sizes = []
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        out = layer(out)
+        sizes.append(tuple(out.shape[1:]))
+    assert sizes == [(4, 32, 32), (8, 16, 16), (16, 8, 8), (32, 4, 4)]
+
+
+def test_small_cnn_feature_dim_and_width():
+    model = SmallCNN(10, in_channels=3, width=16, feature_dim=32)
+    assert model.feature_dim == 32 and model.fc.in_features == 64
+    built = build_model("small-cnn", 1, 10, 16, feature_dim=48)
+    assert built.feature_dim == 48
+
+
+def test_gradients_reach_the_stem():
+    model = build_model("resnet10", 3, 5, 4)
+    features, logits = model(torch.randn(4, 3, 32, 32))
+    (logits.logsumexp(1).mean() + features.pow(2).mean()).backward()
+    assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"name": "resnet18"}, "model must be one of"),
+        ({"in_channels": 0}, "in_channels must be a positive integer"),
+        ({"num_classes": 0}, "num_classes must be a positive integer"),
+        ({"width": 2.5}, "width must be a positive integer"),
+        ({"image_size": 4}, "image_size must be >= 8"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = {"name": "resnet10", "in_channels": 3, "num_classes": 10, "width": 4}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        build_model(**args)
