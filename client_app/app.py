@@ -1,0 +1,65 @@
+"""ClientApp: one node of the federation. Handlers unpack the Message, call feddifrc_core, reply.
+
+- query.node_info        -> this node's partition id (lets the server sample reproducibly)
+- query.projection_stats -> extract + cache this client's diffusion representations, reply only the
+                            sufficient statistics (count, sum, outer products) of the pooled features
+- train                  -> local training with the run's algorithm; reply model + metrics
+Raw data and raw features never leave the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from feddifrc_core import federation
+from feddifrc_core.config import NodeConfig, RunConfig
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+@app.query("node_info")
+def node_info(msg: Message, context: Context) -> Message:
+    node = NodeConfig.from_flower(context.node_config)
+    info = ConfigRecord({"partition-id": node.partition_id, "num-partitions": node.num_partitions})
+    return Message(RecordDict({"config": info}), reply_to=msg)
+
+
+@app.query("projection_stats")
+def projection_stats(msg: Message, context: Context) -> Message:
+    cfg, node = _configs(msg, context)
+    t0 = time.perf_counter()
+    client = federation.ClientSession.get(cfg, node)
+    stats = client.projection_stats()
+    metrics = MetricRecord({"num-examples": client.num_examples,
+                            "extract-seconds": time.perf_counter() - t0})
+    return Message(RecordDict({"arrays": ArrayRecord(federation.to_flower_arrays(stats)),
+                               "metrics": metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, node = _configs(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    run_name = str(msg.content["config"]["run-name"])
+    global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    projection = ({k: v.numpy() for k, v in msg.content["projection"].items()}
+                  if "projection" in msg.content.array_records else None)
+
+    client = federation.ClientSession.get(cfg, node)
+    result = client.train(global_state, server_round, run_name, projection)
+
+    metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})
+    return Message(RecordDict({"arrays": ArrayRecord(federation.to_flower_arrays(result.state)),
+                               "metrics": metrics}), reply_to=msg)
+
+
+def _configs(msg: Message, context: Context) -> tuple[RunConfig, NodeConfig]:
+    # The server sends its resolved run config: one source of truth, also in deployment.
+    cfg = RunConfig.from_flower(dict(msg.content["run-config"]))
+    return cfg, NodeConfig.from_flower(context.node_config)

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Run the Flower app on the local simulation engine and fail loudly when the run fails.
+
+    .venv/bin/python scripts/run_simulation.py [--supernodes 10] [--cpus-per-client 1]
+        [-c "key=value ..." | -c conf/file.toml] ...
+
+Why a script and not a bare `flwr run .`:
+- `flwr run` exits 0 even when the run fails; this script asks `flwr ls` for the run's status
+  and exits 1 unless it is `finished:completed`;
+- `flwr run` starts a local SuperLink on fixed ports and leaves it running; this script starts
+  its own SuperLink on free ports (several runs can share a machine), with runtime dependency
+  installation disabled (else uv pulls a CUDA torch), and stops it at the end;
+- the installed copy of the app is not a git checkout, so the git revision travels in
+  $FEDDIFRC_GIT_SHA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # flwr and flower-superlink of the same environment
+CONNECTION = "feddifrc-sim"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--supernodes", type=int, default=10, help="simulated clients (default 10)")
+    parser.add_argument("--cpus-per-client", type=float, default=1.0,
+                        help="Ray CPUs per ClientApp; cores / this = clients training at once")
+    parser.add_argument("--gpus-per-client", type=float, default=0.0)
+    parser.add_argument("-c", "--run-config", action="append", default=[],
+                        help="run-config overrides, 'k=v k2=v2' or a TOML file (repeatable)")
+    parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before giving up")
+    args = parser.parse_args()
+
+    # 1. environment: a private Flower home per invocation, offline, no dependency installation
+    port = _free_port()
+    home = Path(os.environ.get("FLWR_HOME") or ROOT / ".flwr-home") / f"sim-{port}"
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or _git_sha(),
+           "FEDDIFRC_RUNS_DIR": os.environ.get("FEDDIFRC_RUNS_DIR") or str(ROOT / "runs"),
+           "FEDDIFRC_CACHE_DIR": os.environ.get("FEDDIFRC_CACHE_DIR") or str(ROOT / ".cache" / "feddifrc")}
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+
+    # 2. our own SuperLink in simulation mode; it starts `flower-superexec` from PATH (stopped in `finally`, also on Ctrl-C)
+    log_file = home / "superlink.log"
+    superlink = subprocess.Popen(
+        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+         "--host", "127.0.0.1", "--port", str(port),  # Runtime and Control API (HTTP)
+         "--disable-runtime-dependency-installation", "--log-file", str(log_file)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        _wait_for_port(port, superlink, log_file)
+        return _run(args, env, home)
+    finally:
+        _stop(superlink)
+
+
+def _run(args: argparse.Namespace, env: dict[str, str], home: Path) -> int:
+    flwr = str(BIN / "flwr")
+    # 3. submit the run
+    federation = (f"num-supernodes={args.supernodes} "
+                  f"client-resources-num-cpus={_number(args.cpus_per_client)} "
+                  f"client-resources-num-gpus={_number(args.gpus_per_client)}")
+    cmd = [flwr, "run", str(ROOT), CONNECTION, "--format", "json", "--federation-config", federation]
+    for override in args.run_config:
+        cmd += ["--run-config", override]
+    submitted = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    run_id = _run_id(submitted.stdout)
+    if submitted.returncode != 0 or run_id is None:
+        print(submitted.stdout + submitted.stderr, file=sys.stderr)
+        print("ERROR: the run could not be submitted (see above; run-config keys must exist in "
+              "pyproject [tool.flwr.app.config]).", file=sys.stderr)
+        return 1
+    print(f"Submitted run {run_id}; streaming its logs ...", flush=True)
+
+    # 4. follow the logs until the run ends; keep the lines to find the run folder
+    lines: list[str] = []
+    with subprocess.Popen([flwr, "log", str(run_id), CONNECTION, "--stream"], env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as stream:
+        deadline = time.time() + args.timeout
+        assert stream.stdout is not None
+        for line in stream.stdout:
+            sys.stdout.write(line)
+            lines.append(line)
+            if time.time() > deadline:
+                stream.terminate()
+                print(f"ERROR: run {run_id} did not finish within {args.timeout:.0f} s", file=sys.stderr)
+                return 1
+
+    # 5. the verdict comes from the SuperLink, not from `flwr run`'s exit code
+    status = _status(flwr, env, run_id)
+    folder = next((m.group(1) for line in lines if (m := re.search(r"Run folder: (\S+)", line))), None)
+    if status != "finished:completed":
+        print(f"\nERROR: Flower run {run_id} ended with status {status!r}. The ServerApp's error is in "
+              f"the log above (SuperLink log: {home / 'superlink.log'}).", file=sys.stderr)
+        return 1
+    print(f"\nRun {run_id} completed.")
+    if folder:
+        print(f"Results: {folder}\nPlot:    {Path(folder) / 'metrics.png'}\n"
+              f"Summary: {Path(folder) / 'summary.json'}")
+    return 0
+
+
+def _status(flwr: str, env: dict[str, str], run_id: int) -> str:
+    for _ in range(30):  # the status can lag the end of the log stream by a moment
+        out = subprocess.run([flwr, "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+                             env=env, capture_output=True, text=True, cwd=ROOT)
+        try:
+            status = json.loads(out.stdout)["runs"][0]["status"]
+        except (ValueError, KeyError, IndexError):
+            status = f"unknown ({out.stdout.strip() or out.stderr.strip()})"
+        if status.startswith("finished"):
+            return status
+        time.sleep(1)
+    return status
+
+
+def _run_id(stdout: str) -> int | None:
+    try:
+        return int(json.loads(stdout)["run-id"])
+    except (ValueError, KeyError, TypeError):
+        match = re.search(r'"run-id":\s*(\d+)', stdout)
+        return int(match.group(1)) if match else None
+
+
+def _number(value: float) -> int | float:
+    """Flower wants integers where the value is whole ('1', not '1.0')."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log_file: Path, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"ERROR: flower-superlink exited with code {process.returncode}; see {log_file}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise SystemExit(f"ERROR: flower-superlink did not open port {port} within {timeout:.0f} s; see {log_file}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop the SuperLink and the ServerApp/simulation processes it started (its session)."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

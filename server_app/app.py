@@ -1,0 +1,145 @@
+"""ServerApp: rounds of FedDifRC (or a baseline), central evaluation, run folder, exact resume."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from feddifrc_core import checkpoint as ckpt
+from feddifrc_core import federation
+from feddifrc_core.config import RunConfig
+from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
+from server_app.strategy import FedDifRCStrategy
+
+# Old checkpoints are pruned to bound disk use (ResNet-10: ~20 MB each); resume needs only the last.
+KEEP_CHECKPOINTS = 3
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config is `context.run_config` updated with `overrides`.
+
+    `flwr run` fills run_config from pyproject + `--run-config`; `flwr.simulation.run_simulation`
+    leaves it empty, so tests pass their settings as `overrides`.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = RunConfig.from_flower({**context.run_config, **(overrides or {})})
+        run_server(grid, cfg)
+
+    return app
+
+
+def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
+    """The whole run on the server side; returns the summary. Raises when a round fails."""
+    started = time.time()
+    federation.set_torch_threads(cfg.torch_threads)
+    if cfg.resume and not cfg.run_name:
+        raise ValueError("resume=true needs the run-name of the run to continue (run-name=\"...\")")
+    run_name = cfg.run_name or default_run_name(cfg)
+
+    # 1. run folder, and the last complete checkpoint when resuming
+    folder = RunFolder.open(cfg, run_name)
+    resumed = ckpt.latest_checkpoint(folder.checkpoints) if cfg.resume else None
+    if cfg.resume and resumed is None:
+        raise RuntimeError(f"resume=true but no checkpoint in {folder.checkpoints} verifies; "
+                           "start a new run (resume=false, another run-name)")
+    folder.write_config(cfg, run_name, {"resumed-from-round": resumed.round if resumed else None})
+
+    # 2. test data and the global model (seeded initialisation; restored when resuming)
+    evaluator = federation.CentralEvaluator(cfg)
+    state = federation.model_state(evaluator.model)  # seeded initialisation
+    strategy = FedDifRCStrategy(cfg, run_name)
+    if resumed is not None:
+        _check_same_run(cfg, resumed.meta["run-config"])
+        state = resumed.group("model")
+        strategy.load_state_arrays(resumed.group("strategy"))
+        ckpt.restore_rng_state(resumed.meta["rng"], resumed.group("rng"))
+        folder.restore(resumed.meta["history"])
+        log(INFO, "resuming %s after round %d", run_name, resumed.round)
+    first_round = resumed.round + 1 if resumed else 1
+
+    # 3. set-up over Flower messages: which node holds which partition; the shared projection
+    strategy.discover_nodes(grid)
+    if cfg.uses_diffusion and cfg.projection == "federated-pca" and not strategy.projection:
+        strategy.setup_projection(grid, evaluator.model.feature_dim)
+    if resumed is None:
+        folder.log_round({"round": 0, **evaluator(state)})
+        _save(folder, cfg, run_name, 0, state, strategy)
+
+    # 4. rounds: train on the sampled clients, aggregate, evaluate centrally, checkpoint
+    for server_round in range(first_round, cfg.num_rounds + 1):
+        t0 = time.time()
+        messages = strategy.configure_train(server_round, ArrayRecord(_arrays(state)),
+                                            ConfigRecord(), grid)
+        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        arrays, client_metrics = strategy.aggregate_train(server_round, replies)
+        state = {k: v.numpy() for k, v in arrays.items()}
+        row: dict[str, Any] = {"round": server_round, **_prefixed(dict(client_metrics))}
+        if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
+            row.update(evaluator(state))
+        report = strategy.last_report
+        row.update({"clients": " ".join(map(str, report.succeeded)),
+                    "failures": len(report.failures), "round-seconds": time.time() - t0})
+        folder.log_round(row)
+        _save(folder, cfg, run_name, server_round, state, strategy)
+        log(INFO, "round %d: %s", server_round, _short(row))
+
+    # 5. final model and summary
+    summary = summarize(folder.rows, time.time() - started)
+    summary["run-name"] = run_name
+    folder.write_final(state, summary)
+    print(format_summary(summary, folder.path), flush=True)
+    return summary
+
+
+def _save(folder: RunFolder, cfg: RunConfig, run_name: str, server_round: int,
+          state: Mapping[str, np.ndarray], strategy: FedDifRCStrategy) -> None:
+    rng_meta, rng_arrays = ckpt.capture_rng_state()
+    arrays = {**{f"model.{k}": v for k, v in state.items()},
+              **{f"strategy.{k}": v for k, v in strategy.state_arrays().items()},
+              **{f"rng.{k}": v for k, v in rng_arrays.items()}}
+    meta = {"round": server_round, "run-name": run_name, "run-config": cfg.to_flower(),
+            "rng": rng_meta, "history": folder.rows}
+    ckpt.save_checkpoint(ckpt.checkpoint_path(folder.checkpoints, server_round), arrays, meta)
+    ckpt.prune_checkpoints(folder.checkpoints, KEEP_CHECKPOINTS)
+
+
+def _check_same_run(cfg: RunConfig, saved: Mapping[str, Any]) -> None:
+    """A resumed run may change only bookkeeping keys; anything else would not be the same run."""
+    free = {"resume", "num-rounds", "round-timeout", "output-dir", "device", "torch-threads",
+            "eval-batch-size", "data-path", "cache-dir", "min-available-nodes"}
+    now = cfg.to_flower()
+    changed = sorted(k for k in now if k not in free and saved.get(k) != now[k])
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"resume: the run config differs from the checkpoint's ({detail}); "
+                         "resume with the same settings or start a new run-name")
+
+
+def _arrays(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    from flwr.app import Array
+
+    return {k: Array(np.ascontiguousarray(v)) for k, v in state.items()}
+
+
+def _prefixed(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Client metrics as reported (train-loss, train-accuracy, ...), counts renamed for clarity."""
+    return {("train-examples" if k == "num-examples" else k): v for k, v in metrics.items()}
+
+
+def _short(row: Mapping[str, Any]) -> str:
+    keys = ("test-accuracy", "test-loss", "train-loss", "failures", "round-seconds")
+    return ", ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                     for k in keys if k in row)
+
+
+app = make_server_app()
