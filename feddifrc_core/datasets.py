@@ -575,7 +575,7 @@ def _decode_images(files: Sequence[Path], size: int | None, desc: str) -> np.nda
         size = IMAGE_FOLDER_FALLBACK_SIZE
     if size is not None:
         arrays = [
-            im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
+            im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BILINEAR)
             for im in arrays
         ]
     stacked = np.stack([np.asarray(im, dtype=np.uint8) for im in arrays])  # [N, H, W, 3]
@@ -627,21 +627,29 @@ def _load_tiny_imagenet(split: str, root: Path | None) -> ImageDataset:
             files += found
             labels += [index[w]] * len(found)
     else:
-        annotations = folder / "val" / "val_annotations.txt"
-        if not annotations.is_file():
+        val = folder / "val"
+        annotations = val / "val_annotations.txt"
+        if annotations.is_file():  # the archive's layout: val/images + annotations
+            for line in annotations.read_text().splitlines():
+                parts = line.split("\t")
+                if len(parts) < 2 or parts[1] not in index:
+                    raise DatasetFormatError(
+                        f"{annotations}: bad line {line!r} (file<TAB>wnid expected)"
+                    )
+                files.append(val / "images" / parts[0])
+                labels.append(index[parts[1]])
+            order = np.argsort([str(f) for f in files], kind="stable")
+            files, labels = [files[i] for i in order], [labels[i] for i in order]
+        elif any((val / w).is_dir() for w in wnids):  # val/ regrouped into class folders
+            for w in wnids:
+                found = sorted(p for p in (val / w).rglob("*") if _is_image(p))
+                files += found
+                labels += [index[w]] * len(found)
+        if not files:
             raise DatasetFormatError(
-                f"tiny-imagenet: {annotations} is missing (needed for the test split)"
+                f"tiny-imagenet: no test images: {annotations} is missing and {val} has no "
+                "<wnid>/ class folders; re-extract tiny-imagenet-200.zip"
             )
-        for line in annotations.read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) < 2 or parts[1] not in index:
-                raise DatasetFormatError(
-                    f"{annotations}: bad line {line!r} (file<TAB>wnid expected)"
-                )
-            files.append(folder / "val" / "images" / parts[0])
-            labels.append(index[parts[1]])
-        order = np.argsort([str(f) for f in files], kind="stable")
-        files, labels = [files[i] for i in order], [labels[i] for i in order]
     images = _decode_images(files, 64, desc=f"tiny-imagenet {split}")
     return ImageDataset(
         torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), names, "tiny-imagenet"

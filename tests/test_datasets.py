@@ -280,6 +280,20 @@ def test_tiny_imagenet_layout(tmp_path):
     assert train.class_names == ("goldfish", "European fire salamander")  # sorted wnids n01, n02
     assert train.images.shape == (6, 3, 64, 64) and train.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert test.labels.tolist() == [0, 1, 1]
+    # val/ regrouped into class folders (as the reference's ImageFolder reads it)
+    folder = tmp_path / "tiny-imagenet-200"
+    (folder / "val" / "val_annotations.txt").unlink()
+    for i, w in enumerate(["n01", "n02", "n02"]):
+        (folder / "val" / w).mkdir(exist_ok=True)
+        (folder / "val" / "images" / f"val_{i}.JPEG").rename(folder / "val" / w / f"val_{i}.JPEG")
+    D.clear_dataset_cache()
+    assert load_dataset("tiny-imagenet", "test", root=tmp_path).labels.tolist() == [0, 1, 1]
+    for w in ["n01", "n02"]:
+        for p in (folder / "val" / w).iterdir():
+            p.unlink()
+    D.clear_dataset_cache()
+    with pytest.raises(DatasetFormatError, match="no test images"):
+        load_dataset("tiny-imagenet", "test", root=tmp_path)
 
 
 def test_image_folder_grey_rgb_names_and_split_alignment(tmp_path):
