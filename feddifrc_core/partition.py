@@ -1,4 +1,4 @@
-"""Client partitions of a training set: reference Dirichlet, long tail, flwr-datasets Dirichlet, IID.
+"""Client partitions of a training set: reference Dirichlet, long tail, flwr Dirichlet, IID.
 
 Every client recomputes the same partition from the seed and keeps its own part, so no index lists
 travel. `build_partitions` returns one int64 index array per client; together they cover the chosen
@@ -242,7 +242,9 @@ def flwr_dirichlet(
         seed=seed,
     )
     partitioner.dataset = table
-    return [np.asarray(partitioner.load_partition(k)["idx"], dtype=np.int64) for k in range(num_clients)]
+    return [
+        np.asarray(partitioner.load_partition(k)["idx"], dtype=np.int64) for k in range(num_clients)
+    ]
 
 
 def build_partitions(

@@ -1,4 +1,4 @@
-"""Partitions: exact cover, seed stability, the reference algorithm on hand-checked cases, errors."""
+"""Partitions: exact cover, seed stability, the reference algorithm on checked cases, errors."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def _as_lists(parts: list[np.ndarray]) -> list[list[int]]:
 # Outputs of the authors' utils/sample_dirichlet.py + utils/long_tailed_cifar10.py (commit c305f62)
 # with np.random.seed(seed) before the long tail, as their main script does. Checked by running
 # that code on these inputs; labels are arange(N) % C.
+# fmt: off
 REFERENCE_CASES = [
     # (N, C, clients, alpha, seed, imb_factor, expected client lists)
     (20, 2, 5, 1.0, 0, 1.0,
@@ -40,6 +41,7 @@ REFERENCE_CASES = [
       [10, 28, 37, 58, 16, 54, 51, 48, 24], [9, 45, 42, 0, 56, 17, 3, 21, 57],
       [19, 46, 52, 1, 59, 35, 44, 38]]),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize("n,c,k,alpha,seed,imb,expected", REFERENCE_CASES)
