@@ -260,6 +260,42 @@ def test_cifar_missing_without_download_says_where_and_how(tmp_path):
     assert "cifar-10-python.tar.gz" in msg and str(tmp_path) in msg and "md5" in msg
 
 
+def _serve_archive(monkeypatch, payload: bytes) -> None:
+    """Make urlopen return `payload` (no network in tests)."""
+    import io
+
+    class Response(io.BytesIO):
+        headers = {"Content-Length": str(len(payload))}
+
+    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: Response(payload))
+
+
+def test_cifar_download_checks_md5_and_extracts_atomically(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import tarfile
+
+    src = tmp_path / "src"
+    write_cifar(src, "cifar10")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    payload = buf.getvalue()
+    url = D._CIFAR["cifar10"][0]
+    dest = tmp_path / "data"
+    _serve_archive(monkeypatch, payload)
+    # 1. a wrong checksum is refused and leaves nothing behind
+    monkeypatch.setitem(D._CIFAR, "cifar10", (url, "0" * 32, "cifar-10-batches-py"))
+    with pytest.raises(DatasetFormatError, match="md5"):
+        load_dataset("cifar10", "train", root=dest)
+    assert list(dest.iterdir()) == []
+    # 2. the right checksum: extracted into place, then loaded
+    md5 = hashlib.md5(payload).hexdigest()
+    monkeypatch.setitem(D._CIFAR, "cifar10", (url, md5, "cifar-10-batches-py"))
+    ds = load_dataset("cifar10", "test", root=dest)
+    assert len(ds) == 4 and [p.name for p in dest.iterdir()] == ["cifar-10-batches-py"]
+
+
 def test_cifar_download_failure_is_a_clear_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise D.urllib.error.URLError("offline")
