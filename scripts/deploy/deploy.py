@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -520,54 +521,80 @@ def down(dep: Deployment) -> None:
 # run
 
 
+def _pump(stream, log_path: Path, echo: bool) -> None:
+    """Copy the `flwr run --stream` output to its log (and to our stdout when asked)."""
+    with open(log_path, "a") as log:
+        for line in stream:
+            log.write(line)
+            log.flush()
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+
 def run_app(dep: Deployment, app: str, run_config: list[str], timeout: float,
-            tolerate_node_failures: bool = False) -> dict:
-    """Submit `app` with `flwr run` and follow it to the end; raise DeployError on any failure."""
+            tolerate_node_failures: bool = False, echo: bool = False) -> dict:
+    """Submit `app` with `flwr run --stream`, watch every process until the run ends, return the
+    run's `flwr ls` entry; raise DeployError naming the failed component otherwise."""
     # 1. Everything must be up before submitting.
     for comp in dep.components:
         if not pid_alive(comp.pid):
             raise DeployError(comp.label, "is down before the run: " + describe_death(comp),
                               EXIT_COMPONENT_DIED)
+    # 2. Submit and stream the run's logs (one long-lived CLI process instead of polling).
     cfg_args = [arg for cfg in run_config for arg in ("-c", cfg)]
-    out = flwr_json(dep, ["run", str(Path(app).resolve()), CONNECTION, *cfg_args])
-    run_id = int(out["run-id"])
-    print(f"deploy: run {run_id} submitted to {dep.control_address}", file=sys.stderr)
-    # 2. Follow the run; a component that dies fails it (unless node failures are tolerated).
+    log_path = Path(dep.state_dir) / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = hosts.wrap(dep.cli_netns, [str(flwr_bin_dir() / "flwr"), "run", str(Path(app).resolve()),
+                                      CONNECTION, "--stream", *cfg_args])
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO, env=child_env(dep.flwr_home), start_new_session=True)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, log_path, echo), daemon=True)
+    pump.start()
     deadline = time.monotonic() + timeout
-    unreachable = 0
-    while True:
+    run_id: int | None = None
+
+    def abort(component: str, message: str, code: int) -> DeployError:
+        if run_id is not None:
+            flwr_cli(dep, ["stop", str(run_id), CONNECTION], timeout=30)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        return DeployError(component, message, code)
+
+    # 3. Watch: a component that dies fails the run (unless node failures are tolerated).
+    while proc.poll() is None:
+        if run_id is None:
+            found = re.search(r"started run (\d+)", log_path.read_text(errors="replace"))
+            run_id = int(found.group(1)) if found else None
         for comp in dep.components:
-            if pid_alive(comp.pid):
+            if pid_alive(comp.pid) or (tolerate_node_failures and comp.index > 0):
                 continue
-            if tolerate_node_failures and comp.index > 0:
-                continue
-            flwr_cli(dep, ["stop", str(run_id), CONNECTION], timeout=30)
-            raise DeployError(comp.label, f"died during run {run_id}: {describe_death(comp)}",
-                              EXIT_COMPONENT_DIED)
-        try:
-            runs = flwr_json(dep, ["ls", "--run-id", str(run_id), CONNECTION], timeout=30)["runs"]
-            unreachable = 0
-        except DeployError as err:
-            unreachable += 1
-            if err.code != EXIT_SUPERLINK_UNREACHABLE or unreachable >= 5:
-                raise
-            runs = [{"status": "unknown"}]
-        status = str(runs[0].get("status", "")) if runs else ""
-        if status.startswith("finished"):
-            break
+            raise abort(comp.label, f"died during run {run_id}: {describe_death(comp)}",
+                        EXIT_COMPONENT_DIED)
         if time.monotonic() > deadline:
-            flwr_cli(dep, ["stop", str(run_id), CONNECTION], timeout=30)
-            raise DeployError("run", f"run {run_id} not finished after {timeout:.0f} s "
-                              f"(status {status}); stopped it", EXIT_TIMEOUT)
-        time.sleep(2.0)
-    # 3. Completed, or failed with the ServerApp's own reason from the run log.
-    if status != "finished:completed":
-        logs = flwr_cli(dep, ["log", str(run_id), CONNECTION, "--show"], timeout=60)
-        tail = "\n".join("    " + ln for ln in logs.stdout.splitlines()[-20:])
-        raise DeployError("ServerApp", f"run {run_id} ended {status}; run log:\n{tail}",
+            raise abort("run", f"run {run_id} not finished after {timeout:.0f} s; stopped it "
+                        f"(output in {log_path})", EXIT_TIMEOUT)
+        time.sleep(0.5)
+    pump.join(timeout=10)
+    output = log_path.read_text(errors="replace")
+    found = re.search(r"started run (\d+)", output)
+    if found is None:
+        tail = "\n".join("    " + ln for ln in output.splitlines()[-15:])
+        if "unavailable" in output.lower():
+            raise DeployError("SuperLink", f"Control API at {dep.control_address} is unreachable; "
+                              f"`flwr run` said:\n{tail}", EXIT_SUPERLINK_UNREACHABLE)
+        raise DeployError("flwr run", f"the run was not started (exit {proc.returncode}):\n{tail}",
                           EXIT_RUN_FAILED)
-    print(f"deploy: run {run_id} {status}", file=sys.stderr)
-    return runs[0]
+    run_id = int(found.group(1))
+    # 4. `flwr run` exits 0 even for a failed run: the SuperLink's status decides.
+    runs = flwr_json(dep, ["ls", "--run-id", str(run_id), CONNECTION], timeout=60)["runs"]
+    status = str(runs[0].get("status", "")) if runs else "unknown"
+    if status != "finished:completed":
+        tail = "\n".join("    " + ln for ln in output.splitlines()[-20:])
+        raise DeployError("ServerApp", f"run {run_id} ended {status}; end of its log "
+                          f"({log_path}):\n{tail}", EXIT_RUN_FAILED)
+    print(f"deploy: run {run_id} {status} (log: {log_path})", file=sys.stderr)
+    return {**runs[0], "log": str(log_path)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         dep = Deployment.load(state)
         if args.cmd == "run":
-            run_app(dep, args.app, args.run_config, args.timeout, args.tolerate_node_failures)
+            run_app(dep, args.app, args.run_config, args.timeout, args.tolerate_node_failures,
+                    echo=True)
         elif args.cmd == "add-node":
             if args.index <= dep.num_nodes:
                 raise DeployError("add-node", f"--index must be > {dep.num_nodes} (the nodes of "
