@@ -36,7 +36,9 @@ class PcaStats:
     def __post_init__(self) -> None:
         c = self.sum.shape[0] if self.sum.ndim == 1 else -1
         if c < 0 or self.outer.shape != (c, c):
-            raise ValueError(f"PcaStats needs sum [C] and outer [C, C], got {self.sum.shape} and {self.outer.shape}")
+            raise ValueError(
+                f"PcaStats needs sum [C] and outer [C, C], got {self.sum.shape} and {self.outer.shape}"
+            )
         if self.count < 0:
             raise ValueError(f"PcaStats count must be >= 0, got {self.count}")
 
@@ -82,7 +84,9 @@ def merge_all(stats_per_client: Sequence[Sequence[PcaStats]]) -> list[PcaStats]:
         raise ValueError("`stats_per_client` is empty: no client sent statistics")
     n_blocks = {len(s) for s in stats_per_client}
     if len(n_blocks) != 1:
-        raise ValueError(f"clients sent statistics for different numbers of blocks: {sorted(n_blocks)}")
+        raise ValueError(
+            f"clients sent statistics for different numbers of blocks: {sorted(n_blocks)}"
+        )
     return [reduce(merge_stats, blocks) for blocks in zip(*stats_per_client, strict=True)]
 
 
@@ -91,7 +95,9 @@ def split_feature_dim(feature_dim: int, n_blocks: int) -> list[int]:
     if n_blocks < 1:
         raise ValueError(f"`n_blocks` must be >= 1, got {n_blocks}")
     if feature_dim < n_blocks + 1 and n_blocks > 1:
-        raise ValueError(f"`feature_dim` {feature_dim} is too small to split over {n_blocks} blocks")
+        raise ValueError(
+            f"`feature_dim` {feature_dim} is too small to split over {n_blocks} blocks"
+        )
     weights = [2] + [1] * (n_blocks - 1)
     dims = [feature_dim * w // sum(weights) for w in weights]
     dims[0] += feature_dim - sum(dims)  # rounding remainder to the first (largest) block
@@ -141,9 +147,33 @@ def random_bases(in_dims: Sequence[int], out_dims: Sequence[int], seed: int) -> 
         gauss = torch.randn(c, min(c, d), generator=gen, dtype=torch.float64)
         q, r = torch.linalg.qr(gauss)  # [C, min(C, d)] orthonormal columns
         signs = torch.sign(torch.diagonal(r))
-        q = q * torch.where(signs == 0, torch.ones_like(signs), signs)  # unique QR: Haar-distributed
+        q = q * torch.where(
+            signs == 0, torch.ones_like(signs), signs
+        )  # unique QR: Haar-distributed
         bases.append(Basis(mean=np.zeros(c), components=_pad_columns(q.numpy(), d)))
     return bases
+
+
+def shared_bases(
+    method: str,
+    feature_dim: int,
+    in_dims: Sequence[int],
+    seed: int,
+    stats: Sequence[PcaStats] | None = None,
+) -> list[Basis]:
+    """The bases every client uses: "federated-pca" from merged `stats`, or "random" from `seed`."""
+    out_dims = split_feature_dim(feature_dim, len(in_dims))
+    if method == "federated-pca":
+        if stats is None:
+            raise ValueError("projection 'federated-pca' needs the merged statistics (`stats`)")
+        if [s.dim for s in stats] != list(in_dims):
+            raise ValueError(
+                f"statistics are {[s.dim for s in stats]}-d but the blocks have {list(in_dims)} channels"
+            )
+        return pca_bases(stats, out_dims)
+    if method == "random":
+        return random_bases(in_dims, out_dims, seed)
+    raise ValueError(f"`projection` must be 'federated-pca' or 'random', got {method!r}")
 
 
 def project(per_block: Sequence[torch.Tensor], bases: Sequence[Basis]) -> torch.Tensor:
@@ -153,7 +183,9 @@ def project(per_block: Sequence[torch.Tensor], bases: Sequence[Basis]) -> torch.
     parts = []
     for block, (x, basis) in enumerate(zip(per_block, bases, strict=True)):
         if x.shape[-1] != basis.in_dim:
-            raise ValueError(f"block {block}: features have {x.shape[-1]} channels, basis expects {basis.in_dim}")
+            raise ValueError(
+                f"block {block}: features have {x.shape[-1]} channels, basis expects {basis.in_dim}"
+            )
         mean = torch.as_tensor(basis.mean, dtype=torch.float32, device=x.device)
         comps = torch.as_tensor(basis.components, dtype=torch.float32, device=x.device)
         parts.append((x.float() - mean) @ comps)  # [..., d_l]
@@ -173,9 +205,14 @@ def stats_to_arrays(stats: Sequence[PcaStats], prefix: str = "stats") -> dict[st
 
 def arrays_to_stats(arrays: dict[str, np.ndarray], prefix: str = "stats") -> list[PcaStats]:
     n = _count_blocks(arrays, prefix, ("count", "sum", "outer"))
-    return [PcaStats(count=int(np.asarray(arrays[f"{prefix}.{i}.count"]).reshape(-1)[0]),
-                     sum=np.asarray(arrays[f"{prefix}.{i}.sum"], dtype=np.float64),
-                     outer=np.asarray(arrays[f"{prefix}.{i}.outer"], dtype=np.float64)) for i in range(n)]
+    return [
+        PcaStats(
+            count=int(np.asarray(arrays[f"{prefix}.{i}.count"]).reshape(-1)[0]),
+            sum=np.asarray(arrays[f"{prefix}.{i}.sum"], dtype=np.float64),
+            outer=np.asarray(arrays[f"{prefix}.{i}.outer"], dtype=np.float64),
+        )
+        for i in range(n)
+    ]
 
 
 def bases_to_arrays(bases: Sequence[Basis], prefix: str = "basis") -> dict[str, np.ndarray]:
@@ -189,8 +226,13 @@ def bases_to_arrays(bases: Sequence[Basis], prefix: str = "basis") -> dict[str, 
 
 def arrays_to_bases(arrays: dict[str, np.ndarray], prefix: str = "basis") -> list[Basis]:
     n = _count_blocks(arrays, prefix, ("mean", "components"))
-    return [Basis(mean=np.asarray(arrays[f"{prefix}.{i}.mean"], dtype=np.float64),
-                  components=np.asarray(arrays[f"{prefix}.{i}.components"], dtype=np.float64)) for i in range(n)]
+    return [
+        Basis(
+            mean=np.asarray(arrays[f"{prefix}.{i}.mean"], dtype=np.float64),
+            components=np.asarray(arrays[f"{prefix}.{i}.components"], dtype=np.float64),
+        )
+        for i in range(n)
+    ]
 
 
 def _count_blocks(arrays: dict[str, np.ndarray], prefix: str, parts: tuple[str, ...]) -> int:
@@ -198,5 +240,7 @@ def _count_blocks(arrays: dict[str, np.ndarray], prefix: str, parts: tuple[str, 
     while all(f"{prefix}.{n}.{p}" in arrays for p in parts):
         n += 1
     if n == 0:
-        raise ValueError(f"no '{prefix}.0.{{{','.join(parts)}}}' arrays found; got keys {sorted(arrays)[:8]}")
+        raise ValueError(
+            f"no '{prefix}.0.{{{','.join(parts)}}}' arrays found; got keys {sorted(arrays)[:8]}"
+        )
     return n

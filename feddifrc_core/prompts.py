@@ -33,7 +33,9 @@ def clean_class_name(name: str) -> str:
 def class_prompts(class_names: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[str]:
     """One prompt per class, in class-index order."""
     if "{}" not in template:
-        raise ValueError(f"`template` must contain '{{}}' where the class name goes, got {template!r}")
+        raise ValueError(
+            f"`template` must contain '{{}}' where the class name goes, got {template!r}"
+        )
     if len(class_names) == 0:
         raise ValueError("`class_names` must not be empty")
     return [template.format(clean_class_name(name)) for name in class_names]
@@ -45,7 +47,10 @@ def load_vocabulary(name_or_path: str) -> list[str]:
     if not path.is_file():
         path = _DATA_DIR / f"{name_or_path.replace('-', '_')}_classes.txt"
     if not path.is_file():
-        bundled = sorted(p.name.removesuffix("_classes.txt").replace("_", "-") for p in _DATA_DIR.glob("*_classes.txt"))
+        bundled = sorted(
+            p.name.removesuffix("_classes.txt").replace("_", "-")
+            for p in _DATA_DIR.glob("*_classes.txt")
+        )
         raise ValueError(
             f"`ssl-vocabulary` must be a bundled list {bundled} or a text file with one name per line, "
             f"got {name_or_path!r}"
@@ -56,15 +61,23 @@ def load_vocabulary(name_or_path: str) -> list[str]:
     return names
 
 
-def draw_per_sample(sample_ids: Sequence[int] | torch.Tensor, pool_size: int, k: int, seed: int,
-                    exclude: Sequence[int] | torch.Tensor | None = None, stream: str = "neg") -> torch.Tensor:
+def draw_per_sample(
+    sample_ids: Sequence[int] | torch.Tensor,
+    pool_size: int,
+    k: int,
+    seed: int,
+    exclude: Sequence[int] | torch.Tensor | None = None,
+    stream: str = "neg",
+) -> torch.Tensor:
     """For each sample, k distinct ids from [0, pool_size) minus `exclude[i]`: LongTensor [N, k].
 
     Keyed by (seed, sample id): a sample gets the same draw whichever client holds it and in
     whatever order. When k equals the whole remaining pool, every id is taken in increasing order.
     """
     ids = [int(s) for s in torch.as_tensor(sample_ids).reshape(-1).tolist()]
-    excl = None if exclude is None else [int(e) for e in torch.as_tensor(exclude).reshape(-1).tolist()]
+    excl = (
+        None if exclude is None else [int(e) for e in torch.as_tensor(exclude).reshape(-1).tolist()]
+    )
     if excl is not None and len(excl) != len(ids):
         raise ValueError(f"`exclude` must have one entry per sample ({len(ids)}), got {len(excl)}")
     avail = pool_size - (0 if excl is None else 1)
@@ -82,8 +95,13 @@ def draw_per_sample(sample_ids: Sequence[int] | torch.Tensor, pool_size: int, k:
     return torch.from_numpy(out)
 
 
-def sample_negatives(labels: Sequence[int] | torch.Tensor, num_classes: int, neg_num: int, seed: int,
-                     sample_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+def sample_negatives(
+    labels: Sequence[int] | torch.Tensor,
+    num_classes: int,
+    neg_num: int,
+    seed: int,
+    sample_ids: Sequence[int] | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Negative classes per sample: LongTensor [N, K], K = min(neg_num, C - 1).
 
     C - 1 <= neg_num: all other classes (increasing order). Otherwise K other classes drawn per
@@ -95,9 +113,17 @@ def sample_negatives(labels: Sequence[int] | torch.Tensor, num_classes: int, neg
     if neg_num < 1:
         raise ValueError(f"`neg_num` must be >= 1, got {neg_num}")
     if labels_t.numel() and (labels_t.min() < 0 or labels_t.max() >= num_classes):
-        raise ValueError(f"`labels` must lie in [0, {num_classes - 1}], got [{labels_t.min()}, {labels_t.max()}]")
-    ids = torch.arange(len(labels_t)) if sample_ids is None else torch.as_tensor(sample_ids).reshape(-1)
+        raise ValueError(
+            f"`labels` must lie in [0, {num_classes - 1}], got [{labels_t.min()}, {labels_t.max()}]"
+        )
+    ids = (
+        torch.arange(len(labels_t))
+        if sample_ids is None
+        else torch.as_tensor(sample_ids).reshape(-1)
+    )
     if len(ids) != len(labels_t):
-        raise ValueError(f"`sample_ids` must have one id per label ({len(labels_t)}), got {len(ids)}")
+        raise ValueError(
+            f"`sample_ids` must have one id per label ({len(labels_t)}), got {len(ids)}"
+        )
     k = min(neg_num, num_classes - 1)
     return draw_per_sample(ids, num_classes, k, seed, exclude=labels_t)

@@ -45,7 +45,9 @@ def test_tiny_sd_is_loaded_from_a_saved_folder(backbone) -> None:
     assert not any(p.requires_grad for p in backbone.unet.parameters())
     assert len(backbone.unet.up_blocks) == 4
     # the cached loader returns the same object
-    assert load_backbone("tiny-sd", "cpu", torch.float32, cache_dir=str(folder.parents[1])) is backbone
+    assert (
+        load_backbone("tiny-sd", "cpu", torch.float32, cache_dir=str(folder.parents[1])) is backbone
+    )
 
 
 def test_shapes_and_channels_match_the_unet_config(backbone) -> None:
@@ -72,10 +74,14 @@ def test_bit_identical_for_same_seeds_and_independent_of_batching(backbone) -> N
     a = DiffusionFeatureExtractor(backbone, batch_size=5, seed=3).extract(imgs, ids, PROMPTS)
     b = DiffusionFeatureExtractor(backbone, batch_size=5, seed=3).extract(imgs, ids, PROMPTS)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    other_seed = DiffusionFeatureExtractor(backbone, batch_size=5, seed=4).extract(imgs, ids, PROMPTS)
+    other_seed = DiffusionFeatureExtractor(backbone, batch_size=5, seed=4).extract(
+        imgs, ids, PROMPTS
+    )
     assert not torch.equal(a[0], other_seed[0])
     # noise belongs to the sample id, not to its position in a batch
-    c = DiffusionFeatureExtractor(backbone, batch_size=2, seed=3).extract(imgs.flip(0), ids[::-1], PROMPTS)
+    c = DiffusionFeatureExtractor(backbone, batch_size=2, seed=3).extract(
+        imgs.flip(0), ids[::-1], PROMPTS
+    )
     for x, y in zip(a, c, strict=True):
         torch.testing.assert_close(x, y.flip(0), rtol=1e-4, atol=1e-5)
 
@@ -87,15 +93,21 @@ def test_per_image_prompt_ids(backbone) -> None:
     chosen = torch.tensor([[0, 3], [1, 3], [2, 0]])
     part = ex.extract(imgs, ids, PROMPTS, prompt_ids=chosen)
     for f, p in zip(full, part, strict=True):
-        torch.testing.assert_close(p, torch.gather(f, 1, chosen[..., None].expand(-1, -1, f.shape[-1])),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            p,
+            torch.gather(f, 1, chosen[..., None].expand(-1, -1, f.shape[-1])),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_pass_stops_after_last_needed_block(backbone) -> None:
     calls = []
     handle = backbone.unet.up_blocks[2].register_forward_hook(lambda *_: calls.append("up2"))
     try:
-        feats = DiffusionFeatureExtractor(backbone, up_blocks=(1,)).extract(_images(2), [0, 1], PROMPTS[:1])
+        feats = DiffusionFeatureExtractor(backbone, up_blocks=(1,)).extract(
+            _images(2), [0, 1], PROMPTS[:1]
+        )
     finally:
         handle.remove()
     assert calls == [] and feats[0].shape == (2, 1, 64)

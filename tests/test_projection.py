@@ -67,11 +67,22 @@ def test_random_bases_are_seeded_and_orthonormal() -> None:
     assert not np.allclose(a[0].components, c[0].components)
     np.testing.assert_allclose(a[0].components.T @ a[0].components, np.eye(6), atol=1e-12)
     assert a[1].components.shape == (8, 12)
-    np.testing.assert_allclose(a[1].components[:, :8].T @ a[1].components[:, :8], np.eye(8), atol=1e-12)
+    np.testing.assert_allclose(
+        a[1].components[:, :8].T @ a[1].components[:, :8], np.eye(8), atol=1e-12
+    )
 
 
-@pytest.mark.parametrize(("dim", "n", "expected"), [(512, 3, [256, 128, 128]), (128, 3, [64, 32, 32]),
-                                                    (100, 3, [50, 25, 25]), (103, 3, [53, 25, 25]), (90, 2, [60, 30]), (7, 1, [7])])
+@pytest.mark.parametrize(
+    ("dim", "n", "expected"),
+    [
+        (512, 3, [256, 128, 128]),
+        (128, 3, [64, 32, 32]),
+        (100, 3, [50, 25, 25]),
+        (103, 3, [53, 25, 25]),
+        (90, 2, [60, 30]),
+        (7, 1, [7]),
+    ],
+)
 def test_split_feature_dim(dim: int, n: int, expected: list[int]) -> None:
     assert split_feature_dim(dim, n) == expected
 

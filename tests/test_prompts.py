@@ -8,8 +8,10 @@ from feddifrc_core.prompts import class_prompts, clean_class_name, load_vocabula
 
 def test_class_prompts_clean_names() -> None:
     assert class_prompts(["golden_retriever", "7", "3 - three"]) == [
-        "a photo of a golden retriever", "a photo of a handwritten number 7",
-        "a photo of a handwritten number 3"]
+        "a photo of a golden retriever",
+        "a photo of a handwritten number 7",
+        "a photo of a handwritten number 3",
+    ]
     assert clean_class_name("T-shirt/top") == "T-shirt/top"
     with pytest.raises(ValueError, match="template"):
         class_prompts(["cat"], "a photo")

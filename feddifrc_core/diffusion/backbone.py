@@ -29,7 +29,9 @@ class DiffusionBackbone(Protocol):
     unet: Any  # diffusers UNet2DConditionModel; forward(sample, t, encoder_hidden_states)
     scheduler: Any  # diffusers scheduler with `alphas_cumprod` and `add_noise`
     sample_size: int  # native input size in pixels (SD 2.1: 768)
-    in_channels: int  # image channels `encode_images` expects (3 for SD; 1 possible for a pixel teacher)
+    in_channels: (
+        int  # image channels `encode_images` expects (3 for SD; 1 possible for a pixel teacher)
+    )
     device: torch.device
     dtype: torch.dtype
 
@@ -52,7 +54,11 @@ _LOCK = threading.Lock()
 
 
 def load_backbone(
-    spec: str, device: torch.device | str, dtype: torch.dtype, revision: str = "", cache_dir: str | None = None
+    spec: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    revision: str = "",
+    cache_dir: str | None = None,
 ) -> DiffusionBackbone:
     """Load (or reuse) a frozen backbone.
 
@@ -114,7 +120,11 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in table:
-        raise ValueError(f"`diffusion-dtype` must be auto, float32, float16 or bfloat16, got {name!r}")
+        raise ValueError(
+            f"`diffusion-dtype` must be auto, float32, float16 or bfloat16, got {name!r}"
+        )
     if device.type == "cpu" and table[name] == torch.float16:
-        logger.warning("float16 on CPU is slow and some kernels are missing; float32 is recommended")
+        logger.warning(
+            "float16 on CPU is slow and some kernels are missing; float32 is recommended"
+        )
     return table[name]

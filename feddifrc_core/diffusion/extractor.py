@@ -35,8 +35,13 @@ def up_block_channels(unet: Any) -> tuple[int, ...]:
     return tuple(int(c) for c in reversed(unet.config.block_out_channels))
 
 
-def to_model_pixels(images: torch.Tensor | np.ndarray, size: int, channels: int,
-                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def to_model_pixels(
+    images: torch.Tensor | np.ndarray,
+    size: int,
+    channels: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """uint8 [B, C, H, W] -> float [B, channels, size, size] in [-1, 1] on `device` in `dtype`.
 
     Grey images are repeated to 3 channels for RGB models; RGB images are converted to luma for
@@ -52,19 +57,34 @@ def to_model_pixels(images: torch.Tensor | np.ndarray, size: int, channels: int,
         luma = torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)
         x = (x * luma).sum(dim=1, keepdim=True)
     if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
     return x.to(dtype)  # [B, channels, size, size]
 
 
 class DiffusionFeatureExtractor:
     """Pooled up-block features of a frozen backbone for images x prompts."""
 
-    def __init__(self, backbone: DiffusionBackbone, *, timestep: int = 300,
-                 up_blocks: Sequence[int] = (1, 2, 3), image_size: int = 0, ensemble_size: int = 1,
-                 batch_size: int = 16, seed: int = 0) -> None:
+    def __init__(
+        self,
+        backbone: DiffusionBackbone,
+        *,
+        timestep: int = 300,
+        up_blocks: Sequence[int] = (1, 2, 3),
+        image_size: int = 0,
+        ensemble_size: int = 1,
+        batch_size: int = 16,
+        seed: int = 0,
+    ) -> None:
         num_blocks = len(backbone.unet.up_blocks)
         blocks = tuple(sorted(int(b) for b in up_blocks))
-        if not blocks or len(set(blocks)) != len(blocks) or blocks[0] < 0 or blocks[-1] >= num_blocks:
+        if (
+            not blocks
+            or len(set(blocks)) != len(blocks)
+            or blocks[0] < 0
+            or blocks[-1] >= num_blocks
+        ):
             raise ValueError(
                 f"`up_blocks` must be distinct indices in [0, {num_blocks - 1}] (this UNet has {num_blocks} "
                 f"up blocks), got {tuple(up_blocks)}; SD uses '1,2,3'"
@@ -76,7 +96,9 @@ class DiffusionFeatureExtractor:
             if int(value) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {value}")
         if int(image_size) < 0:
-            raise ValueError(f"`image_size` must be >= 0 (0 = the backbone's native size), got {image_size}")
+            raise ValueError(
+                f"`image_size` must be >= 0 (0 = the backbone's native size), got {image_size}"
+            )
         self.backbone = backbone
         self.timestep = int(timestep)
         self.up_blocks = blocks
@@ -91,9 +113,14 @@ class DiffusionFeatureExtractor:
 
     def settings(self) -> dict[str, Any]:
         """What determines the features (beside the backbone and the data): for fingerprints."""
-        return {"timestep": self.timestep, "alpha_bar": round(self.alpha_bar, 8),
-                "up_blocks": list(self.up_blocks), "image_size": self.image_size,
-                "ensemble_size": self.ensemble_size, "seed": self.seed}
+        return {
+            "timestep": self.timestep,
+            "alpha_bar": round(self.alpha_bar, 8),
+            "up_blocks": list(self.up_blocks),
+            "image_size": self.image_size,
+            "ensemble_size": self.ensemble_size,
+            "seed": self.seed,
+        }
 
     def noise(self, shape: Sequence[int], sample_ids: Sequence[int], member: int) -> torch.Tensor:
         """Per-sample noise [B, *shape] from CPU generators seeded by (seed, sample id, member).
@@ -108,8 +135,13 @@ class DiffusionFeatureExtractor:
         return out
 
     @torch.no_grad()
-    def extract_batch(self, images: torch.Tensor | np.ndarray, sample_ids: Sequence[int],
-                      prompt_embeds: torch.Tensor, prompt_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def extract_batch(
+        self,
+        images: torch.Tensor | np.ndarray,
+        sample_ids: Sequence[int],
+        prompt_embeds: torch.Tensor,
+        prompt_ids: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
         """One batch: features [B, P, C_l] per kept block (float32, on the backbone's device).
 
         prompt_embeds: [Q, L, D] embeddings of the prompt list; prompt_ids: [B, P] indices into it
@@ -122,13 +154,17 @@ class DiffusionFeatureExtractor:
         if prompt_ids is None:
             prompt_ids = torch.arange(prompt_embeds.shape[0]).expand(num_images, -1)  # [B, P]
         if prompt_ids.shape[0] != num_images:
-            raise ValueError(f"`prompt_ids` must have one row per image ({num_images}), got {tuple(prompt_ids.shape)}")
+            raise ValueError(
+                f"`prompt_ids` must have one row per image ({num_images}), got {tuple(prompt_ids.shape)}"
+            )
         num_prompts = prompt_ids.shape[1]
         embeds = prompt_embeds.to(device, dtype)[prompt_ids.reshape(-1).to(device)]  # [B*P, L, D]
         # 2. latents once per image
         pixels = to_model_pixels(images, self.image_size, bb.in_channels, device, dtype)
         latents = bb.encode_images(pixels)  # [B, c, h, w]
-        timesteps = torch.full((num_images * num_prompts,), self.timestep, device=device, dtype=torch.long)
+        timesteps = torch.full(
+            (num_images * num_prompts,), self.timestep, device=device, dtype=torch.long
+        )
         # 3. hooks: pooled outputs of the kept blocks; the last one ends the pass
         pooled: dict[int, torch.Tensor] = {}
         last = self.up_blocks[-1]
@@ -139,6 +175,7 @@ class DiffusionFeatureExtractor:
                 pooled[index] = hidden.float().mean(dim=(2, 3))  # [B*P, C_l]
                 if index == last:
                     raise _StopForward
+
             return hook
 
         handles = [bb.unet.up_blocks[i].register_forward_hook(make_hook(i)) for i in self.up_blocks]
@@ -164,9 +201,14 @@ class DiffusionFeatureExtractor:
         return [s / self.ensemble_size for s in sums]  # per block [B, P, C_l]
 
     @torch.no_grad()
-    def extract(self, images: torch.Tensor | np.ndarray, sample_ids: Sequence[int], prompts: list[str],
-                prompt_ids: torch.Tensor | None = None,
-                progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    def extract(
+        self,
+        images: torch.Tensor | np.ndarray,
+        sample_ids: Sequence[int],
+        prompts: list[str],
+        prompt_ids: torch.Tensor | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[torch.Tensor]:
         """Features of N images: per kept block a float32 CPU tensor [N, P, C_l].
 
         prompts: the prompt list (embedded once); prompt_ids: [N, P] indices into it per image,
@@ -174,14 +216,23 @@ class DiffusionFeatureExtractor:
         """
         n = len(images)
         if len(sample_ids) != n:
-            raise ValueError(f"`sample_ids` must have one id per image ({n}), got {len(sample_ids)}")
+            raise ValueError(
+                f"`sample_ids` must have one id per image ({n}), got {len(sample_ids)}"
+            )
         if prompt_ids is not None:
             prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long)
             if prompt_ids.ndim != 2 or prompt_ids.shape[0] != n:
                 raise ValueError(f"`prompt_ids` must be [N={n}, P], got {tuple(prompt_ids.shape)}")
             if prompt_ids.numel() and (prompt_ids.min() < 0 or prompt_ids.max() >= len(prompts)):
                 raise ValueError(f"`prompt_ids` must index the {len(prompts)} prompts")
-        embeds = self.backbone.encode_prompts(list(prompts))  # [Q, L, D], encoded once
+        if prompt_ids is None:
+            embeds = self.backbone.encode_prompts(list(prompts))  # [Q, L, D], encoded once
+        else:  # encode only the prompts in use (SSL: a few of a 200-name vocabulary per client)
+            used = torch.unique(prompt_ids)  # sorted
+            embeds = self.backbone.encode_prompts([prompts[i] for i in used.tolist()])  # [U, L, D]
+            remap = torch.full((len(prompts),), -1, dtype=torch.long)
+            remap[used] = torch.arange(len(used))
+            prompt_ids = remap[prompt_ids]  # [N, P] indices into embeds
         width = len(prompts) if prompt_ids is None else prompt_ids.shape[1]
         outs = [torch.empty(n, width, c) for c in self.block_channels]
         ids = [int(s) for s in sample_ids]

@@ -18,34 +18,66 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-TINY_SD_VERSION = "v1"  # bump when the configs below change, so stale folders are not reused
+TINY_SD_VERSION = "v2"  # bump when the configs below change, so stale folders are not reused
 TINY_SD_SEED = 0
-TINY_SAMPLE_SIZE = 32  # pixels; latent 16 x 16 (VAE factor 2)
+TINY_SAMPLE_SIZE = 32  # pixels; latent 8 x 8 (VAE factor 4) keeps CPU extraction fast
 
 TINY_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": TINY_SAMPLE_SIZE // 2, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "sample_size": TINY_SAMPLE_SIZE // 4,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
     # up_blocks[i] output channels are block_out_channels reversed: 64, 64, 32, 32
-    "block_out_channels": (32, 32, 64, 64), "attention_head_dim": 4, "cross_attention_dim": 64,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "norm_num_groups": 8, "use_linear_projection": True,
+    "block_out_channels": (32, 32, 64, 64),
+    "attention_head_dim": 4,
+    "cross_attention_dim": 64,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "up_block_types": (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ),
+    "norm_num_groups": 8,
+    "use_linear_projection": True,
 }
 TINY_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-    "block_out_channels": (16, 32), "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2, "norm_num_groups": 8, "sample_size": TINY_SAMPLE_SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (16, 32, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "norm_num_groups": 8,
+    "sample_size": TINY_SAMPLE_SIZE,
 }
 TINY_TEXT_CONFIG: dict[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 49406,
-    "eos_token_id": 49407, "pad_token_id": 49407,
+    "vocab_size": 49408,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 77,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
 }
 
 
 def tiny_sd_dir(cache_dir: str | Path | None = None) -> Path:
     from feddifrc_core.diffusion.backbone import default_cache_dir
 
-    return Path(cache_dir or default_cache_dir()).expanduser() / "models" / f"tiny-sd-{TINY_SD_VERSION}"
+    return (
+        Path(cache_dir or default_cache_dir()).expanduser()
+        / "models"
+        / f"tiny-sd-{TINY_SD_VERSION}"
+    )
 
 
 def ensure_tiny_sd(cache_dir: str | Path | None = None) -> Path:
@@ -89,8 +121,13 @@ def build_tiny_sd(out_dir: str | Path, seed: int = TINY_SD_SEED) -> None:
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
     tokenizer = load_clip_tokenizer(out / ".tokenizer-src")
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDPMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)

@@ -38,7 +38,9 @@ def find_open_clip_bpe() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / BPE_FILE
     if not path.is_file():
-        raise RuntimeError(f"open-clip-torch is installed but {path} is missing; reinstall the wheel.")
+        raise RuntimeError(
+            f"open-clip-torch is installed but {path} is missing; reinstall the wheel."
+        )
     return path
 
 
@@ -59,7 +61,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
-def write_clip_tokenizer_files(out_dir: str | Path, bpe_path: str | Path | None = None) -> tuple[Path, Path]:
+def write_clip_tokenizer_files(
+    out_dir: str | Path, bpe_path: str | Path | None = None
+) -> tuple[Path, Path]:
     """Write `vocab.json` and `merges.txt` (HF CLIP format) into `out_dir`; returns both paths.
 
     Written atomically (temp file + os.replace) so concurrent processes never read a half file.
@@ -77,7 +81,9 @@ def write_clip_tokenizer_files(out_dir: str | Path, bpe_path: str | Path | None 
     symbols = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     symbols += ["<|startoftext|>", "<|endoftext|>"]
     if len(symbols) != CLIP_VOCAB_SIZE:
-        raise RuntimeError(f"rebuilt CLIP vocabulary has {len(symbols)} entries, expected {CLIP_VOCAB_SIZE}")
+        raise RuntimeError(
+            f"rebuilt CLIP vocabulary has {len(symbols)} entries, expected {CLIP_VOCAB_SIZE}"
+        )
     vocab = {s: i for i, s in enumerate(symbols)}
     # 3. atomic writes
     _atomic_write(vocab_path, json.dumps(vocab, ensure_ascii=False))

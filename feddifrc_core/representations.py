@@ -1,0 +1,365 @@
+"""A client's diffusion representations: extracted once from its own data, cached, reused every round.
+
+The ClientApp calls `extract_client_representations(...)` (cheap after the first time: the cache
+is verified and loaded), then `.pca_stats()` for the federated-PCA set-up and
+`.targets(bases, feature_dim)` for training.
+
+Which prompts are stored per image (documented choice):
+- "all" layout: every class prompt + the null prompt for every image, when C + 1 <= 12 (the
+  paper's CIFAR-10 / Fashion-MNIST setting: C - 1 <= neg-num means every other class is a
+  negative anyway, so nothing is wasted and the UNet batch has a fixed prompt set);
+- "needed" layout: only [true class, K negatives, null] per image otherwise (CIFAR-100:
+  12 instead of 101 prompts per image) and always for the self-supervised variant
+  ([positive, K vocabulary negatives, null]).
+The pooled, unprojected per-block features are cached (fp16); the projection is applied on top,
+so changing or re-computing the shared bases never invalidates the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from feddifrc_core.config import RunConfig
+from feddifrc_core.diffusion.backbone import DiffusionBackbone, load_backbone, resolve_dtype
+from feddifrc_core.diffusion.extractor import DiffusionFeatureExtractor
+from feddifrc_core.feature_cache import FeatureCache, tensor_sha256
+from feddifrc_core.projection import Basis, PcaStats, merge_stats, pca_stats, project
+from feddifrc_core.prompts import (
+    NULL_PROMPT,
+    class_prompts,
+    draw_per_sample,
+    load_vocabulary,
+    sample_negatives,
+)
+from feddifrc_core.targets import DiffusionTargets
+
+logger = logging.getLogger(__name__)
+
+REPRESENTATION_FORMAT = 1  # bump when the stored layout or its meaning changes
+ALL_PROMPTS_MAX = 12  # store every class prompt when C + 1 is at most this
+
+
+@dataclass(frozen=True)
+class RepresentationSettings:
+    """What determines a client's representations (beside backbone and data); see RunConfig."""
+
+    timestep: int = 300  # paper: t=300 best for SD 2.1
+    up_blocks: tuple[int, ...] = (1, 2, 3)  # SD 2.1: 1280, 640, 320 channels
+    image_size: int = 224  # reference; 0 = the backbone's native size
+    ensemble_size: int = 1  # noise draws averaged per image
+    batch_size: int = 16  # images per UNet call (x prompts)
+    neg_num: int = 10  # reference: 10 negative prompts per sample
+    prompt_template: str = "a photo of a {}"  # paper prompt
+    seed: int = 7  # noise and negative draws
+    dataset: str = ""  # data set name, part of the fingerprint and the cache file name
+    self_supervised: bool = False
+    ssl_positive_prompt: str = "a photo of a similar object"
+    ssl_null_prompt: str = "a photo of a visual object"
+    ssl_vocabulary: str = "tiny-imagenet"
+    all_prompts_max: int = ALL_PROMPTS_MAX
+    chunk_images: int = 512  # images per cache chunk: the unit of resumption
+
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig) -> RepresentationSettings:
+        return cls(
+            timestep=cfg.diffusion_timestep,
+            up_blocks=cfg.up_block_ids,
+            image_size=cfg.diffusion_image_size,
+            ensemble_size=cfg.ensemble_size,
+            batch_size=cfg.extraction_batch_size,
+            neg_num=cfg.neg_num,
+            prompt_template=cfg.prompt_template,
+            seed=cfg.seed,
+            dataset=cfg.dataset,
+            self_supervised=cfg.is_self_supervised,
+            ssl_positive_prompt=cfg.ssl_positive_prompt,
+            ssl_null_prompt=cfg.ssl_null_prompt,
+            ssl_vocabulary=cfg.ssl_vocabulary,
+        )
+
+
+def backbone_from_config(
+    cfg: RunConfig, device: torch.device | str, cache_dir: str | Path | None = None
+) -> DiffusionBackbone:
+    """The (per-process cached) backbone a run config asks for, on `device`."""
+    dtype = resolve_dtype(cfg.diffusion_dtype, device)
+    root = cache_dir if cache_dir is not None else cfg.resolved_cache_dir()
+    return load_backbone(
+        cfg.diffusion_model, device, dtype, revision=cfg.diffusion_revision, cache_dir=str(root)
+    )
+
+
+@dataclass(frozen=True)
+class ClientRepresentations:
+    """Pooled per-block diffusion features of one client's samples (row i = local sample i)."""
+
+    features: tuple[torch.Tensor, ...]  # per block [N, P, C_l] float16 on CPU
+    prompts: tuple[str, ...]  # prompt list that prompt_ids index
+    prompt_ids: torch.Tensor  # [N, P] which prompt each stored column was computed under
+    positive_cols: torch.Tensor  # [N] column of the positive (true class / SSL positive prompt)
+    negative_cols: torch.Tensor  # [N, K] columns of the negatives
+    null_cols: torch.Tensor  # [N] column of the null prompt
+    up_blocks: tuple[int, ...]
+    alpha_bar: float  # kept-signal fraction at the timestep used
+    fingerprint: dict[str, Any] = field(repr=False)
+    cache_dir: Path | None = None
+    from_cache: bool = False  # True when nothing had to be extracted
+    seconds: float = 0.0  # wall time of extraction (or of loading)
+
+    def __len__(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    @property
+    def block_channels(self) -> tuple[int, ...]:
+        return tuple(int(f.shape[-1]) for f in self.features)
+
+    def pca_stats(self, chunk_rows: int = 4096) -> list[PcaStats]:
+        """Per block: statistics over every stored pooled feature vector (all rows, all columns)."""
+        out = []
+        for feats in self.features:
+            flat = feats.reshape(-1, feats.shape[-1])  # [N*P, C_l]
+            stats = pca_stats(flat[:0])
+            for start in range(0, flat.shape[0], chunk_rows):
+                stats = merge_stats(stats, pca_stats(flat[start : start + chunk_rows]))
+            out.append(stats)
+        return out
+
+    def targets(
+        self, bases: Sequence[Basis], feature_dim: int, chunk_rows: int = 2048
+    ) -> DiffusionTargets:
+        """Project with the shared bases and pick positive / negatives / null per sample (float32)."""
+        dims = [b.out_dim for b in bases]
+        if len(bases) != len(self.features):
+            raise ValueError(
+                f"got {len(bases)} bases for {len(self.features)} blocks {self.up_blocks}"
+            )
+        if sum(dims) != feature_dim:
+            raise ValueError(
+                f"bases project to {sum(dims)} dims ({dims}) but the model's feature size is {feature_dim}; "
+                f"build them with split_feature_dim({feature_dim}, {len(bases)})"
+            )
+        n, p = self.prompt_ids.shape
+        projected = torch.empty(n, p, feature_dim)
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            projected[rows] = project([f[rows] for f in self.features], bases)  # [n, P, D]
+        rows = torch.arange(n)
+        return DiffusionTargets(
+            positive=projected[rows, self.positive_cols],  # [N, D]
+            negatives=projected[rows[:, None], self.negative_cols],  # [N, K, D]
+            null=projected[rows, self.null_cols],  # [N, D]
+        )
+
+
+def _layout(
+    labels: torch.Tensor, ids: torch.Tensor, class_names: Sequence[str], s: RepresentationSettings
+) -> tuple[list[str], str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt list, layout name, prompt_ids [N, P] and the positive / negative / null columns."""
+    n = len(ids)
+    if s.self_supervised:
+        vocab = class_prompts(load_vocabulary(s.ssl_vocabulary), s.prompt_template)
+        prompts = [*vocab, s.ssl_positive_prompt, s.ssl_null_prompt]
+        k = min(s.neg_num, len(vocab))
+        negatives = draw_per_sample(ids, len(vocab), k, s.seed, stream="ssl-negatives")  # [N, K]
+        positive = torch.full((n, 1), len(vocab))
+        null = torch.full((n, 1), len(vocab) + 1)
+        layout = "needed"
+    else:
+        num_classes = len(class_names)
+        prompts = [*class_prompts(class_names, s.prompt_template), NULL_PROMPT]
+        negatives = sample_negatives(
+            labels, num_classes, s.neg_num, s.seed, sample_ids=ids
+        )  # [N, K]
+        k = negatives.shape[1]
+        positive, null = labels[:, None], torch.full((n, 1), num_classes)
+        layout = "all" if num_classes + 1 <= s.all_prompts_max else "needed"
+        if layout == "all":
+            prompt_ids = torch.arange(num_classes + 1).expand(n, -1).contiguous()
+            return (
+                prompts,
+                layout,
+                prompt_ids,
+                labels.clone(),
+                negatives,
+                torch.full((n,), num_classes),
+            )
+    prompt_ids = torch.cat([positive, negatives, null], dim=1)  # [N, 1 + K + 1]
+    cols = torch.arange(1, k + 1).expand(n, -1).contiguous()
+    return (
+        prompts,
+        layout,
+        prompt_ids,
+        torch.zeros(n, dtype=torch.long),
+        cols,
+        torch.full((n,), k + 1),
+    )
+
+
+def extract_client_representations(
+    backbone: DiffusionBackbone,
+    images: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray | None,
+    sample_ids: Sequence[int] | torch.Tensor | np.ndarray,
+    class_names: Sequence[str],
+    settings: RepresentationSettings,
+    cache_dir: str | Path | None,
+    progress: bool = True,
+) -> ClientRepresentations:
+    """Extract (or load from the verified cache) this client's representations.
+
+    images: uint8 [N, C, H, W] in local order; labels: int [N] (ignored, may be None, in SSL mode);
+    sample_ids: global data-set indices [N] (seed the noise and negatives, part of the fingerprint);
+    cache_dir: folder shared by clients (None = no cache).
+    """
+    t0 = time.perf_counter()
+    # 1. inputs
+    images_t = torch.as_tensor(images)
+    n = images_t.shape[0] if images_t.ndim == 4 else -1
+    if images_t.dtype != torch.uint8 or n < 0:
+        raise ValueError(
+            f"`images` must be uint8 [N, C, H, W], got {images_t.dtype} {tuple(images_t.shape)}"
+        )
+    ids = torch.as_tensor(np.asarray(sample_ids), dtype=torch.long).reshape(-1)
+    if len(ids) != n:
+        raise ValueError(f"`sample_ids` must have one global index per image ({n}), got {len(ids)}")
+    if settings.self_supervised:
+        labels_t = torch.zeros(n, dtype=torch.long)
+    else:
+        if labels is None:
+            raise ValueError("`labels` are required unless settings.self_supervised is True")
+        labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+        if len(labels_t) != n:
+            raise ValueError(f"`labels` must have one entry per image ({n}), got {len(labels_t)}")
+    extractor = DiffusionFeatureExtractor(
+        backbone,
+        timestep=settings.timestep,
+        up_blocks=settings.up_blocks,
+        image_size=settings.image_size,
+        ensemble_size=settings.ensemble_size,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+    )
+    # 2. prompts each image needs
+    prompts, layout, prompt_ids, pos_cols, neg_cols, null_cols = _layout(
+        labels_t, ids, class_names, settings
+    )
+    # 3. fingerprint: everything the stored numbers depend on
+    fingerprint = {
+        "format": REPRESENTATION_FORMAT,
+        "backbone": backbone.identity(),
+        "dtype": str(backbone.dtype),
+        "extractor": extractor.settings(),
+        "layout": layout,
+        "prompts": prompts,
+        "neg_num": settings.neg_num,
+        "dataset": settings.dataset,
+        "num_samples": n,
+        "sample_ids_sha256": tensor_sha256(ids),
+        "labels_sha256": tensor_sha256(labels_t),
+        "prompt_ids_sha256": tensor_sha256(prompt_ids),
+        "images_sha256": tensor_sha256(images_t),
+    }
+    num_cols = prompt_ids.shape[1]
+    spec = {
+        f"block{b}": ((num_cols, c), "float16")
+        for b, c in zip(extractor.up_blocks, extractor.block_channels, strict=True)
+    }
+    spec["prompt_ids"] = ((num_cols,), "int64")
+    # 4. extraction of the missing chunks (all of them without a cache)
+    chunk = max(1, settings.chunk_images)
+    if cache_dir is None:
+        cache = None
+        missing = list(range(-(-n // chunk)))
+        collected: dict[int, dict[str, torch.Tensor]] = {}
+    else:
+        cache = FeatureCache(
+            Path(cache_dir) / "representations",
+            f"{settings.dataset or 'data'}-n{n}",
+            fingerprint,
+            n,
+            chunk,
+            spec,
+        )
+        missing = cache.open()
+    if missing:
+        done = n - sum(min(chunk, n - i * chunk) for i in missing)
+        bar = tqdm(
+            total=n,
+            initial=done,
+            unit="img",
+            disable=not progress,
+            desc="diffusion features",
+            dynamic_ncols=True,
+        )
+        try:
+            for index in missing:
+                start, stop = index * chunk, min(index * chunk + chunk, n)
+                feats = extractor.extract(
+                    images_t[start:stop],
+                    ids[start:stop].tolist(),
+                    prompts,
+                    prompt_ids[start:stop],
+                    progress=bar.update,
+                )
+                tensors = {f"block{b}": f for b, f in zip(extractor.up_blocks, feats, strict=True)}
+                tensors["prompt_ids"] = prompt_ids[start:stop]
+                for name, t in tensors.items():
+                    if t.is_floating_point() and not torch.isfinite(t.half()).all():
+                        raise RuntimeError(
+                            f"non-finite diffusion features in {name} (rows {start}-{stop})"
+                        )
+                if cache is not None:
+                    cache.write_chunk(index, tensors)
+                else:
+                    collected[index] = {
+                        k: v.to(torch.float16 if v.is_floating_point() else v.dtype)
+                        for k, v in tensors.items()
+                    }
+        finally:
+            bar.close()
+    # 5. load (verified) and assemble
+    if cache is not None:
+        stored = cache.load()
+    else:
+        stored = {
+            name: torch.cat([collected[i][name] for i in sorted(collected)])
+            if collected
+            else torch.empty((0, *shape), dtype=getattr(torch, dt))
+            for name, (shape, dt) in spec.items()
+        }
+    if not torch.equal(stored["prompt_ids"], prompt_ids):
+        raise RuntimeError(
+            "cached prompt ids differ from the recomputed ones although fingerprints match"
+        )
+    seconds = time.perf_counter() - t0
+    if missing:
+        logger.info(
+            "diffusion features: %d images x %d prompts in %.1fs (%.1f img/s)",
+            n,
+            num_cols,
+            seconds,
+            n / max(seconds, 1e-9),
+        )
+    return ClientRepresentations(
+        features=tuple(stored[f"block{b}"] for b in extractor.up_blocks),
+        prompts=tuple(prompts),
+        prompt_ids=prompt_ids,
+        positive_cols=pos_cols,
+        negative_cols=neg_cols,
+        null_cols=null_cols,
+        up_blocks=extractor.up_blocks,
+        alpha_bar=extractor.alpha_bar,
+        fingerprint=fingerprint,
+        cache_dir=None if cache is None else cache.dir,
+        from_cache=not missing,
+        seconds=seconds,
+    )

@@ -1,0 +1,154 @@
+"""Per-client representations on the tiny SD pipeline: layouts, targets, cache reuse and resume."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from feddifrc_core.config import RunConfig
+from feddifrc_core.diffusion import extractor as extractor_module
+from feddifrc_core.diffusion.backbone import load_backbone
+from feddifrc_core.projection import merge_all, pca_stats, shared_bases
+from feddifrc_core.representations import RepresentationSettings, extract_client_representations
+
+CLASSES = [str(i) for i in range(10)]
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after the raise runs in the extraction code."""
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory: pytest.TempPathFactory):
+    torch.set_num_threads(1)
+    cache = tmp_path_factory.getbasetemp() / "feddifrc-cache"  # shared by all diffusion test files
+    return load_backbone("tiny-sd", "cpu", torch.float32, cache_dir=str(cache))
+
+
+def _data(n: int, num_classes: int = 10, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 28, 28), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    return images, labels, torch.arange(500, 500 + n)
+
+
+SETTINGS = RepresentationSettings(image_size=0, batch_size=8, dataset="test", chunk_images=4)
+
+
+def test_all_prompt_layout_and_targets(backbone) -> None:
+    images, labels, ids = _data(6)
+    reps = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SETTINGS, None, progress=False
+    )
+    assert reps.prompt_ids.shape == (6, 11) and reps.block_channels == (64, 32, 32)
+    assert torch.equal(reps.positive_cols, labels) and torch.all(reps.null_cols == 10)
+    assert reps.negative_cols.shape == (6, 9) and not (reps.negative_cols == labels[:, None]).any()
+    assert reps.prompts[10] == "" and reps.prompts[3] == "a photo of a handwritten number 3"
+    bases = shared_bases("random", 64, reps.block_channels, seed=0)
+    t = reps.targets(bases, 64)
+    assert (
+        t.positive.shape == (6, 64) and t.negatives.shape == (6, 9, 64) and t.null.shape == (6, 64)
+    )
+    assert (t.positive[:, None] - t.negatives).abs().amax(
+        dim=-1
+    ).min() > 0  # positive != every negative
+    with pytest.raises(ValueError, match="feature size"):
+        reps.targets(bases, 65)
+
+
+def test_needed_layout_gives_the_same_targets(backbone) -> None:
+    images, labels, ids = _data(5)
+    full = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SETTINGS, None, progress=False
+    )
+    needed_settings = RepresentationSettings(**{**SETTINGS.__dict__, "all_prompts_max": 0})
+    needed = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, needed_settings, None, progress=False
+    )
+    assert needed.prompt_ids.shape == (5, 11) and torch.all(needed.positive_cols == 0)
+    assert torch.equal(needed.prompt_ids[:, 0], labels) and torch.all(
+        needed.prompt_ids[:, -1] == 10
+    )
+    bases = shared_bases("random", 32, full.block_channels, seed=1)
+    a, b = full.targets(bases, 32), needed.targets(bases, 32)
+    torch.testing.assert_close(a.positive, b.positive, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(a.negatives, b.negatives, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(a.null, b.null, atol=2e-3, rtol=1e-3)
+
+
+def test_many_classes_store_only_needed_prompts(backbone) -> None:
+    images, labels, ids = _data(4, num_classes=30)
+    s = RepresentationSettings(**{**SETTINGS.__dict__, "neg_num": 3})
+    reps = extract_client_representations(
+        backbone, images, labels, ids, [f"c{i}" for i in range(30)], s, None, progress=False
+    )
+    assert reps.prompt_ids.shape == (4, 5) and reps.negative_cols.tolist() == [[1, 2, 3]] * 4
+
+
+def test_ssl_mode_uses_vocabulary_negatives(backbone) -> None:
+    images, _, ids = _data(3)
+    s = RepresentationSettings(**{**SETTINGS.__dict__, "self_supervised": True, "neg_num": 4})
+    reps = extract_client_representations(backbone, images, None, ids, [], s, None, progress=False)
+    assert reps.prompt_ids.shape == (3, 6)
+    assert reps.prompts[int(reps.prompt_ids[0, 0])] == "a photo of a similar object"
+    assert reps.prompts[int(reps.prompt_ids[0, -1])] == "a photo of a visual object"
+    assert all(int(p) < 200 for p in reps.prompt_ids[:, 1:5].reshape(-1))
+
+
+def test_pca_stats_cover_every_stored_vector(backbone) -> None:
+    images, labels, ids = _data(6)
+    reps = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SETTINGS, None, progress=False
+    )
+    stats = reps.pca_stats()
+    assert [s.dim for s in stats] == [64, 32, 32] and stats[0].count == 6 * 11
+    direct = pca_stats(reps.features[1].reshape(-1, 32).float())
+    torch.testing.assert_close(torch.from_numpy(stats[1].outer), torch.from_numpy(direct.outer))
+    bases = shared_bases("federated-pca", 64, reps.block_channels, 0, merge_all([stats]))
+    assert reps.targets(bases, 64).positive.shape == (6, 64)
+
+
+def test_cache_reuse_and_resume_after_a_kill(backbone, tmp_path: Path, monkeypatch) -> None:
+    images, labels, ids = _data(10)
+    reference = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SETTINGS, None, progress=False
+    )
+    real_extract = extractor_module.DiffusionFeatureExtractor.extract
+    calls, die = [], [True]
+
+    def dying_extract(self, images, *args, **kwargs):
+        calls.append(len(images))
+        if die[0] and len(calls) == 2:
+            raise _Killed  # the process dies while computing the second chunk
+        return real_extract(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(extractor_module.DiffusionFeatureExtractor, "extract", dying_extract)
+    with pytest.raises(_Killed):
+        extract_client_representations(
+            backbone, images, labels, ids, CLASSES, SETTINGS, tmp_path, progress=False
+        )
+    calls.clear()
+    die[0] = False
+    resumed = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SETTINGS, tmp_path, progress=False
+    )
+    assert calls == [4, 2]  # chunk 0 (4 images) was kept; chunks 1 and 2 were computed
+    assert not resumed.from_cache
+    for a, b in zip(reference.features, resumed.features, strict=True):
+        assert torch.equal(a, b)  # same fp16 numbers as an uninterrupted run
+    calls.clear()
+    again = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SETTINGS, tmp_path, progress=False
+    )
+    assert calls == [] and again.from_cache and again.cache_dir == resumed.cache_dir
+    # another client (other sample ids) in the same folder gets its own files
+    other = extract_client_representations(
+        backbone, images[:4], labels[:4], ids[:4] + 100, CLASSES, SETTINGS, tmp_path, progress=False
+    )
+    assert other.cache_dir != again.cache_dir
+
+
+def test_settings_from_run_config() -> None:
+    cfg = RunConfig(up_blocks="1,3", diffusion_timestep=200, algorithm="feddifrc-ssl")
+    s = RepresentationSettings.from_run_config(cfg)
+    assert s.up_blocks == (1, 3) and s.timestep == 200 and s.self_supervised and s.image_size == 224
