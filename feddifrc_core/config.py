@@ -59,6 +59,9 @@ class RunConfig:
     # --- local model and optimiser ------------------------------------------------------------
     model: str = _opt("resnet10", choices=("resnet10", "small-cnn"))  # paper backbone for CIFAR
     model_width: int = _opt(64, lo=1)  # ResNet-10 base width 64 -> 512-d features
+    # The reference aligns the post-ReLU features z directly ("none"); "linear" adds a shared
+    # D -> D head so z >= 0 can still match the signed projected targets (docs/method.md).
+    align_head: str = _opt("none", choices=("none", "linear"))
     local_epochs: int = _opt(10, lo=1)  # paper: 10 local epochs
     batch_size: int = _opt(64, lo=1)  # paper: 64
     lr: float = _opt(0.01, lo=0.0, lo_open=True)  # paper: SGD 0.01

@@ -114,16 +114,33 @@ def build_model(
     *,
     feature_dim: int = 128,
     image_size: int | None = None,
+    align_head: bool = False,
 ) -> nn.Module:
     """A model by config name. `width`: ResNet base width (features 8 * width) or SmallCNN's
-    first conv width; `feature_dim`: SmallCNN only; `image_size` (optional) is checked."""
+    first conv width; `feature_dim`: SmallCNN only; `image_size` (optional) is checked;
+    `align_head`: add a linear D -> D head on which the diffusion-alignment losses act."""
     if name not in MODEL_NAMES:
         raise ValueError(f"model must be one of {list(MODEL_NAMES)}, got {name!r}")
     if image_size is not None and image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} px, got {image_size}")
+    model: nn.Module
     if name == "resnet10":
-        return resnet10(num_classes, in_channels, width)
-    return SmallCNN(num_classes, in_channels, width, feature_dim)
+        model = resnet10(num_classes, in_channels, width)
+    else:
+        model = SmallCNN(num_classes, in_channels, width, feature_dim)
+    if align_head:
+        # Post-ReLU features are non-negative while the shared projection's targets are signed:
+        # a cosine to a signed target is capped at |h+|/|h|. A linear head (aggregated like every
+        # other weight, so all clients share it) lets the aligned space reach any sign pattern.
+        model.align_head = nn.Linear(model.feature_dim, model.feature_dim)
+    return model
+
+
+def alignment_features(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The vectors the diffusion-alignment losses (TDCL, NDCR) compare: features through the
+    model's alignment head when it has one, else the penultimate features themselves."""
+    head = getattr(model, "align_head", None)
+    return features if head is None else head(features)
 
 
 def _check_positive(**values: int) -> None:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from feddifrc_core.config import ALGORITHMS, SSL_ALGORITHMS, RunConfig
 from feddifrc_core.losses import NDCR_KINDS, fedprox_term, moon_loss, ndcr_loss, nt_xent, tdcl_loss
+from feddifrc_core.models import alignment_features
 from feddifrc_core.targets import DiffusionTargets
 
 TrainTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -261,11 +262,12 @@ def train_local(
                     z_p = prev(x)[0] if prev is not anchor else z_g  # [B, D]
                 parts["moon"] = (s.moon_mu, moon_loss(z, z_g, z_p, s.moon_temperature))
             if tgt is not None:
+                za = alignment_features(model, z)  # [B, D]
                 if s.lambda_tdcl > 0:
                     pos, neg = tgt.positive[rows], tgt.negatives[rows]  # [B, D], [B, K, D]
-                    parts["tdcl"] = (s.lambda_tdcl, tdcl_loss(z, pos, neg, s.tau))
+                    parts["tdcl"] = (s.lambda_tdcl, tdcl_loss(za, pos, neg, s.tau))
                 if s.lambda_ndcr > 0:
-                    parts["ndcr"] = (s.lambda_ndcr, ndcr_loss(z, tgt.null[rows], s.ndcr_loss))
+                    parts["ndcr"] = (s.lambda_ndcr, ndcr_loss(za, tgt.null[rows], s.ndcr_loss))
         weighted = [w * v for w, v in parts.values()]
         total = weighted[0]
         for term in weighted[1:]:

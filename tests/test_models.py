@@ -81,3 +81,15 @@ def test_bad_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         build_model(**args)
+
+
+def test_align_head_is_a_linear_map_on_the_features_and_absent_by_default():
+    from feddifrc_core.models import alignment_features
+
+    plain = build_model("small-cnn", 1, 10, 8)
+    headed = build_model("small-cnn", 1, 10, 8, align_head=True)
+    z = torch.randn(4, plain.feature_dim)
+    assert torch.equal(alignment_features(plain, z), z)
+    expected = z @ headed.align_head.weight.T + headed.align_head.bias
+    torch.testing.assert_close(alignment_features(headed, z), expected)
+    assert "align_head.weight" in headed.state_dict() and "align_head.weight" not in plain.state_dict()

@@ -303,3 +303,16 @@ def test_with_project_model_and_augmentation() -> None:
     ev = evaluate(model, images, labels, 16, "cpu", transform=aug.eval)
     assert ev.num_examples == 40 and 0.0 <= ev.accuracy <= 1.0
     assert extract_features(model, images, 16, "cpu", aug.eval).shape == (40, 16)
+
+
+def test_alignment_losses_act_through_the_align_head_when_present() -> None:
+    images, labels = _data()
+    plain = _model()
+    headed = copy.deepcopy(plain)
+    headed.align_head = nn.Linear(D, D)
+    head_before = copy.deepcopy(headed.align_head.state_dict())
+    s = _settings("feddifrc", local_epochs=1)
+    train_local(plain, images, labels, s, "cpu", flip_transform, targets=_targets())
+    train_local(headed, images, labels, s, "cpu", flip_transform, targets=_targets())
+    assert not torch.equal(headed.align_head.weight, head_before["weight"])  # the head learned
+    assert not torch.equal(plain.head.weight, headed.head.weight)  # and the losses changed
