@@ -110,7 +110,7 @@ class FeatureCache:
 
     # --- open / verify ------------------------------------------------------------------------
     def open(self) -> list[int]:
-        """Verify what is on disk; drop anything wrong (logged); return the missing chunk indices."""
+        """Verify what is on disk, drop anything wrong (logged), return the missing chunks."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._chunks = {}
         manifest = self._read_manifest()
@@ -169,7 +169,8 @@ class FeatureCache:
             return f"fingerprint mismatch (differs in {keys})"
         for field in ("format", "fingerprint_sha256", "num_rows", "chunk_rows", "spec"):
             if manifest.get(field) != expected[field]:
-                return f"manifest field {field!r} is {manifest.get(field)!r}, expected {expected[field]!r}"
+                got, want = manifest.get(field), expected[field]
+                return f"manifest field {field!r} is {got!r}, expected {want!r}"
         return ""
 
     def _chunk_problem(self, index: int, entry: Mapping[str, Any]) -> str:
@@ -196,7 +197,8 @@ class FeatureCache:
                 tuple(t.shape) != (stop - start, *shape)
                 or str(t.dtype).removeprefix("torch.") != dtype
             ):
-                return f"has {name} {tuple(t.shape)} {t.dtype}, expected {(stop - start, *shape)} {dtype}"
+                want = (stop - start, *shape)
+                return f"has {name} {tuple(t.shape)} {t.dtype}, expected {want} {dtype}"
         return ""
 
     def _wipe(self) -> None:

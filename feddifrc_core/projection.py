@@ -37,7 +37,8 @@ class PcaStats:
         c = self.sum.shape[0] if self.sum.ndim == 1 else -1
         if c < 0 or self.outer.shape != (c, c):
             raise ValueError(
-                f"PcaStats needs sum [C] and outer [C, C], got {self.sum.shape} and {self.outer.shape}"
+                f"PcaStats needs sum [C] and outer [C, C], got {self.sum.shape} and "
+                f"{self.outer.shape}"
             )
         if self.count < 0:
             raise ValueError(f"PcaStats count must be >= 0, got {self.count}")
@@ -91,7 +92,7 @@ def merge_all(stats_per_client: Sequence[Sequence[PcaStats]]) -> list[PcaStats]:
 
 
 def split_feature_dim(feature_dim: int, n_blocks: int) -> list[int]:
-    """Per-block output sizes summing to feature_dim; weights 2:1:...:1 (paper: 512 -> 256/128/128)."""
+    """Per-block output sizes summing to feature_dim, weights 2:1:...:1 (512 -> 256/128/128)."""
     if n_blocks < 1:
         raise ValueError(f"`n_blocks` must be >= 1, got {n_blocks}")
     if feature_dim < n_blocks + 1 and n_blocks > 1:
@@ -105,7 +106,7 @@ def split_feature_dim(feature_dim: int, n_blocks: int) -> list[int]:
 
 
 def _fixed_signs(components: np.ndarray) -> np.ndarray:
-    """Flip each column so its largest-magnitude entry is positive (eigenvector signs are arbitrary)."""
+    """Flip columns so their largest-magnitude entry is positive (eigenvector signs vary)."""
     idx = np.abs(components).argmax(axis=0)
     signs = np.sign(components[idx, np.arange(components.shape[1])])
     signs[signs == 0] = 1.0
@@ -168,7 +169,8 @@ def shared_bases(
             raise ValueError("projection 'federated-pca' needs the merged statistics (`stats`)")
         if [s.dim for s in stats] != list(in_dims):
             raise ValueError(
-                f"statistics are {[s.dim for s in stats]}-d but the blocks have {list(in_dims)} channels"
+                f"statistics are {[s.dim for s in stats]}-d but the blocks have "
+                f"{list(in_dims)} channels"
             )
         return pca_bases(stats, out_dims)
     if method == "random":
@@ -194,7 +196,7 @@ def project(per_block: Sequence[torch.Tensor], bases: Sequence[Basis]) -> torch.
 
 # --- array records for the Flower messages --------------------------------------------------------
 def stats_to_arrays(stats: Sequence[PcaStats], prefix: str = "stats") -> dict[str, np.ndarray]:
-    """{"stats.{i}.count": int64 [1], "stats.{i}.sum": [C], "stats.{i}.outer": [C, C]} for block i."""
+    """Block i -> "stats.{i}.count" int64 [1], "stats.{i}.sum" [C], "stats.{i}.outer" [C, C]."""
     out: dict[str, np.ndarray] = {}
     for i, s in enumerate(stats):
         out[f"{prefix}.{i}.count"] = np.array([s.count], dtype=np.int64)

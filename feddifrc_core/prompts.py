@@ -23,7 +23,7 @@ _DIGIT = re.compile(r"^\s*(\d+)(\s*-\s*\w+)?\s*$")  # "7" or torchvision-style "
 
 
 def clean_class_name(name: str) -> str:
-    """Readable prompt text for a class name: underscores -> spaces; digits -> "handwritten number 7"."""
+    """Prompt text for a class name: underscores -> spaces; digits -> "handwritten number 7"."""
     match = _DIGIT.match(str(name))
     if match:
         return f"handwritten number {match.group(1)}"
@@ -42,7 +42,7 @@ def class_prompts(class_names: Sequence[str], template: str = DEFAULT_TEMPLATE) 
 
 
 def load_vocabulary(name_or_path: str) -> list[str]:
-    """Object names for SSL negatives: a bundled list ("tiny-imagenet") or a text file, one per line."""
+    """Object names for SSL negatives: a bundled list ("tiny-imagenet") or a one-per-line file."""
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         path = _DATA_DIR / f"{name_or_path.replace('-', '_')}_classes.txt"
@@ -52,7 +52,8 @@ def load_vocabulary(name_or_path: str) -> list[str]:
             for p in _DATA_DIR.glob("*_classes.txt")
         )
         raise ValueError(
-            f"`ssl-vocabulary` must be a bundled list {bundled} or a text file with one name per line, "
+            f"`ssl-vocabulary` must be a bundled list {bundled} or a text file with one name "
+            f"per line, "
             f"got {name_or_path!r}"
         )
     names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

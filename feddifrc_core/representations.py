@@ -1,4 +1,4 @@
-"""A client's diffusion representations: extracted once from its own data, cached, reused every round.
+"""A client's diffusion representations: extracted once from its own data, cached, reused.
 
 The ClientApp calls `extract_client_representations(...)` (cheap after the first time: the cache
 is verified and loaded), then `.pca_stats()` for the federated-PCA set-up and
@@ -136,7 +136,7 @@ class ClientRepresentations:
     def targets(
         self, bases: Sequence[Basis], feature_dim: int, chunk_rows: int = 2048
     ) -> DiffusionTargets:
-        """Project with the shared bases and pick positive / negatives / null per sample (float32)."""
+        """Project with the shared bases; pick positive / negatives / null per sample (float32)."""
         dims = [b.out_dim for b in bases]
         if len(bases) != len(self.features):
             raise ValueError(
@@ -144,7 +144,8 @@ class ClientRepresentations:
             )
         if sum(dims) != feature_dim:
             raise ValueError(
-                f"bases project to {sum(dims)} dims ({dims}) but the model's feature size is {feature_dim}; "
+                f"bases project to {sum(dims)} dims ({dims}) but the model's feature size is "
+                f"{feature_dim}; "
                 f"build them with split_feature_dim({feature_dim}, {len(bases)})"
             )
         n, p = self.prompt_ids.shape

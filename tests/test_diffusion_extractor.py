@@ -138,3 +138,18 @@ def test_pixels_are_in_minus_one_to_one() -> None:
     px = to_model_pixels(img, 2, 3, torch.device("cpu"), torch.float32)
     assert px.shape == (1, 3, 2, 2) and px.min() == -1.0 and px.max() == 1.0
     assert torch.equal(px[:, 0], px[:, 2])  # grey repeated to RGB
+
+
+def test_offline_hub_error_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    from feddifrc_core.diffusion.sd import load_sd_backbone
+
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", True
+    )  # never touch the network
+    with pytest.raises(RuntimeError, match="offline-teacher") as info:
+        load_sd_backbone("no-such-org/no-such-model", "cpu", torch.float32)
+    assert "HF_HUB_OFFLINE" in str(info.value) and "folder" in str(info.value)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_sd_backbone("/no/such/folder", "cpu", torch.float32)

@@ -40,7 +40,7 @@ class DiffusionBackbone(Protocol):
         ...
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompt embeddings [P, L, D] in `dtype` on `device`; each prompt is encoded once and cached."""
+        """Prompt embeddings [P, L, D] in `dtype` on `device`; each prompt encoded once, cached."""
         ...
 
     def identity(self) -> dict[str, Any]:
@@ -65,12 +65,12 @@ def load_backbone(
     spec: "tiny-sd" (seeded tiny SD pipeline, built once under `cache_dir` and loaded back with
     `from_pretrained`), "sd21-random" (full SD-2.1 architecture, random weights, for speed
     measurements), "offline-teacher[:path]" (the project's pixel-space teacher) or any diffusers
-    Stable Diffusion checkpoint: a hub id such as "stabilityai/stable-diffusion-2-1" or a local folder.
+    Stable Diffusion checkpoint: a hub id ("stabilityai/stable-diffusion-2-1") or a local folder.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(
-            f"`spec` must name a diffusion model (tiny-sd, sd21-random, offline-teacher, a hub id or a "
-            f"folder), got {spec!r}"
+            f"`spec` must name a diffusion model (tiny-sd, sd21-random, offline-teacher, a hub "
+            f"id or a folder), got {spec!r}"
         )
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"`dtype` must be a torch.dtype, got {dtype!r}")

@@ -21,7 +21,7 @@ from feddifrc_core.diffusion.backbone import DiffusionBackbone
 
 
 def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from (base seed, sample id, stream, ...): identical on every machine and Python."""
+    """A 63-bit seed from (base seed, sample id, stream, ...), identical on every machine."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
@@ -86,8 +86,8 @@ class DiffusionFeatureExtractor:
             or blocks[-1] >= num_blocks
         ):
             raise ValueError(
-                f"`up_blocks` must be distinct indices in [0, {num_blocks - 1}] (this UNet has {num_blocks} "
-                f"up blocks), got {tuple(up_blocks)}; SD uses '1,2,3'"
+                f"`up_blocks` must be distinct indices in [0, {num_blocks - 1}] (this UNet has "
+                f"{num_blocks} up blocks), got {tuple(up_blocks)}; SD uses '1,2,3'"
             )
         num_train = int(backbone.scheduler.config.num_train_timesteps)
         if not 0 <= int(timestep) < num_train:
@@ -155,7 +155,8 @@ class DiffusionFeatureExtractor:
             prompt_ids = torch.arange(prompt_embeds.shape[0]).expand(num_images, -1)  # [B, P]
         if prompt_ids.shape[0] != num_images:
             raise ValueError(
-                f"`prompt_ids` must have one row per image ({num_images}), got {tuple(prompt_ids.shape)}"
+                f"`prompt_ids` must have one row per image ({num_images}), "
+                f"got {tuple(prompt_ids.shape)}"
             )
         num_prompts = prompt_ids.shape[1]
         embeds = prompt_embeds.to(device, dtype)[prompt_ids.reshape(-1).to(device)]  # [B*P, L, D]

@@ -122,7 +122,7 @@ def _frozen(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.M
 def load_sd_backbone(
     model: str, device: torch.device | str, dtype: torch.dtype, revision: str = "", kind: str = "sd"
 ) -> StableDiffusionBackbone:
-    """Load an SD checkpoint (hub id or local folder in the diffusers layout) component by component."""
+    """Load an SD checkpoint (hub id or diffusers-layout folder) component by component."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -153,10 +153,11 @@ def load_sd_backbone(
                 f"text_encoder/, tokenizer/, scheduler/): {err}"
             ) from err
         raise RuntimeError(
-            f"Could not load the diffusion model {model!r} from the Hugging Face hub ({type(err).__name__}: "
-            f"{err}). Offline? On a machine with internet run `hf download {model}` and either pass the "
-            f"downloaded folder as `diffusion-model`, or copy the HF cache here and set HF_HUB_OFFLINE=1. "
-            f"Without any checkpoint use diffusion-model=offline-teacher (bundled) or tiny-sd (random, tests)."
+            f"Could not load the diffusion model {model!r} from the Hugging Face hub "
+            f"({type(err).__name__}: {err}). Offline? On a machine with internet run "
+            f"`hf download {model}` and either pass the downloaded folder as `diffusion-model`, "
+            f"or copy the HF cache here and set HF_HUB_OFFLINE=1. Without any checkpoint use "
+            f"diffusion-model=offline-teacher (bundled) or tiny-sd (random weights, tests)."
         ) from err
     # A tokenizer folder without tokenizer_config.json reports an "infinite" max length, which
     # overflows CLIP's 77-position table: cap it at the text encoder's table.
@@ -209,7 +210,7 @@ def folder_fingerprint(folder: Path, full_hash_limit: int = 64 << 20) -> str:
     return digest.hexdigest()
 
 
-# --- the full SD-2.1 (768-v) architecture with random weights, for speed measurements ------------------
+# --- the full SD-2.1 (768-v) architecture with random weights, for speed measurements --------
 # Values from the public stabilityai/stable-diffusion-2-1 configs (unet/vae/text_encoder/scheduler).
 SD21_UNET_CONFIG: dict[str, Any] = {
     "sample_size": 96,

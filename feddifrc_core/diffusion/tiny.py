@@ -81,7 +81,7 @@ def tiny_sd_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def ensure_tiny_sd(cache_dir: str | Path | None = None) -> Path:
-    """Build the tiny pipeline once under `cache_dir` (atomically: temp folder + rename); return its folder."""
+    """Build the tiny pipeline once under `cache_dir` (temp folder + rename); return its folder."""
     target = tiny_sd_dir(cache_dir)
     if (target / "model_index.json").is_file():
         return target
@@ -101,7 +101,7 @@ def ensure_tiny_sd(cache_dir: str | Path | None = None) -> Path:
 
 
 def build_tiny_sd(out_dir: str | Path, seed: int = TINY_SD_SEED) -> None:
-    """Seeded tiny SD components, saved with save_pretrained in the StableDiffusionPipeline layout."""
+    """Seeded tiny SD components, saved with save_pretrained (StableDiffusionPipeline layout)."""
     from diffusers import (
         AutoencoderKL,
         DDPMScheduler,

@@ -1,4 +1,4 @@
-"""The real CLIP BPE tokenizer, rebuilt offline from the vocabulary inside the open-clip-torch wheel.
+"""The real CLIP BPE tokenizer, rebuilt offline from the vocabulary in the open-clip-torch wheel.
 
 No registry ships Stable Diffusion's tokenizer files, but `open_clip/bpe_simple_vocab_16e6.txt.gz`
 is the same BPE table: from it we write `vocab.json` + `merges.txt` (identical to SD 1.x's
@@ -32,8 +32,9 @@ def find_open_clip_bpe() -> Path:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            "The CLIP tokenizer vocabulary comes from the open-clip-torch wheel, which is not installed. "
-            "Install it without its torchvision dependency: `pip install --no-deps open-clip-torch==3.3.0` "
+            "The CLIP tokenizer vocabulary comes from the open-clip-torch wheel, which is not "
+            "installed. Install it without its torchvision dependency: "
+            "`pip install --no-deps open-clip-torch==3.3.0` "
             "(`make venv` does this)."
         )
     path = Path(list(spec.submodule_search_locations)[0]) / BPE_FILE
