@@ -1,0 +1,134 @@
+"""The project's offline teacher as a `DiffusionBackbone` (pixel space, MiniLM prompts).
+
+The same extraction code path serves Stable Diffusion and this teacher: `encode_images` is the
+identity up to padding (the teacher saw 28 px Fashion-MNIST padded with background to 32 px),
+`encode_prompts` returns frozen MiniLM token states. The shipped folder (`models/fmnist-teacher`,
+written by `feddifrc_core.teacher`) travels inside the Flower app bundle, so it is found relative
+to the package, not the working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from feddifrc_core.diffusion.minilm import encode_texts
+
+OFFLINE_TEACHER = "offline-teacher"
+DEFAULT_FOLDER = "fmnist-teacher"  # what "offline-teacher" resolves to
+MODELS_ENV = "FEDDIFRC_MODELS_DIR"
+TEACHER_JSON = "teacher.json"
+REQUIRED_KEYS = ("kind", "text_encoder", "text_max_length", "image_size", "pixel_size",
+                 "in_channels", "class_names", "recommended", "training", "data", "weights_sha256")
+
+
+def models_dir() -> Path:
+    """$FEDDIFRC_MODELS_DIR, else <project>/models (also inside a Flower app bundle)."""
+    env = os.environ.get(MODELS_ENV)
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "models"
+
+
+def resolve_teacher_path(path_or_name: str) -> Path:
+    """"offline-teacher" -> models/fmnist-teacher; a bare name -> models/<name>; else a folder."""
+    if not isinstance(path_or_name, str) or not path_or_name.strip():
+        raise ValueError(f"`path_or_name` must be 'offline-teacher', a model name under models/ or a "
+                         f"folder, got {path_or_name!r}.")
+    name = DEFAULT_FOLDER if path_or_name == OFFLINE_TEACHER else path_or_name
+    candidate = Path(name).expanduser()
+    folder = candidate if (candidate.is_absolute() or os.sep in name or candidate.exists()) \
+        else models_dir() / name
+    if not (folder / TEACHER_JSON).is_file() or not (folder / "unet" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"No offline teacher at {folder} (looked for {TEACHER_JSON} and unet/config.json; "
+            f"resolved from {path_or_name!r}). Train it with `make teacher`, or point "
+            f"${MODELS_ENV} at the folder that holds '{name}'.")
+    return folder
+
+
+def read_teacher_info(folder: Path) -> dict[str, Any]:
+    """teacher.json, checked for completeness."""
+    info = json.loads((Path(folder) / TEACHER_JSON).read_text())
+    missing = [k for k in REQUIRED_KEYS if k not in info]
+    if missing or info.get("kind") != OFFLINE_TEACHER:
+        raise ValueError(f"{folder / TEACHER_JSON} is incomplete (missing {missing}, kind "
+                         f"{info.get('kind')!r}); re-export it with `make teacher`.")
+    return info
+
+
+class TeacherBackbone:
+    """Frozen pixel-space UNet + DDPM scheduler + MiniLM prompt encoder on one device/dtype."""
+
+    def __init__(self, *, unet: Any, scheduler: Any, info: dict[str, Any],
+                 device: torch.device, dtype: torch.dtype, name: str) -> None:
+        # Frozen teacher: its features are a fixed target space shared by every client.
+        self.unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.scheduler = scheduler
+        self.info = info
+        self.in_channels = int(info["in_channels"])
+        self.sample_size = int(info["pixel_size"])  # images the extractor should hand over (28)
+        self.model_size = int(info["image_size"])  # what the UNet runs at (32)
+        self.text_max_length = int(info["text_max_length"])
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._name = name
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": OFFLINE_TEACHER, "model_id": self._name,
+                "revision": str(self.info["weights_sha256"])[:16],
+                "text_encoder": self.info["text_encoder"], "image_size": self.model_size}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] [B, C, H, W] -> UNet input [B, C, 32, 32] (pixel space: no encoder)."""
+        if pixels.ndim != 4 or pixels.shape[1] != self.in_channels:
+            raise ValueError(f"`pixels` must be [B, {self.in_channels}, H, W] in [-1, 1], got "
+                             f"{tuple(pixels.shape)}.")
+        x = pixels.to(self.device, self.dtype)
+        size, target = self.sample_size, self.model_size
+        if tuple(x.shape[-2:]) != (size, size):  # as in training: first the native pixel size
+            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=True).to(self.dtype)
+        pad = target - size  # then background padding, as the teacher was trained
+        return F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), value=-1.0)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """MiniLM token states [P, L, 384], each prompt encoded once per process and cached."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"`prompts` must be a list of strings, got {prompts!r:.80}.")
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        if missing:
+            states = encode_texts(missing, max_length=self.text_max_length)  # [M, L, 384] fp32 CPU
+            for prompt, state in zip(missing, states, strict=True):
+                self._prompt_cache[prompt] = state.to(self.device, self.dtype)
+        return torch.stack([self._prompt_cache[p] for p in prompts])  # [P, L, 384]
+
+
+def load_teacher_backbone(path_or_name: str, device: torch.device | str,
+                          dtype: torch.dtype) -> TeacherBackbone:
+    """Load the shipped teacher ("offline-teacher" -> models/fmnist-teacher) or a folder."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"`dtype` must be a torch.dtype, got {dtype!r}.")
+    folder = resolve_teacher_path(path_or_name)
+    info = read_teacher_info(folder)
+    # 1. the weights must be the ones teacher.json describes (a truncated copy fails here)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if sha != info["weights_sha256"]:
+        raise RuntimeError(f"{weights} does not match {TEACHER_JSON} (sha256 {sha[:12]} != "
+                           f"{str(info['weights_sha256'])[:12]}); re-export with `make teacher`.")
+    # 2. UNet (stored in fp16, upcast on load) and scheduler
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    name = OFFLINE_TEACHER if path_or_name == OFFLINE_TEACHER else folder.name
+    return TeacherBackbone(unet=unet, scheduler=scheduler, info=info, device=torch.device(device),
+                           dtype=dtype, name=name)
