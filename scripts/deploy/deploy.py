@@ -140,7 +140,21 @@ def child_env(flwr_home: str) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
         PATH=f"{flwr_bin_dir()}{os.pathsep}{env.get('PATH', '')}",
     )
+    # The ServerApp runs from an installed copy of the app (no .git): its run folder records
+    # the revision from here. Runs and caches default to the repository's folders.
+    env.setdefault("FEDDIFRC_GIT_SHA", _git_sha())
+    env.setdefault("FEDDIFRC_RUNS_DIR", str(REPO / "runs"))
+    env.setdefault("FEDDIFRC_CACHE_DIR", str(REPO / ".cache" / "feddifrc"))
     return env
+
+
+def _git_sha() -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=REPO, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def node_config_string(values: dict[str, object]) -> str:
@@ -416,19 +430,35 @@ def node_component(dep: Deployment, index: int, key: Path | None = None) -> list
     return comps
 
 
-def start_node(dep: Deployment, index: int, key: Path | None = None, timeout: float = 60.0
-               ) -> list[Component]:
-    """Start SuperNode `index` and wait until the SuperLink activated it (or it gave up)."""
+# A SuperNode that crashed stays "online" on the SuperLink until its heartbeat expires
+# (flwr 1.39: 30 s interval x patience 2); until then its key is refused (Flower exit code 305).
+REJOIN_WAIT_S = 90.0
+
+
+def start_node(dep: Deployment, index: int, key: Path | None = None, timeout: float = 60.0,
+               rejoin_wait: float = 0.0) -> list[Component]:
+    """Start SuperNode `index` and wait until the SuperLink activated it (or it gave up).
+
+    With `rejoin_wait` > 0 a refusal (305) is retried for that long: the case of a node that
+    restarts after a crash while the SuperLink still holds its previous session.
+    """
     comps = node_component(dep, index, key)
     env = child_env(dep.flwr_home)
     node = comps[0]
-    since = Path(node.log).stat().st_size if Path(node.log).exists() else 0
-    start(node, env)
-    try:
-        wait_for_log(node, "SuperNode ID:", timeout, since=since)
-    except DeployError:
-        stop(node, timeout=3)
-        raise
+    deadline = time.monotonic() + rejoin_wait
+    while True:
+        since = Path(node.log).stat().st_size if Path(node.log).exists() else 0
+        start(node, env)
+        try:
+            wait_for_log(node, "SuperNode ID:", timeout, since=since)
+            break
+        except DeployError:
+            stop(node, timeout=3)
+            if flower_exit_code(node) != 305 or time.monotonic() > deadline:
+                raise
+            print(f"deploy: {node.label} refused while the SuperLink still holds its previous "
+                  "session (heartbeat timeout); retrying in 5 s", file=sys.stderr)
+            time.sleep(5.0)
     for extra in comps[1:]:
         start(extra, env)
     return comps
@@ -545,6 +575,7 @@ def run_app(dep: Deployment, app: str, run_config: list[str], timeout: float,
     cfg_args = [arg for cfg in run_config for arg in ("-c", cfg)]
     log_path = Path(dep.state_dir) / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.touch()
     argv = hosts.wrap(dep.cli_netns, [str(flwr_bin_dir() / "flwr"), "run", str(Path(app).resolve()),
                                       CONNECTION, "--stream", *cfg_args])
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -557,24 +588,27 @@ def run_app(dep: Deployment, app: str, run_config: list[str], timeout: float,
     def abort(component: str, message: str, code: int) -> DeployError:
         if run_id is not None:
             flwr_cli(dep, ["stop", str(run_id), CONNECTION], timeout=30)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
         return DeployError(component, message, code)
 
     # 3. Watch: a component that dies fails the run (unless node failures are tolerated).
-    while proc.poll() is None:
-        if run_id is None:
-            found = re.search(r"started run (\d+)", log_path.read_text(errors="replace"))
-            run_id = int(found.group(1)) if found else None
-        for comp in dep.components:
-            if pid_alive(comp.pid) or (tolerate_node_failures and comp.index > 0):
-                continue
-            raise abort(comp.label, f"died during run {run_id}: {describe_death(comp)}",
-                        EXIT_COMPONENT_DIED)
-        if time.monotonic() > deadline:
-            raise abort("run", f"run {run_id} not finished after {timeout:.0f} s; stopped it "
-                        f"(output in {log_path})", EXIT_TIMEOUT)
-        time.sleep(0.5)
+    try:
+        while proc.poll() is None:
+            if run_id is None:
+                found = re.search(r"started run (\d+)", log_path.read_text(errors="replace"))
+                run_id = int(found.group(1)) if found else None
+            for comp in dep.components:
+                if pid_alive(comp.pid) or (tolerate_node_failures and comp.index > 0):
+                    continue
+                raise abort(comp.label, f"died during run {run_id}: {describe_death(comp)}",
+                            EXIT_COMPONENT_DIED)
+            if time.monotonic() > deadline:
+                raise abort("run", f"run {run_id} not finished after {timeout:.0f} s; stopped "
+                            f"it (output in {log_path})", EXIT_TIMEOUT)
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:  # e.g. Ctrl-C: do not leave the streaming CLI behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
     pump.join(timeout=10)
     output = log_path.read_text(errors="replace")
     found = re.search(r"started run (\d+)", output)
@@ -674,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             comp = dep.component(f"sn{args.index}")
             stop(comp, timeout=5)
             dep.components = [c for c in dep.components if c.index != args.index]
-            dep.components.extend(start_node(dep, args.index))
+            dep.components.extend(start_node(dep, args.index, rejoin_wait=REJOIN_WAIT_S))
             dep.save()
         elif args.cmd == "status":
             for comp in dep.components:
