@@ -55,3 +55,40 @@ teacher: venv data
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m feddifrc_core.teacher --out models/fmnist-teacher \
 	  --work-dir $(FEDDIFRC_CACHE_DIR)/teacher-train --threads 2 --max-steps 1000 \
 	  --stop-at-step $(TEACHER_STOP)
+
+# --- Deployment (docs/deploy.md): SuperLink + SuperNodes as separate processes, TLS + node auth.
+DEPLOY := $(PY) scripts/deploy/deploy.py
+DEPLOY_NODES ?= 2
+DEPLOY_HOSTS ?= loopback
+DEPLOY_DATA ?= $(FMNIST_DIR)
+DEPLOY_ARGS ?=
+RUN_CONFIG ?= num-rounds=2
+.PHONY: deploy-certs deploy-up deploy-run deploy-status deploy-down deploy-netns-demo deploy-soak deploy-test
+
+deploy-certs: venv
+	bash scripts/deploy/make_certs.sh .cache/deploy/certs $(DEPLOY_NODES)
+
+deploy-up: venv
+	$(DEPLOY) up --nodes $(DEPLOY_NODES) --hosts $(DEPLOY_HOSTS) --data-path "$(DEPLOY_DATA)" $(DEPLOY_ARGS)
+
+deploy-run: venv
+	$(DEPLOY) run -c "$(RUN_CONFIG)"
+
+deploy-status:
+	$(DEPLOY) status
+
+deploy-down:
+	$(DEPLOY) down
+
+# Two SuperNodes in their own network namespaces (root), a 2-round run with the tiny extractor.
+deploy-netns-demo: venv
+	$(DEPLOY) up --nodes 2 --hosts netns
+	$(DEPLOY) run -c "num-rounds=2 dataset='digits' model='small-cnn' diffusion-model='tiny-sd' train-samples=200 test-samples=100 local-epochs=1 fraction-train=1.0 partition='iid' data-subset='all'"; \
+	  status=$$?; $(DEPLOY) down; exit $$status
+
+# 4 SuperNodes, 20 rounds of the probe app, node 2 killed at round 5 and restarted.
+deploy-soak: venv
+	$(PY) scripts/deploy/soak.py --nodes 4 --rounds 20
+
+deploy-test: venv
+	$(VENV)/bin/pytest -q tests/test_deploy.py tests/test_deploy_compose.py
