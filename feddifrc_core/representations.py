@@ -219,7 +219,8 @@ def extract_client_representations(
 
     images: uint8 [N, C, H, W] in local order; labels: int [N] (ignored, may be None, in SSL mode);
     sample_ids: global data-set indices [N] (seed the noise and negatives, part of the fingerprint);
-    cache_dir: folder shared by clients (None = no cache).
+    cache_dir: folder for feature caches, may be shared by clients: each client and setting
+    gets its own `<dataset>-n<N>-<fingerprint hash>/` subfolder (None = no cache).
     """
     t0 = time.perf_counter()
     # 1. inputs
@@ -283,7 +284,7 @@ def extract_client_representations(
         collected: dict[int, dict[str, torch.Tensor]] = {}
     else:
         cache = FeatureCache(
-            Path(cache_dir) / "representations",
+            Path(cache_dir),
             f"{settings.dataset or 'data'}-n{n}",
             fingerprint,
             n,

@@ -153,3 +153,27 @@ def test_offline_hub_error_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> N
     assert "HF_HUB_OFFLINE" in str(info.value) and "folder" in str(info.value)
     with pytest.raises(ValueError, match="does not exist"):
         load_sd_backbone("/no/such/folder", "cpu", torch.float32)
+
+
+def test_offline_teacher_dispatch_is_lazy_and_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    from feddifrc_core.diffusion import teacher_backbone
+    from feddifrc_core.diffusion.backbone import clear_backbone_cache
+
+    calls = []
+
+    def fake_loader(path_or_name, device, dtype):
+        calls.append((path_or_name, str(device), dtype))
+        return object()
+
+    monkeypatch.setattr(teacher_backbone, "load_teacher_backbone", fake_loader)
+    clear_backbone_cache()
+    first = load_backbone("offline-teacher", "cpu", torch.float32)
+    assert load_backbone("offline-teacher", "cpu", torch.float32) is first
+    load_backbone("offline-teacher:/models/other", "cpu", torch.float16)
+    assert calls == [
+        ("offline-teacher", "cpu", torch.float32),
+        ("/models/other", "cpu", torch.float16),
+    ]
+    clear_backbone_cache()
+    with pytest.raises(ValueError, match="spec"):
+        load_backbone("", "cpu", torch.float32)
