@@ -40,6 +40,12 @@ data:
 	  echo "IDX files in a folder and pass data-path=\"/that/folder\" in the run config."; exit 1; \
 	fi
 
+# Offline FedDifRC simulation (pyproject [tool.flwr.app.config] defaults); exits non-zero when the
+# Flower run fails. Extra settings: make demo DEMO_ARGS='-c "num-rounds=3"'.
+DEMO_ARGS ?=
+demo: venv data
+	$(PY) scripts/run_simulation.py --supernodes 10 --cpus-per-client 1 $(DEMO_ARGS)
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
