@@ -1,0 +1,575 @@
+"""Accuracy benchmark: FedDifRC against FedAvg, FedProx and MOON through the real Flower app.
+
+Every run is a full Flower simulation of the project's ServerApp + ClientApp (10 SuperNodes, 5
+sampled per round) on the Fashion-MNIST PRIVATE split (the half the offline teacher never saw),
+with the same partition, seeds and budget for every method. Methods (`--methods`):
+
+    fedavg, fedprox, moon                      baselines
+    feddifrc                                   CE + TDCL + NDCR
+    feddifrc-tdcl, feddifrc-ndcr               ablations (lambda-ndcr = 0 / lambda-tdcl = 0)
+    feddifrc-ssl, simclr                       self-supervised entry (`--ssl`): linear-probe accuracy;
+                                               round 0 of a run is the randomly initialised encoder
+
+    nice -n 5 .venv/bin/python benchmarks/accuracy.py             # CPU budget (~1 h on 2 free cores)
+    nice -n 5 .venv/bin/python benchmarks/accuracy.py --ssl       # the self-supervised table
+    .venv/bin/python benchmarks/accuracy.py --paper --gpus-per-client 0.2   # paper budget, GPU
+    .venv/bin/python benchmarks/accuracy.py --methods feddifrc --set tau=0.1 --tag tau0.1  # a knob
+
+Resumable: each finished (method, alpha, seed) run is recorded in <out>/results.json and skipped on
+a rerun; an interrupted run continues from its last checkpoint (the ServerApp's `resume`). The
+FedDifRC variants of one (alpha, seed) share their clients' cached diffusion representations
+(<out>/cache). Outputs in <out>: results.json, table.md, accuracy.png, runs/<run>/ (run folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: flwr depends on tomli
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "accuracy"
+RESULTS_FORMAT = 1
+
+# --- what is compared ----------------------------------------------------------------------------
+# Method name -> run-config overrides. Only the keys a method reads are set, so a change of the
+# diffusion settings never invalidates the baselines' recorded runs.
+METHODS: dict[str, dict[str, Any]] = {
+    "fedavg": {"algorithm": "fedavg"},
+    "fedprox": {"algorithm": "fedprox"},
+    "moon": {"algorithm": "moon"},
+    "feddifrc": {"algorithm": "feddifrc"},
+    "feddifrc-tdcl": {"algorithm": "feddifrc", "lambda-ndcr": 0.0},
+    "feddifrc-ndcr": {"algorithm": "feddifrc", "lambda-tdcl": 0.0},
+    "feddifrc-ssl": {"algorithm": "feddifrc-ssl"},
+    "simclr": {"algorithm": "simclr"},
+}
+SUPERVISED = ("fedavg", "fedprox", "moon", "feddifrc", "feddifrc-tdcl", "feddifrc-ndcr")
+SELF_SUPERVISED = ("feddifrc-ssl", "simclr")
+RANDOM_INIT = "random-init"  # SSL table row: round 0 (the seeded initial encoder) of an SSL run
+
+# The federation and data every run shares (both budgets).
+COMMON: dict[str, Any] = {
+    "dataset": "fashion-mnist",
+    "data-subset": "private",  # the half the offline teacher was not trained on
+    "partition": "dirichlet-reference",
+    "fraction-train": 0.5,  # 5 of 10 clients per round (paper)
+    "min-train-nodes": 5,  # a round with a failed client fails the run instead of skewing it
+    "min-available-nodes": 10,
+    "batch-size": 64,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight-decay": 1e-5,
+    "eval-every": 1,
+    "augment": True,
+}
+# CPU budget: the whole supervised table (6 methods x 2 alphas, one seed) in about an hour of
+# two free cores; a small CNN on a stratified 4k-image subsample, few local epochs.
+CPU_BUDGET: dict[str, Any] = {
+    **COMMON,
+    "num-rounds": 15,
+    "train-samples": 4000,
+    "test-samples": 2000,
+    "model": "small-cnn",
+    "model-width": 32,
+    "local-epochs": 2,
+    "device": "cpu",
+    "torch-threads": 1,
+    "eval-batch-size": 1000,
+    "probe-train-samples": 2000,
+}
+# Paper budget (reference code defaults): ResNet-10, all private images, 10 local epochs, 50 rounds.
+PAPER_BUDGET: dict[str, Any] = {
+    **COMMON,
+    "num-rounds": 50,
+    "train-samples": 0,
+    "test-samples": 0,
+    "model": "resnet10",
+    "model-width": 64,
+    "local-epochs": 10,
+    "device": "auto",
+    "torch-threads": 0,
+    "eval-batch-size": 1000,
+    "probe-train-samples": 5000,
+}
+# Keys only the diffusion methods read (kept out of the baselines' configs and hashes).
+DIFFUSION_DEFAULTS: dict[str, Any] = {
+    "diffusion-model": "offline-teacher",
+    "diffusion-image-size": 0,  # the teacher's native 32 px
+    "extraction-batch-size": 64,
+    "projection": "federated-pca",
+}
+METHOD_KEYS = {
+    "fedprox": ("proximal-mu",),
+    "moon": ("moon-mu", "moon-temperature"),
+    "simclr": ("simclr-temperature",),
+}
+DIFFUSION_KEYS = ("diffusion-model", "diffusion-timestep", "up-blocks", "diffusion-image-size",
+                  "extraction-batch-size", "ensemble-size", "projection", "lambda-tdcl",
+                  "lambda-ndcr", "tau", "ndcr-loss", "neg-num", "align-head", "diffusion-dtype",
+                  "prompt-template", "ssl-positive-prompt", "ssl-null-prompt", "ssl-vocabulary")
+# Bookkeeping keys that do not change what a run computes (not part of the hash).
+FREE_KEYS = ("output-dir", "run-name", "resume", "cache-dir", "device", "torch-threads",
+             "eval-batch-size", "extraction-batch-size", "round-timeout")
+
+
+def uses_diffusion(method: str) -> bool:
+    return str(METHODS[method]["algorithm"]).startswith("feddifrc")
+
+
+def teacher_recommendation(model: str) -> dict[str, Any]:
+    """`diffusion-timestep` / `up-blocks` recommended by the teacher probe (teacher.json).
+
+    Empty for other backbones (the run config's defaults apply) or while no teacher exists.
+    """
+    if model != "offline-teacher" and not model.startswith("offline-teacher:"):
+        return {}
+    from feddifrc_core.diffusion.teacher_backbone import TEACHER_JSON, resolve_teacher_path
+
+    try:
+        folder = resolve_teacher_path(model.partition(":")[2] or "offline-teacher")
+    except (ValueError, FileNotFoundError):
+        return {}
+    info_path = Path(folder) / TEACHER_JSON
+    if not info_path.is_file():
+        return {}
+    rec = json.loads(info_path.read_text()).get("recommended") or {}
+    out: dict[str, Any] = {}
+    if "timestep" in rec:
+        out["diffusion-timestep"] = int(rec["timestep"])
+    if "up_blocks" in rec:
+        out["up-blocks"] = str(rec["up_blocks"])
+    return out
+
+
+# --- one run -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSpec:
+    """One (method, alpha, seed) run with its complete run-config overrides."""
+
+    method: str
+    alpha: float
+    seed: int
+    overrides: dict[str, Any] = field(hash=False)
+    tag: str = ""  # variant label for knob sweeps ("" = the benchmark's setting)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}+{self.tag}" if self.tag else self.method
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}/alpha={self.alpha:g}/seed={self.seed}"
+
+    @property
+    def config_hash(self) -> str:
+        relevant = {k: v for k, v in sorted(self.overrides.items()) if k not in FREE_KEYS}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.label}-a{self.alpha:g}-s{self.seed}-{self.config_hash}"
+
+
+def plan_runs(methods: Sequence[str], alphas: Sequence[float], seeds: Sequence[int],
+              budget: Mapping[str, Any], extra: Mapping[str, Any], tag: str = "") -> list[RunSpec]:
+    """The runs of the table, seeds outermost (a partial table then has whole seeds first)."""
+    unknown = [m for m in methods if m not in METHODS and m != RANDOM_INIT]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
+    specs = []
+    for seed in seeds:
+        for alpha in alphas:
+            for method in methods:
+                if method == RANDOM_INIT:
+                    continue  # read from round 0 of the SSL runs
+                cfg: dict[str, Any] = {**budget, **METHODS[method], "seed": int(seed),
+                                       "dirichlet-alpha": float(alpha)}
+                if uses_diffusion(method):
+                    model = str(extra.get("diffusion-model", DIFFUSION_DEFAULTS["diffusion-model"]))
+                    cfg.update({**DIFFUSION_DEFAULTS, **teacher_recommendation(model)})
+                for key, value in extra.items():
+                    applies = (key not in DIFFUSION_KEYS or uses_diffusion(method)) and all(
+                        key not in keys or m == method for m, keys in METHOD_KEYS.items())
+                    if applies:
+                        cfg[key] = value
+                specs.append(RunSpec(method, float(alpha), int(seed), cfg, tag))
+    return specs
+
+
+def pyproject_defaults() -> dict[str, Any]:
+    """[tool.flwr.app.config]: what `flwr run` starts from (the in-process engine does the same)."""
+    with open(ROOT / "pyproject.toml", "rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def launch(spec: RunSpec, out: Path, args: argparse.Namespace) -> Path:
+    """Run one simulation in a child process; return its run folder. Raises on failure."""
+    runs_dir = out / "runs"
+    folder = runs_dir / spec.run_name
+    has_checkpoint = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
+    config = {**spec.overrides, "output-dir": str(runs_dir), "run-name": spec.run_name,
+              "cache-dir": str(out / "cache"), "resume": has_checkpoint}
+    config_path = out / "pending" / f"{spec.run_name}.json"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(config, indent=2))
+    log_path = out / "logs" / f"{spec.run_name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0",
+           "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or _git_sha()}
+    if args.engine == "inprocess":
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(config_path),
+               "--clients", str(args.clients), "--cpus-per-client", str(args.cpus_per_client),
+               "--gpus-per-client", str(args.gpus_per_client)]
+    else:  # flwr-run: the `flwr run` path with its own SuperLink (scripts/run_simulation.py)
+        toml_path = config_path.with_suffix(".toml")
+        toml_path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in config.items()))
+        cmd = [sys.executable, str(ROOT / "scripts" / "run_simulation.py"),
+               "--supernodes", str(args.clients), "--cpus-per-client", str(args.cpus_per_client),
+               "--gpus-per-client", str(args.gpus_per_client), "-c", str(toml_path)]
+    print(f"[{time.strftime('%H:%M:%S')}] {spec.key}: running ({'resuming' if has_checkpoint else 'new'}"
+          f", log {log_path.relative_to(out)})", flush=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              timeout=args.run_timeout)
+    if proc.returncode != 0 or not (folder / "summary.json").is_file():
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"{spec.key} failed (exit {proc.returncode}); last lines of {log_path}:\n"
+                           f"{tail}")
+    config_path.unlink(missing_ok=True)
+    return folder
+
+
+def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
+    """The record of one finished run: per-round accuracy, best/mean, timings, config."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    evaluated = [r for r in rows if isinstance(r.get("test-accuracy"), (int, float))]
+    trained = [r for r in evaluated if int(r["round"]) > 0]
+    accs = [float(r["test-accuracy"]) for r in trained]
+    extra_metrics = sorted({k for r in rows for k in r if "knn" in k or "probe" in k})
+    return {
+        "key": spec.key,
+        "method": spec.method,
+        "tag": spec.tag,
+        "alpha": spec.alpha,
+        "seed": spec.seed,
+        "config-hash": spec.config_hash,
+        "run-config": spec.overrides,
+        "run-folder": str(folder),
+        "rounds": [int(r["round"]) for r in trained],
+        "accuracy": accs,
+        "initial-accuracy": next((float(r["test-accuracy"]) for r in evaluated
+                                  if int(r["round"]) == 0), None),
+        "best": max(accs) if accs else None,
+        "mean": sum(accs) / len(accs) if accs else None,
+        "final": accs[-1] if accs else None,
+        "extra": {k: [r.get(k) for r in rows] for k in extra_metrics},
+        "train-seconds-per-round": _mean([r.get("train-seconds") for r in trained]),
+        "extract-seconds-first-round": trained[0].get("extract-seconds") if trained else None,
+        "round-seconds": _mean([r.get("round-seconds") for r in trained]),
+        "wall-seconds": json.loads((folder / "summary.json").read_text()).get("wall-seconds"),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# --- results store, table, plot --------------------------------------------------------------------
+class ResultsStore:
+    """<out>/results.json: one record per finished run, rewritten atomically after each run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("format") != RESULTS_FORMAT:
+                raise ValueError(f"{path} has format {data.get('format')!r}, expected "
+                                 f"{RESULTS_FORMAT}; use another --out")
+            self.records = {r["key"]: r for r in data["runs"]}
+
+    def done(self, spec: RunSpec) -> bool:
+        record = self.records.get(spec.key)
+        if record is None:
+            return False
+        if record["config-hash"] != spec.config_hash:
+            raise ValueError(
+                f"{spec.key} is recorded in {self.path} with another configuration (hash "
+                f"{record['config-hash']}, now {spec.config_hash}); give the variant a --tag, "
+                "use another --out, or delete that record to rerun it")
+        return True
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records[record["key"]] = record
+        payload = {"format": RESULTS_FORMAT, "runs": sorted(self.records.values(),
+                                                             key=lambda r: r["key"])}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _group(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, float], list[Mapping[str, Any]]]:
+    groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
+    for r in records:
+        label = f"{r['method']}+{r['tag']}" if r.get("tag") else r["method"]
+        groups.setdefault((label, float(r["alpha"])), []).append(r)
+    return groups
+
+
+def _fmt(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    m = 100 * sum(values) / len(values)
+    if len(values) == 1:
+        return f"{m:.2f}"
+    sd = 100 * math.sqrt(sum((v - m / 100) ** 2 for v in values) / (len(values) - 1))
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def table_markdown(records: Sequence[Mapping[str, Any]], ssl: bool = False) -> str:
+    """Best / mean test accuracy (%) over rounds per method and alpha, averaged over seeds.
+
+    With `ssl`, rows are the SSL methods plus the random-init encoder (round 0 of the SSL runs)
+    and the metric is the server's linear-probe accuracy.
+    """
+    groups = _group(records)
+    alphas = sorted({a for _, a in groups})
+    labels = list(dict.fromkeys(label for label, _ in sorted(groups, key=lambda g: _order(g[0]))))
+    metric = "linear-probe accuracy" if ssl else "test accuracy"
+    head = "| method | " + " | ".join(f"α={a:g} best | α={a:g} mean" for a in alphas) + " | seeds |"
+    lines = [f"Global-model {metric} (%) over rounds, best and mean (mean ± sd over seeds).", "",
+             head, "|---" * (1 + 2 * len(alphas)) + "|---|"]
+    if ssl:
+        init = {a: [r["initial-accuracy"] for (lab, al), rs in groups.items() if al == a
+                    and lab == "feddifrc-ssl" for r in rs if r.get("initial-accuracy") is not None]
+                for a in alphas}
+        if any(init.values()):
+            cells = " | ".join(f"{_fmt(init[a])} | {_fmt(init[a])}" for a in alphas)
+            lines.append(f"| {RANDOM_INIT} (round 0) | {cells} | same |")
+    for label in labels:
+        cells, seeds = [], set()
+        for a in alphas:
+            rs = groups.get((label, a), [])
+            seeds.update(int(r["seed"]) for r in rs)
+            cells.append(f"{_fmt([r['best'] for r in rs])} | {_fmt([r['mean'] for r in rs])}")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {','.join(map(str, sorted(seeds)))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _order(label: str) -> tuple[int, str]:
+    base = label.split("+")[0]
+    order = (*SUPERVISED, *SELF_SUPERVISED)
+    return (order.index(base) if base in order else len(order), label)
+
+
+def plot_accuracy(records: Sequence[Mapping[str, Any]], path: Path, ssl: bool = False) -> None:
+    """Accuracy per round, one panel per alpha, one line per method (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _group(records)
+    alphas = sorted({a for _, a in groups})
+    fig, axes = plt.subplots(1, max(1, len(alphas)), figsize=(6 * max(1, len(alphas)), 4.2),
+                             squeeze=False)
+    for ax, alpha in zip(axes[0], alphas, strict=False):
+        for (label, a), rs in sorted(groups.items(), key=lambda g: _order(g[0][0])):
+            if a != alpha:
+                continue
+            length = min(len(r["accuracy"]) for r in rs)
+            mean = [100 * sum(r["accuracy"][i] for r in rs) / len(rs) for i in range(length)]
+            ax.plot(rs[0]["rounds"][:length], mean, marker=".", label=f"{label} (n={len(rs)})")
+        ax.set_title(f"Fashion-MNIST private, Dirichlet α={alpha:g}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("linear-probe accuracy (%)" if ssl else "global test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_reports(store: ResultsStore, out: Path, command: str) -> str:
+    """table.md (+ ssl_table.md) and the plots from every recorded run."""
+    records = list(store.records.values())
+    sup = [r for r in records if r["method"] in SUPERVISED]
+    ssl = [r for r in records if r["method"] in SELF_SUPERVISED]
+    text = ""
+    for subset, name, is_ssl in ((sup, "table", False), (ssl, "ssl_table", True)):
+        if not subset:
+            continue
+        table = table_markdown(subset, ssl=is_ssl)
+        budget = {k: v for k, v in subset[0]["run-config"].items()
+                  if k in ("num-rounds", "train-samples", "test-samples", "model", "model-width",
+                           "local-epochs", "lr", "batch-size")}
+        body = (f"{table}\nBudget: {json.dumps(budget)}\nCommand: `{command}`\n"
+                f"Per-run configs: results.json (`run-config`).\n")
+        (out / f"{name}.md").write_text(body)
+        plot_accuracy(subset, out / f"{'ssl_' if is_ssl else ''}accuracy.png", ssl=is_ssl)
+        text += body
+    return text
+
+
+# --- the in-process child (one simulation) ---------------------------------------------------------
+def child(config_path: Path, clients: int, cpus_per_client: float, gpus_per_client: float) -> int:
+    """Run the project's ServerApp + ClientApp with `flwr.simulation.run_simulation` (Ray)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    sys.path.insert(0, str(ROOT))
+    from flwr.simulation import run_simulation
+
+    from client_app.app import app as client_app
+    from server_app.app import make_server_app
+
+    overrides = {**pyproject_defaults(), **json.loads(config_path.read_text())}
+    total_cpus = os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": min(cpus_per_client, total_cpus),
+                                    "num_gpus": gpus_per_client},
+               "init_args": {"num_cpus": total_cpus, "include_dashboard": False}}
+    run_simulation(make_server_app(overrides), client_app, num_supernodes=clients,
+                   backend_config=backend)
+    return 0
+
+
+# --- command line ---------------------------------------------------------------------------------
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """`--set key=value` -> typed run-config overrides (types of the pyproject defaults)."""
+    defaults = pyproject_defaults()
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"--set expects key=value with a run-config key (pyproject "
+                             f"[tool.flwr.app.config]), got {item!r}")
+        kind = type(defaults[key])
+        if kind is bool:
+            if text.lower() not in ("true", "false"):
+                raise ValueError(f"--set {key} expects true/false, got {text!r}")
+            out[key] = text.lower() == "true"
+        else:
+            try:
+                out[key] = kind(text)
+            except ValueError:
+                raise ValueError(f"--set {key} expects {kind.__name__}, got {text!r}") from None
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated (default: {','.join(SUPERVISED)}; with --ssl: "
+                        f"{','.join(SELF_SUPERVISED)})")
+    p.add_argument("--alphas", default="0.1,0.5", help="Dirichlet alphas (default 0.1,0.5)")
+    p.add_argument("--seeds", default="7", help="seeds (default 7, the reference seed)")
+    p.add_argument("--rounds", type=int, default=None, help="override num-rounds of the budget")
+    p.add_argument("--paper", action="store_true", help="paper budget (ResNet-10, 50 rounds, GPU)")
+    p.add_argument("--ssl", action="store_true", help="self-supervised table (linear probe)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="run-config override for every run (repeatable), e.g. tau=0.1")
+    p.add_argument("--tag", default="", help="label of a variant (--set) in the table")
+    p.add_argument("--engine", choices=("inprocess", "flwr-run"), default="inprocess",
+                   help="inprocess: flwr.simulation.run_simulation in a child process; "
+                        "flwr-run: scripts/run_simulation.py (`flwr run` with its own SuperLink)")
+    p.add_argument("--clients", type=int, default=10, help="SuperNodes (default 10)")
+    p.add_argument("--cpus-per-client", type=float, default=float(os.cpu_count() or 1),
+                   help="Ray CPUs per ClientApp (default: all cores = clients train one at a time)")
+    p.add_argument("--gpus-per-client", type=float, default=0.0)
+    p.add_argument("--run-timeout", type=float, default=4 * 3600, help="seconds per run")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--report-only", action="store_true", help="rewrite table/plot from results.json")
+    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args.child, args.clients, args.cpus_per_client, args.gpus_per_client)
+
+    # 1. what to run
+    out = (args.out or DEFAULT_OUT / ("paper" if args.paper else "cpu")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [m.strip() for m in (args.methods or ",".join(
+        SELF_SUPERVISED if args.ssl else SUPERVISED)).split(",") if m.strip()]
+    alphas = [float(a) for a in args.alphas.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    budget = dict(PAPER_BUDGET if args.paper else CPU_BUDGET)
+    if args.rounds:
+        budget["num-rounds"] = args.rounds
+    extra = parse_set(args.set)
+    specs = plan_runs(methods, alphas, seeds, budget, extra, args.tag)
+    store = ResultsStore(out / "results.json")
+    command = "nice -n 5 .venv/bin/python benchmarks/accuracy.py " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:]))
+    todo = [s for s in specs if not store.done(s)]
+    print(f"{len(specs)} runs, {len(specs) - len(todo)} already recorded in {store.path}")
+    if args.dry_run:
+        for s in specs:
+            print(f"  {'done' if s not in todo else 'todo'}  {s.key}  {s.run_name}")
+        return 0
+
+    # 2. run what is missing; a failed run is reported and the others go on
+    failed = []
+    if not args.report_only:
+        for spec in todo:
+            try:
+                folder = launch(spec, out, args)
+            except (RuntimeError, subprocess.TimeoutExpired) as err:
+                print(f"ERROR: {err}", file=sys.stderr, flush=True)
+                failed.append(spec.key)
+                continue
+            record = read_run(spec, folder)
+            store.add(record)
+            print(f"[{time.strftime('%H:%M:%S')}] {spec.key}: best {100 * record['best']:.2f}%, "
+                  f"mean {100 * record['mean']:.2f}%, {record['wall-seconds']:.0f} s", flush=True)
+            write_reports(store, out, command)
+
+    # 3. reports over everything recorded in this folder
+    print(write_reports(store, out, command))
+    print(f"Results: {out}")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {failed}; rerun the same command to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    nums = [float(v) for v in values if isinstance(v, (int, float))]
+    return sum(nums) / len(nums) if nums else None
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + "-dirty"  # the shared tree always has someone's uncommitted work
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The benchmark harnesses: run plans, resumable results, reports, round cost on a micro budget."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import accuracy  # noqa: E402
+import round_cost  # noqa: E402
+
+
+def _fake_run_folder(folder: Path, accs: list[float]) -> None:
+    """What the ServerApp leaves behind (metrics.jsonl + summary.json), for a finished run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"round": 0, "test-accuracy": 0.1}]
+    rows += [{"round": i + 1, "test-accuracy": a, "train-seconds": 1.0, "round-seconds": 2.0}
+             for i, a in enumerate(accs)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "summary.json").write_text(json.dumps({"wall-seconds": 3.0}))
+
+
+def test_plan_shares_budget_and_keeps_diffusion_keys_out_of_baselines():
+    specs = accuracy.plan_runs(["fedavg", "feddifrc", "feddifrc-ndcr"], [0.1, 0.5], [7],
+                               accuracy.CPU_BUDGET, {"tau": 0.1, "diffusion-model": "tiny-sd"})
+    assert [s.key for s in specs][:3] == ["fedavg/alpha=0.1/seed=7", "feddifrc/alpha=0.1/seed=7",
+                                          "feddifrc-ndcr/alpha=0.1/seed=7"]
+    avg, dif, ndcr = specs[:3]
+    # the same federation, data and optimiser for every method
+    shared = set(accuracy.CPU_BUDGET) | {"seed", "dirichlet-alpha"}
+    assert all(avg.overrides[k] == dif.overrides[k] == ndcr.overrides[k] for k in shared)
+    # diffusion knobs only where they are read: a new teacher setting never reruns a baseline
+    assert "tau" not in avg.overrides and "diffusion-model" not in avg.overrides
+    assert dif.overrides["tau"] == 0.1 and dif.overrides["diffusion-model"] == "tiny-sd"
+    assert ndcr.overrides["lambda-tdcl"] == 0.0 and "lambda-tdcl" not in dif.overrides
+    # the hash ignores bookkeeping keys and sees everything else
+    moved = accuracy.RunSpec(avg.method, avg.alpha, avg.seed, {**avg.overrides, "device": "cuda"})
+    changed = accuracy.RunSpec(avg.method, avg.alpha, avg.seed, {**avg.overrides, "lr": 0.02})
+    assert moved.config_hash == avg.config_hash != changed.config_hash
+    with pytest.raises(ValueError, match="unknown"):
+        accuracy.plan_runs(["fedsomething"], [0.1], [7], accuracy.CPU_BUDGET, {})
+
+
+def test_set_overrides_are_typed_and_checked():
+    assert accuracy.parse_set(["tau=0.1", "align-head=linear", "augment=false", "neg-num=5"]) == {
+        "tau": 0.1, "align-head": "linear", "augment": False, "neg-num": 5}
+    with pytest.raises(ValueError, match="run-config key"):
+        accuracy.parse_set(["not-a-key=1"])
+    with pytest.raises(ValueError, match="expects int"):
+        accuracy.parse_set(["neg-num=many"])
+
+
+def test_harness_records_runs_skips_them_on_rerun_and_writes_reports(tmp_path, monkeypatch):
+    launched: list[str] = []
+    curves = {"fedavg": [0.3, 0.5, 0.4], "feddifrc": [0.4, 0.6, 0.7]}
+
+    def fake_launch(spec, out, args):
+        launched.append(spec.key)
+        folder = out / "runs" / spec.run_name
+        _fake_run_folder(folder, curves[spec.method])
+        return folder
+
+    monkeypatch.setattr(accuracy, "launch", fake_launch)
+    argv = ["--out", str(tmp_path), "--methods", "fedavg,feddifrc", "--alphas", "0.1",
+            "--set", "diffusion-model=tiny-sd"]
+    assert accuracy.main(argv) == 0
+    assert launched == ["fedavg/alpha=0.1/seed=7", "feddifrc/alpha=0.1/seed=7"]
+    assert accuracy.main(argv) == 0  # resumed: everything is recorded, nothing runs again
+    assert len(launched) == 2
+
+    table = (tmp_path / "table.md").read_text()
+    assert "| fedavg | 50.00 | 40.00 | 7 |" in table  # best 0.5, mean of (0.3, 0.5, 0.4)
+    assert "| feddifrc | 70.00 | 56.67 | 7 |" in table
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    record = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert record["accuracy"] == [0.3, 0.5, 0.4] and record["initial-accuracy"] == 0.1
+
+    # the same key with another configuration is refused, not silently mixed into the table
+    with pytest.raises(ValueError, match="another configuration"):
+        accuracy.main([*argv, "--rounds", "3"])
+
+
+def test_ssl_table_has_the_random_init_row(tmp_path):
+    store = accuracy.ResultsStore(tmp_path / "results.json")
+    for method, accs in (("feddifrc-ssl", [0.6, 0.7]), ("simclr", [0.5, 0.55])):
+        spec = accuracy.plan_runs([method], [0.1], [7], accuracy.CPU_BUDGET, {})[0]
+        _fake_run_folder(tmp_path / spec.run_name, accs)
+        store.add(accuracy.read_run(spec, tmp_path / spec.run_name))
+    table = accuracy.table_markdown(list(store.records.values()), ssl=True)
+    lines = table.splitlines()
+    assert lines[4].startswith("| random-init (round 0) | 10.00 | 10.00 |")
+    assert "| feddifrc-ssl | 70.00 | 65.00 | 7 |" in table and "| simclr | 55.00 | 52.50 | 7 |" in table
+
+
+def test_round_cost_on_a_micro_budget(fmnist_root, tmp_path):
+    result = round_cost.measure("tiny-sd", repeats=1, partition=0, alpha=0.5, seed=7,
+                                extra={"train-samples": 200, "local-epochs": 1})
+    assert result["client"]["num-examples"] == 20  # 200 private images over 10 clients
+    assert result["client"]["prompts-per-image"] == 11  # 10 classes + null ("all" layout)
+    row = result["repeats"][0]
+    assert row["fedavg-train"] > 0 and row["feddifrc-train"] > 0
+    assert row["ratio-train"] == pytest.approx(row["feddifrc-train"] / row["fedavg-train"])
+    assert result["extraction-seconds-cold"] > result["extraction-seconds-warm"]
+    text = round_cost.markdown(result, "cmd")
+    assert "median ratio" in text and "cold" in text
+
+
+@pytest.mark.slow
+def test_accuracy_harness_runs_the_real_flower_app(fmnist_root, tmp_path):
+    """One round of FedAvg through the real ServerApp/ClientApp (in-process simulation)."""
+    argv = ["--out", str(tmp_path), "--methods", "fedavg", "--alphas", "0.5", "--rounds", "1",
+            "--clients", "3", "--set", "min-available-nodes=3", "--set", "min-train-nodes=2",
+            "--set", "train-samples=150", "--set", "test-samples=200", "--set", "local-epochs=1"]
+    assert accuracy.main(argv) == 0
+    record = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert record["rounds"] == [1] and 0.0 <= record["best"] <= 1.0
+    assert (Path(record["run-folder"]) / "final_model.safetensors").is_file()
