@@ -151,8 +151,8 @@ class ClientRepresentations:
         n, p = self.prompt_ids.shape
         projected = torch.empty(n, p, feature_dim)
         for start in range(0, n, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            projected[rows] = project([f[rows] for f in self.features], bases)  # [n, P, D]
+            part = slice(start, start + chunk_rows)
+            projected[part] = project([f[part] for f in self.features], bases)  # [n, P, D]
         rows = torch.arange(n)
         return DiffusionTargets(
             positive=projected[rows, self.positive_cols],  # [N, D]
@@ -271,7 +271,7 @@ def extract_client_representations(
         "images_sha256": tensor_sha256(images_t),
     }
     num_cols = prompt_ids.shape[1]
-    spec = {
+    spec: dict[str, tuple[tuple[int, ...], str]] = {
         f"block{b}": ((num_cols, c), "float16")
         for b, c in zip(extractor.up_blocks, extractor.block_channels, strict=True)
     }

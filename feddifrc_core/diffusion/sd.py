@@ -57,9 +57,9 @@ class StableDiffusionBackbone:
     def __init__(
         self,
         *,
-        unet: nn.Module,
+        unet: Any,  # diffusers UNet2DConditionModel
         vae_encoder: VaeEncoder,
-        text_encoder: nn.Module,
+        text_encoder: Any,  # transformers CLIPTextModel
         tokenizer: Any,
         scheduler: Any,
         sample_size: int,
@@ -170,8 +170,8 @@ def load_sd_backbone(
         vae.config.scaling_factor,
         getattr(vae.config, "shift_factor", None),
     )
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)  # latent downsampling factor
     del vae  # the decoder is never needed
-    vae_scale = 2 ** (len(vae_encoder.encoder.down_blocks) - 1)
     identity = {"kind": kind, "model": model, "revision": revision}
     if is_local:
         identity["model"] = str(local.resolve())
@@ -294,11 +294,12 @@ def random_sd21_backbone(
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD21_UNET_CONFIG)
-        vae = AutoencoderKL(**SD21_VAE_CONFIG)
+        vae: Any = AutoencoderKL(**SD21_VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD21_TEXT_CONFIG))
     vae_encoder = VaeEncoder(vae.encoder, vae.quant_conv, vae.config.scaling_factor)
     del vae  # the decoder is never materialised
-    for index, module in enumerate((unet, vae_encoder, text_encoder)):
+    modules: tuple[Any, ...] = (unet, vae_encoder, text_encoder)
+    for index, module in enumerate(modules):
         seeded_init(module, seed * 10 + index)
     tokenizer = load_clip_tokenizer(tokenizer_dir or default_cache_dir() / "clip-tokenizer")
     configs = json.dumps([SD21_UNET_CONFIG, SD21_VAE_CONFIG, SD21_TEXT_CONFIG], sort_keys=True)

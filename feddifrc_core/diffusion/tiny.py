@@ -130,5 +130,5 @@ def build_tiny_sd(out_dir: str | Path, seed: int = TINY_SD_SEED) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
     shutil.rmtree(out / ".tokenizer-src", ignore_errors=True)
