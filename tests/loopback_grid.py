@@ -2,8 +2,8 @@
 
 It runs the real ServerApp logic and the real ClientApp handlers with real Message objects; only
 transport is replaced. A ClientApp exception becomes an error reply, as the simulation engine
-does; `fail` makes chosen partitions raise in chosen rounds; `crash_after` raises in the server
-loop after that many train rounds (a killed ServerApp, for resume tests).
+does; `fail` makes chosen partitions raise in chosen rounds; `crash_after=k` raises in round k + 1
+after the clients replied (a ServerApp killed mid-round, for resume tests).
 """
 
 from __future__ import annotations
@@ -62,8 +62,6 @@ class LoopbackGrid(Grid):
         messages = list(messages)
         is_train = any(m.metadata.message_type == "train" for m in messages)
         if is_train:
-            if self.crash_after is not None and self.train_rounds >= self.crash_after:
-                raise ServerKilled(f"server killed before train round {self.train_rounds + 1}")
             self.train_rounds += 1
         replies = []
         for msg in messages:
@@ -77,4 +75,7 @@ class LoopbackGrid(Grid):
             except Exception as err:  # the simulation engine turns these into error replies
                 replies.append(Message(Error(code=0, reason=f"{type(err).__name__}: {err}"),
                                        reply_to=msg))
+        if is_train and self.crash_after is not None and self.train_rounds > self.crash_after:
+            # The worst moment: clients have trained (and stored state), the server has not.
+            raise ServerKilled(f"server killed after the clients of round {self.train_rounds} replied")
         return replies

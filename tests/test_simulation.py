@@ -1,0 +1,120 @@
+"""End to end: the real ServerApp and ClientApp, 3 clients, 2 rounds, tiny data and extractor.
+
+Most runs use an in-process grid (real Messages, no Ray: seconds each); one test goes through
+Flower's Ray simulation engine and one through `flwr run` (scripts/run_simulation.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from loopback_grid import LoopbackGrid, ServerKilled
+from safetensors.numpy import load_file
+
+from client_app.app import app as client_app
+from feddifrc_core.config import RunConfig
+from server_app.app import make_server_app, run_server
+from server_app.strategy import RoundFailedError
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGORITHMS = ("fedavg", "fedprox", "moon", "feddifrc", "feddifrc-ssl", "simclr")
+RUN_FILES = {"config.json", "metrics.jsonl", "metrics.csv", "metrics.png", "tensorboard",
+             "checkpoints", "final_model.safetensors", "summary.json"}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """One feature cache for the module: the tiny extractor runs once per client."""
+    return tmp_path_factory.mktemp("feddifrc-cache")
+
+
+def tiny(tmp_path: Path, cache_dir: Path, **changes) -> RunConfig:
+    base = dict(
+        seed=3, num_rounds=2, fraction_train=0.67, min_train_nodes=2, min_available_nodes=2,
+        output_dir=str(tmp_path / "runs"), run_name="run", torch_threads=1, device="cpu",
+        dataset="digits", train_samples=150, test_samples=100, partition="iid",
+        model="small-cnn", model_width=8, local_epochs=1, batch_size=16, eval_batch_size=256,
+        diffusion_model="tiny-sd", diffusion_image_size=0, extraction_batch_size=64,
+        cache_dir=str(cache_dir), probe_train_samples=100, neg_num=3,
+    )
+    return RunConfig(**{**base, **changes})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_runs_end_to_end(tmp_path, cache_dir, algorithm):
+    cfg = tiny(tmp_path, cache_dir, algorithm=algorithm)
+    summary = run_server(LoopbackGrid(client_app, 3), cfg)
+    assert summary["rounds"] == 2 and 0.0 <= summary["best-accuracy"] <= 1.0
+    rows = [json.loads(line) for line in (tmp_path / "runs/run/metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(np.isfinite(r["train-loss"]) and r["failures"] == 0 for r in rows[1:])
+    assert all(r["train-examples"] > 0 and r["train-seconds"] > 0 for r in rows[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["moon", "feddifrc"])
+def test_resume_after_a_kill_gives_the_same_final_model(tmp_path, cache_dir, algorithm):
+    """Killed after the clients of round 2 replied, resumed from round 1's checkpoint: the final
+    model is bit-identical (CPU, one thread): sampling and client seeds are functions of (seed,
+    round, partition), aggregation runs in partition order, MOON's previous models are tagged by
+    round, the projection bases come from the checkpoint."""
+    cfg = tiny(tmp_path, cache_dir, algorithm=algorithm, num_rounds=3)
+    run_server(LoopbackGrid(client_app, 3), cfg.replace(run_name="straight"))
+
+    killed = cfg.replace(run_name="killed")
+    with pytest.raises(ServerKilled):
+        run_server(LoopbackGrid(client_app, 3, crash_after=1), killed)
+    # New node ids after a restart, as with a restarted SuperLink.
+    run_server(LoopbackGrid(client_app, 3, node_id_base=5000), killed.replace(resume=True))
+
+    straight = load_file(str(tmp_path / "runs/straight/final_model.safetensors"))
+    resumed = load_file(str(tmp_path / "runs/killed/final_model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
+    rows = [json.loads(x) for x in (tmp_path / "runs/killed/metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_a_failing_client_app_fails_the_run_visibly(tmp_path, cache_dir):
+    cfg = tiny(tmp_path, cache_dir, algorithm="fedavg", fraction_train=1.0, min_train_nodes=3,
+               min_available_nodes=3)
+    grid = LoopbackGrid(client_app, 3, fail={1: {1}})
+    with pytest.raises(RoundFailedError, match=r"round 1: only 2 of 3 .*partition 1 .*injected failure"):
+        run_server(grid, cfg)
+
+
+@pytest.mark.slow
+def test_ray_simulation_writes_a_complete_run_folder(tmp_path, cache_dir):
+    from flwr.simulation import run_simulation
+
+    cfg = tiny(tmp_path, cache_dir, algorithm="fedavg")
+    run_simulation(server_app=make_server_app(cfg.to_flower()), client_app=client_app,
+                   num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 1}})
+    run_dir = tmp_path / "runs" / "run"
+    assert RUN_FILES <= {p.name for p in run_dir.iterdir()}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2 and "best-accuracy" in summary and "mean-accuracy" in summary
+    assert json.loads((run_dir / "config.json").read_text())["git-revision"]
+    assert len(list((run_dir / "checkpoints").glob("round-*.safetensors"))) == 3  # rounds 0, 1, 2
+
+
+@pytest.mark.slow
+def test_run_script_exits_nonzero_when_the_flower_run_fails(tmp_path):
+    """`flwr run` exits 0 for a failed run; the demo script must not."""
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FEDDIFRC_RUNS_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/run_simulation.py"), "--supernodes", "2",
+         "-c", f"dataset='image-folder' data-path='{tmp_path / 'missing'}' num-rounds=1"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "finished:failed" in proc.stderr
