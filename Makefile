@@ -98,3 +98,19 @@ deploy-soak: venv
 
 deploy-test: venv
 	$(VENV)/bin/pytest -q tests/test_deploy.py tests/test_deploy_compose.py
+
+# --- benchmarks (docs/results.md): resumable, rerun the same target to continue ----------------
+BENCH_ARGS ?=
+.PHONY: benchmark-accuracy benchmark-accuracy-ssl benchmark-round-cost
+
+# FedDifRC vs FedAvg/FedProx/MOON (+ ablations), Fashion-MNIST private split, CPU budget (~1 h).
+benchmark-accuracy: venv data
+	nice -n 5 $(PY) benchmarks/accuracy.py $(BENCH_ARGS)
+
+# Self-supervised entry: linear probe of feddifrc-ssl vs simclr vs the random-init encoder.
+benchmark-accuracy-ssl: venv data
+	nice -n 5 $(PY) benchmarks/accuracy.py --ssl $(BENCH_ARGS)
+
+# Local training time per round, FedDifRC (cached representations) vs FedAvg, one client.
+benchmark-round-cost: venv data
+	nice -n 5 $(PY) benchmarks/round_cost.py $(BENCH_ARGS)
