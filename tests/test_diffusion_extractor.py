@@ -177,3 +177,28 @@ def test_offline_teacher_dispatch_is_lazy_and_cached(monkeypatch: pytest.MonkeyP
     clear_backbone_cache()
     with pytest.raises(ValueError, match="spec"):
         load_backbone("", "cpu", torch.float32)
+
+
+@pytest.mark.slow
+def test_hub_id_loads_from_the_offline_hf_cache(backbone, tmp_path: Path) -> None:
+    """A hub id resolves through the HF cache layout offline; the snapshot commit is recorded."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(backbone.identity()["model"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = (
+        "import json, torch; from feddifrc_core.diffusion.sd import load_sd_backbone; "
+        "print(json.dumps(load_sd_backbone('someone/tiny-sd', 'cpu', torch.float32).identity()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f'"commit": "{commit}"' in out.stdout.strip().splitlines()[-1]

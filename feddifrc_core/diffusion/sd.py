@@ -173,6 +173,8 @@ def load_sd_backbone(
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)  # latent downsampling factor
     del vae  # the decoder is never needed
     identity = {"kind": kind, "model": model, "revision": revision}
+    if not is_local:
+        identity["commit"] = _hub_commit(model, revision)
     if is_local:
         identity["model"] = str(local.resolve())
         identity["content_sha256"] = folder_fingerprint(local)
@@ -187,6 +189,18 @@ def load_sd_backbone(
         dtype=dtype,
         identity=identity,
     )
+
+
+def _hub_commit(model: str, revision: str) -> str:
+    """The commit of the hub snapshot just loaded (from the local HF cache path), or ""."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(model, "unet/config.json", revision=revision or None)
+    if isinstance(path, str):
+        parts = Path(path).parts  # .../snapshots/<commit>/unet/config.json
+        if len(parts) >= 4 and parts[-4] == "snapshots":
+            return parts[-3]
+    return ""
 
 
 def folder_fingerprint(folder: Path, full_hash_limit: int = 64 << 20) -> str:
