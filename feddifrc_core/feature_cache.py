@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ class FeatureCache:
     def open(self) -> list[int]:
         """Verify what is on disk, drop anything wrong (logged), return the missing chunks."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp_files()
         self._chunks = {}
         manifest = self._read_manifest()
         if manifest is not None:
@@ -200,6 +202,14 @@ class FeatureCache:
                 want = (stop - start, *shape)
                 return f"has {name} {tuple(t.shape)} {t.dtype}, expected {want} {dtype}"
         return ""
+
+    def _remove_stale_temp_files(self, max_age_s: float = 3600.0) -> None:
+        """Temp files of killed writers; recent ones may belong to a live concurrent writer."""
+        now = time.time()
+        for path in self.dir.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > max_age_s:
+                    path.unlink()
 
     def _wipe(self) -> None:
         for path in self.dir.iterdir():

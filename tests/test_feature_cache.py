@@ -2,6 +2,8 @@
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -45,9 +47,14 @@ def test_resume_keeps_written_chunks(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path, "c", FP, num_rows=10, chunk_rows=4, spec=SPEC)
     cache.open()
     _fill(cache, [0])  # then the process "dies"; a stray temp file is left behind
-    (cache.dir / ".chunk-00001.safetensors.123.tmp").write_bytes(b"partial")
+    stale = cache.dir / ".chunk-00001.safetensors.123.tmp"
+    stale.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))  # left by a writer killed 2 h ago
+    fresh = cache.dir / ".chunk-00002.safetensors.456.tmp"
+    fresh.write_bytes(b"in progress")  # may belong to a live concurrent writer: kept
     resumed = FeatureCache(tmp_path, "c", FP, num_rows=10, chunk_rows=4, spec=SPEC)
     assert resumed.open() == [1, 2]
+    assert not stale.exists() and fresh.exists()
     with pytest.raises(RuntimeError, match="incomplete"):
         resumed.load()
     _fill(resumed, [1, 2])
