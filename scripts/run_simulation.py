@@ -53,6 +53,10 @@ def main() -> int:
            "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or _git_sha(),
            "FEDDIFRC_RUNS_DIR": os.environ.get("FEDDIFRC_RUNS_DIR") or str(ROOT / "runs"),
            "FEDDIFRC_CACHE_DIR": os.environ.get("FEDDIFRC_CACHE_DIR") or str(ROOT / ".cache" / "feddifrc")}
+    # Quieter logs from every ClientApp process: library advisories and progress bars.
+    for key, value in (("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")):
+        env.setdefault(key, value)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n')

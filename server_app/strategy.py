@@ -100,8 +100,9 @@ class FedDifRCStrategy(FedAvg):
         merged = projection.merge_all(stats)  # exact: sums of counts, sums and outer products
         bases = projection.pca_bases(merged, projection.split_feature_dim(feature_dim, len(merged)))
         self.projection = {k: np.asarray(v) for k, v in projection.bases_to_arrays(bases).items()}
-        log(INFO, "projection: federated PCA from %d clients, bases %s", len(ok),
-                 {k: v.shape for k, v in self.projection.items()})
+        slowest = max(float(m.content[METRICS].get("extract-seconds", 0.0)) for m in ok)
+        log(INFO, "projection: federated PCA from %d clients (slowest extraction %.1f s), "
+            "output dims %s", len(ok), slowest, [b.out_dim for b in bases])
         return self.projection
 
     # --- training ------------------------------------------------------------------------------
