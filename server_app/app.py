@@ -53,6 +53,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         raise RuntimeError(f"resume=true but no checkpoint in {folder.checkpoints} verifies; "
                            "start a new run (resume=false, another run-name)")
     folder.write_config(cfg, run_name, {"resumed-from-round": resumed.round if resumed else None})
+    log(INFO, "run folder %s (continue it after a crash with -c \"run-name='%s' resume=true\")",
+        folder.path, run_name)
 
     # 2. test data and the global model (seeded initialisation; restored when resuming)
     evaluator = federation.CentralEvaluator(cfg)
