@@ -75,7 +75,7 @@ class FedDifRCStrategy(FedAvg):
                 mapping[msg.metadata.src_node_id] = int(info["partition-id"])
         self.node_partitions = mapping
         self._require("node discovery", len(mapping), len(node_ids),
-                      self._describe_failures(replies, len(node_ids)))
+                      self._describe_failures(replies, node_ids))
         duplicates = len(mapping) - len(set(mapping.values()))
         if duplicates:
             raise RoundFailedError(
@@ -95,7 +95,7 @@ class FedDifRCStrategy(FedAvg):
         replies = self._query(grid, node_ids, QUERY_PROJECTION_STATS, record)
         ok = self._ordered_ok(replies)
         self._require("projection set-up", len(ok), len(node_ids),
-                      self._describe_failures(replies, len(node_ids)))
+                      self._describe_failures(replies, node_ids))
         stats = [projection.arrays_to_stats(_numpy(msg.content[ARRAYS])) for msg in ok]
         merged = projection.merge_all(stats)  # exact: sums of counts, sums and outer products
         bases = projection.pca_bases(merged, projection.split_feature_dim(feature_dim, len(merged)))
@@ -130,7 +130,8 @@ class FedDifRCStrategy(FedAvg):
         ok = self._ordered_ok(replies)
         report = self.last_report
         report.succeeded = [self.node_partitions[m.metadata.src_node_id] for m in ok]
-        report.failures = self._describe_failures(replies, expected=len(report.sampled))
+        by_partition = {p: n for n, p in self.node_partitions.items()}
+        report.failures = self._describe_failures(replies, [by_partition[p] for p in report.sampled])
         self._require(f"round {server_round}", len(ok), len(report.sampled), report.failures)
 
         weights = [float(m.content[METRICS]["num-examples"]) for m in ok]
@@ -162,7 +163,8 @@ class FedDifRCStrategy(FedAvg):
               and m.metadata.src_node_id in self.node_partitions]
         return sorted(ok, key=lambda m: self.node_partitions[m.metadata.src_node_id])
 
-    def _describe_failures(self, replies: list[Message], expected: int) -> list[str]:
+    def _describe_failures(self, replies: list[Message], sent_to: list[int]) -> list[str]:
+        """One line per failed node: its error, or no reply before round-timeout."""
         failures = []
         for msg in replies:
             if msg.has_error():
@@ -170,10 +172,10 @@ class FedDifRCStrategy(FedAvg):
                 part = self.node_partitions.get(node, "?")
                 reason = (msg.error.reason or "").strip().splitlines()
                 failures.append(f"partition {part} (node {node}): {reason[-1] if reason else 'error'}")
-        missing = expected - len(replies)
-        if missing > 0:
-            failures.append(f"{missing} client(s) sent no reply within round-timeout "
-                            f"({self.cfg.round_timeout:g} s)")
+        replied = {msg.metadata.src_node_id for msg in replies}
+        for node in sorted(set(sent_to) - replied, key=lambda n: self.node_partitions.get(n, -1)):
+            failures.append(f"partition {self.node_partitions.get(node, '?')} (node {node}): no reply "
+                            f"within round-timeout ({self.cfg.round_timeout:g} s)")
         for line in failures:
             log(WARNING, "client failure: %s", line)
         return failures

@@ -2,7 +2,8 @@
 
 It runs the real ServerApp logic and the real ClientApp handlers with real Message objects; only
 transport is replaced. A ClientApp exception becomes an error reply, as the simulation engine
-does; `fail` makes chosen partitions raise in chosen rounds; `crash_after=k` raises in round k + 1
+does; `fail` makes chosen partitions raise in chosen rounds, `silent` makes them not reply (a
+timeout); `crash_after=k` raises in round k + 1
 after the clients replied (a ServerApp killed mid-round, for resume tests).
 """
 
@@ -23,7 +24,8 @@ class ServerKilled(RuntimeError):
 
 class LoopbackGrid(Grid):
     def __init__(self, client_app: ClientApp, num_nodes: int, *, node_id_base: int = 1000,
-                 fail: dict[int, set[int]] | None = None, crash_after: int | None = None) -> None:
+                 fail: dict[int, set[int]] | None = None, silent: dict[int, set[int]] | None = None,
+                 crash_after: int | None = None) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         self.client_app = client_app
         # Node ids differ from partition ids on purpose (as in Flower, where they are random).
@@ -34,6 +36,7 @@ class LoopbackGrid(Grid):
             for k in range(num_nodes)
         }
         self.fail = fail or {}
+        self.silent = silent or {}
         self.crash_after = crash_after
         self.train_rounds = 0
         self._ids = itertools.count()
@@ -68,6 +71,8 @@ class LoopbackGrid(Grid):
             msg.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
             context = self.contexts[msg.metadata.dst_node_id]
             partition = int(context.node_config["partition-id"])
+            if is_train and partition in self.silent.get(self.train_rounds, set()):
+                continue  # no reply at all: what the server sees when a client times out
             try:
                 if is_train and partition in self.fail.get(self.train_rounds, set()):
                     raise RuntimeError(f"injected failure of partition {partition}")

@@ -91,7 +91,7 @@ def test_sampling_is_seeded_per_round_and_respects_the_minimum():
 
 def test_aggregation_over_messages_tolerates_failures_above_the_minimum():
     cfg = RunConfig(seed=3, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
-    grid = LoopbackGrid(_fake_client(), NUM_NODES, fail={2: {1}})
+    grid = LoopbackGrid(_fake_client(), NUM_NODES, fail={2: {1}}, silent={3: {0, 2}})
     strategy = FedDifRCStrategy(cfg, "t")
     assert sorted(strategy.discover_nodes(grid).values()) == [0, 1, 2, 3]
 
@@ -108,6 +108,12 @@ def test_aggregation_over_messages_tolerates_failures_above_the_minimum():
     assert "partition 1" in report.failures[0] and "injected failure" in report.failures[0]
     expected = weighted_average([_client_arrays(p) for p in (0, 2, 3)], [SIZES[p] for p in (0, 2, 3)])
     np.testing.assert_array_equal(arrays["w"].numpy(), expected["w"])
+
+    arrays, metrics = _round(strategy, grid, 3)  # partitions 0 and 2 time out in round 3
+    assert strategy.last_report.succeeded == [1, 3]
+    assert [f.split(" (node")[0] for f in strategy.last_report.failures] == ["partition 0", "partition 2"]
+    assert all("no reply within round-timeout (3600 s)" in f for f in strategy.last_report.failures)
+    assert metrics["num-clients"] == 2
 
 
 def test_too_few_replies_fail_the_round_loudly():
