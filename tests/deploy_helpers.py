@@ -9,6 +9,7 @@ runs the real app from the repository root.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import socket
 import subprocess
@@ -40,7 +41,7 @@ def load_deploy_module() -> ModuleType:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (tests avoid the shared defaults 8000/9092)."""
+    """A free TCP port on 127.0.0.1 (tests avoid the shared defaults 8000/9092)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -71,3 +72,39 @@ def netns_unavailable_reason() -> str | None:
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
     return None
+
+
+def missing_tls_tools() -> str | None:
+    """Why certificates/keys cannot be made here (None when openssl and ssh-keygen exist)."""
+    missing = [tool for tool in ("openssl", "ssh-keygen") if shutil.which(tool) is None]
+    if not missing:
+        return None
+    return f"{' and '.join(missing)} missing (apt-get install openssl openssh-client)"
+
+
+def established_tcp(port: int) -> list[tuple[str, str, int]]:
+    """(local, peer, pid) of established TCP connections to `port`, from /proc (no `ss` needed)."""
+    sockets: dict[str, tuple[str, str]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            cols = line.split()
+            local, peer, state, inode = cols[1], cols[2], cols[3], cols[9]
+            if state == "01" and int(peer.rsplit(":", 1)[1], 16) == port:  # 01 = ESTABLISHED
+                sockets[inode] = (local, peer)
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            links = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+        for link in links:
+            inode = link[8:-1] if link.startswith("socket:[") else ""
+            if inode in sockets:
+                found.append((*sockets[inode], int(proc.name)))
+    return found

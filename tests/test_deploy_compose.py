@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from deploy_helpers import REPO, write_probe_app
+from deploy_helpers import REPO, missing_tls_tools, write_probe_app
 
 sys.path.insert(0, str(REPO / "scripts" / "deploy"))
 import compose_local as cl  # noqa: E402
@@ -111,6 +111,7 @@ def test_tls_overlay_orders_certs_register_and_authenticated_nodes(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+@pytest.mark.skipif(missing_tls_tools() is not None, reason=str(missing_tls_tools()))
 def test_compose_tls_services_run_a_federation_as_local_processes(tmp_path):
     """base + TLS overlay: every service's command line as a local process, then a 2-round run."""
     app = write_probe_app(tmp_path / "app")

@@ -6,7 +6,8 @@ override files, `!reset`, depends_on conditions), and every service's exact entr
 runs as a local process, with what the container runtime would otherwise provide translated:
   - service hostnames and 0.0.0.0 -> 127.0.0.1; each (service, container port) -> its own free
     local port (containers have separate network stacks, one loopback does not);
-  - volume targets (/data, /certs, /state, ...) -> the bind-mount source or a folder per named volume;
+  - volume targets (/data, /certs, /state, ...) -> the bind-mount source, or a folder per named
+    volume;
   - the image entrypoint -> flower-superlink / flower-supernode for the flwr images, the
     ENTRYPOINT of the Dockerfile for built images.
 """
@@ -268,7 +269,8 @@ def service_env(name: str, svc: dict, model: dict, plan: LocalPlan) -> dict[str,
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
     mounts = plan.mounts(svc)
-    return {k: _translate(str(v), name, set(model["services"]), mounts, plan) for k, v in env.items()}
+    services = set(model["services"])
+    return {k: _translate(str(v), name, services, mounts, plan) for k, v in env.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,8 +337,8 @@ def _wait_exit(comp: deploy.Component, timeout: float) -> int:
         raise deploy.DeployError(comp.name, f"one-shot service still running after {timeout:.0f} s",
                                  deploy.EXIT_TIMEOUT) from None
     if code != 0:
-        raise deploy.DeployError(comp.name, f"one-shot service failed: {deploy.describe_death(comp)}",
-                                 deploy.EXIT_START_FAILED)
+        raise deploy.DeployError(comp.name, "one-shot service failed: "
+                                 + deploy.describe_death(comp), deploy.EXIT_START_FAILED)
     return code
 
 
@@ -350,7 +352,8 @@ def down(local: LocalCompose) -> None:
     for comp in reversed(local.dep.components):
         deploy.stop(comp, timeout=10)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(deploy.pid_alive(c.pid) for c in local.dep.components):
+    comps = local.dep.components
+    while time.monotonic() < deadline and any(deploy.pid_alive(c.pid) for c in comps):
         time.sleep(0.2)
 
 

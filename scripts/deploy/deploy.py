@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -195,7 +196,9 @@ def supernode_argv(superlink: str, runtime_port: int, node_config: str, certs: P
 
 def superexec_argv(runtime_address: str, root_cert: Path | None) -> list[str]:
     argv = ["flower-superexec", "--runtime-api-address", runtime_address]
-    return [*argv, "--insecure"] if root_cert is None else [*argv, "--root-certificates", str(root_cert)]
+    if root_cert is None:
+        return [*argv, "--insecure"]
+    return [*argv, "--root-certificates", str(root_cert)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,8 +327,10 @@ def write_connection(flwr_home: Path, name: str, address: str, root_cert: Path |
 
     path = flwr_home / "config.toml"
     flwr_home.mkdir(parents=True, exist_ok=True)
-    if not path.is_file():  # start from flwr's own default so `flwr run .` keeps its local SuperLink
-        from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
+    if not path.is_file():  # flwr's own default first, so `flwr run .` keeps its local SuperLink
+        with warnings.catch_warnings():  # flwr.cli pulls in typer, which warns about click
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
 
         path.write_text(DEFAULT_FLOWER_CONFIG_TOML)
     config = tomli.loads(path.read_text())
@@ -509,7 +514,8 @@ def up(args: argparse.Namespace) -> Deployment:
                          certs_dir / "ca.crt" if secure else None)
         env = child_env(str(flwr_home))
         # 3. SuperLink (+ its SuperExec for ServerApps under process isolation).
-        link = Component(name="superlink", netns=dep.cli_netns, log=str(state / "logs" / "superlink.log"),
+        link = Component(name="superlink", netns=dep.cli_netns,
+                         log=str(state / "logs" / "superlink.log"),
                          argv=superlink_argv(dep.fleet_address, "127.0.0.1", args.control_port,
                                              certs_dir if secure else None, args.isolation))
         dep.components.append(start(link, env))
@@ -697,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "`up`); use restart-node for those", EXIT_USAGE)
             key = Path(args.key).resolve() if args.key else None
             if args.register and dep.secure:
-                pub = Path(f"{key}.pub") if key else Path(dep.certs_dir) / "supernodes" / f"sn{args.index}.pub"
+                pub = (Path(f"{key}.pub") if key
+                       else Path(dep.certs_dir) / "supernodes" / f"sn{args.index}.pub")
                 register_node(dep, pub)
             dep.components.extend(start_node(dep, args.index, key))
             dep.save()

@@ -98,9 +98,16 @@ def soak(args: argparse.Namespace) -> dict:
                                                     run_log))
         after = node_log.read_bytes()[offset:].decode(errors="replace")
         summary["restarted-node-trained"] = after.count("Receiving: train message")
-        summary["restarted-node-id"] = re.findall(r"SuperNode ID: (\d+)", after)[-1:]
+        before = node_log.read_bytes()[:offset].decode(errors="replace")
+        first_id = re.findall(r"SuperNode ID: (\d+)", before)[:1]
+        summary["node-id-before-and-after"] = first_id + re.findall(r"SuperNode ID: (\d+)",
+                                                                   after)[-1:]
         if rounds_seen != list(range(1, args.rounds + 1)):
             raise deploy.DeployError("run", f"rounds seen {rounds_seen}", deploy.EXIT_RUN_FAILED)
+        if len(set(summary["node-id-before-and-after"])) != 1:
+            raise deploy.DeployError(victim.label, "rejoined under another node id "
+                                     f"{summary['node-id-before-and-after']}",
+                                     deploy.EXIT_RUN_FAILED)
         if summary["restarted-node-trained"] < 1:
             raise deploy.DeployError(victim.label, "rejoined but never trained again",
                                      deploy.EXIT_RUN_FAILED)
