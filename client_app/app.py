@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -45,11 +46,11 @@ def projection_stats(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, node = _configs(msg, context)
-    server_round = int(msg.content["config"]["server-round"])
-    run_name = str(msg.content["config"]["run-name"])
-    global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    projection = ({k: v.numpy() for k, v in msg.content["projection"].items()}
-                  if "projection" in msg.content.array_records else None)
+    config = msg.content.config_records["config"]
+    server_round, run_name = cast(int, config["server-round"]), str(config["run-name"])
+    global_state = federation.from_flower_arrays(msg.content.array_records["arrays"])
+    bases = msg.content.array_records.get("projection")
+    projection = federation.from_flower_arrays(bases) if bases is not None else None
 
     client = federation.ClientSession.get(cfg, node)
     result = client.train(global_state, server_round, run_name, projection)
@@ -61,5 +62,5 @@ def train(msg: Message, context: Context) -> Message:
 
 def _configs(msg: Message, context: Context) -> tuple[RunConfig, NodeConfig]:
     # The server sends its resolved run config: one source of truth, also in deployment.
-    cfg = RunConfig.from_flower(dict(msg.content["run-config"]))
+    cfg = RunConfig.from_flower(dict(msg.content.config_records["run-config"]))
     return cfg, NodeConfig.from_flower(context.node_config)

@@ -162,6 +162,8 @@ __all__ = [
     "LocalModelStore",
     "ProcessCache",
     "atomic_write_bytes",
+    "from_flower_arrays",
+    "to_flower_arrays",
     "num_sampled",
     "sample_partitions",
     "weighted_average",
@@ -181,17 +183,22 @@ def _data_root(cfg: Any, data_path: str = "") -> str | None:
     return (data_path or cfg.data_path) or None
 
 
-def load_train_set(cfg: Any, data_path: str = "") -> Any:
-    """The clients' training pool: the chosen subset, optionally a seeded stratified subsample.
+def load_train_pool(cfg: Any, data_path: str = "") -> tuple[Any, np.ndarray]:
+    """The clients' training pool (the chosen subset, optionally a seeded stratified subsample)
+    and each pool row's index in the full training split.
 
     Every client computes the same pool and partition from the seed, so no index lists travel.
     """
     from feddifrc_core.datasets import load_dataset, select_subset, subsample
 
     ds = load_dataset(cfg.dataset, "train", _data_root(cfg, data_path))  # memoised per process
-    ds, _ = select_subset(ds, cfg.data_subset)
-    ds, _ = subsample(ds, cfg.train_samples, cfg.seed)
-    return ds
+    ds, subset_rows = select_subset(ds, cfg.data_subset)
+    ds, sample_rows = subsample(ds, cfg.train_samples, cfg.seed)
+    return ds, subset_rows[sample_rows]
+
+
+def load_train_set(cfg: Any, data_path: str = "") -> Any:
+    return load_train_pool(cfg, data_path)[0]
 
 
 def load_test_set(cfg: Any, data_path: str = "") -> Any:
@@ -322,15 +329,15 @@ class ClientSession:
         self.device = torch.device(resolve_device(node.device or cfg.device))
         set_torch_threads(cfg.torch_threads)
         self.cache_dir = Path(node.cache_dir).expanduser() if node.cache_dir else cfg.resolved_cache_dir()
-        # 2. this client's samples; sample ids = rows of the pool (stable noise seeds, cache keys)
-        pool = load_train_set(cfg, node.data_path)
-        self.sample_ids = client_indices(cfg, pool.labels.numpy(), pool.num_classes,
-                                         node.partition_id, node.num_partitions)
-        self.data = pool.subset(self.sample_ids)
+        # 2. this client's samples
+        pool, global_rows = load_train_pool(cfg, node.data_path)
+        rows = client_indices(cfg, pool.labels.numpy(), pool.num_classes, node.partition_id,
+                              node.num_partitions)
+        self.data = pool.subset(rows)
+        self.sample_ids = global_rows[rows]  # indices in the full split: noise seeds, cache keys
         self.shape = (pool.channels, pool.num_classes, pool.image_size)
         self.train_transform, _ = make_transforms(cfg, pool.images)
         self._representations: Any = None
-        self._extract_seconds = 0.0
 
     @property
     def num_examples(self) -> int:
@@ -340,13 +347,13 @@ class ClientSession:
     def representations(self) -> Any:
         """Extracted once per process (and cached on disk by the feature cache)."""
         if self._representations is None:
-            from feddifrc_core.representations import extract_client_representations
+            from feddifrc_core import representations as rep
 
-            t0 = time.perf_counter()
-            self._representations = extract_client_representations(
-                self.cfg, self.data, self.sample_ids, self.node.partition_id, self.device,
-                cache_dir=self.cache_dir)
-            self._extract_seconds = time.perf_counter() - t0
+            backbone = rep.backbone_from_config(self.cfg, self.device, self.cache_dir)  # per process
+            self._representations = rep.extract_client_representations(
+                backbone, self.data.images, self.data.labels, self.sample_ids, self.data.class_names,
+                rep.RepresentationSettings.from_run_config(self.cfg),
+                cache_dir=self.cache_dir / "representations", progress=False)
         return self._representations
 
     def projection_stats(self) -> dict[str, np.ndarray]:
@@ -364,8 +371,8 @@ class ClientSession:
                                  "the server must run the projection set-up before round 1")
             bases = proj.arrays_to_bases(dict(projection))
         else:
-            dims = proj.split_feature_dim(feature_dim, len(reps.block_dims))
-            bases = proj.random_bases(reps.block_dims, dims, self.cfg.seed)
+            dims = proj.split_feature_dim(feature_dim, len(reps.block_channels))
+            bases = proj.random_bases(reps.block_channels, dims, self.cfg.seed)
         return reps.targets(bases, feature_dim)
 
     # --- local training ------------------------------------------------------------------------
@@ -404,6 +411,11 @@ class ClientSession:
         metrics.update({"train-loss": result.loss, "train-accuracy": result.accuracy,
                         "extract-seconds": extract_seconds, "train-seconds": result.seconds})
         return LocalUpdate(state=state, num_examples=result.num_examples, metrics=metrics)
+
+
+def from_flower_arrays(record: Any) -> dict[str, np.ndarray]:
+    """An ArrayRecord -> numpy arrays by name."""
+    return {k: v.numpy() for k, v in record.items()}
 
 
 def to_flower_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -80,11 +80,13 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     # 4. rounds: train on the sampled clients, aggregate, evaluate centrally, checkpoint
     for server_round in range(first_round, cfg.num_rounds + 1):
         t0 = time.time()
-        messages = strategy.configure_train(server_round, ArrayRecord(_arrays(state)),
-                                            ConfigRecord(), grid)
+        messages = strategy.configure_train(
+            server_round, ArrayRecord(federation.to_flower_arrays(state)), ConfigRecord(), grid)
         replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
         arrays, client_metrics = strategy.aggregate_train(server_round, replies)
-        state = {k: v.numpy() for k, v in arrays.items()}
+        if arrays is None or client_metrics is None:  # aggregate_train raises before this
+            raise RuntimeError(f"round {server_round}: no aggregate")
+        state = federation.from_flower_arrays(arrays)
         row: dict[str, Any] = {"round": server_round, **_prefixed(dict(client_metrics))}
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
             row.update(evaluator(state))
@@ -125,12 +127,6 @@ def _check_same_run(cfg: RunConfig, saved: Mapping[str, Any]) -> None:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise ValueError(f"resume: the run config differs from the checkpoint's ({detail}); "
                          "resume with the same settings or start a new run-name")
-
-
-def _arrays(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    from flwr.app import Array
-
-    return {k: Array(np.ascontiguousarray(v)) for k, v in state.items()}
 
 
 def _prefixed(metrics: Mapping[str, Any]) -> dict[str, Any]:

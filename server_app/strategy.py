@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -23,7 +23,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from feddifrc_core.config import RunConfig
-from feddifrc_core.federation import sample_partitions, weighted_average
+from feddifrc_core.federation import (
+    from_flower_arrays,
+    sample_partitions,
+    to_flower_arrays,
+    weighted_average,
+)
 
 # Message types and record keys shared with client_app/app.py.
 QUERY_NODE_INFO = f"{MessageType.QUERY}.node_info"
@@ -71,8 +76,8 @@ class FedDifRCStrategy(FedAvg):
         mapping: dict[int, int] = {}
         for msg in replies:
             if not msg.has_error():
-                info = msg.content[CONFIG]
-                mapping[msg.metadata.src_node_id] = int(info["partition-id"])
+                info = msg.content.config_records[CONFIG]
+                mapping[msg.metadata.src_node_id] = cast(int, info["partition-id"])
         self.node_partitions = mapping
         self._require("node discovery", len(mapping), len(node_ids),
                       self._describe_failures(replies, node_ids))
@@ -96,11 +101,12 @@ class FedDifRCStrategy(FedAvg):
         ok = self._ordered_ok(replies)
         self._require("projection set-up", len(ok), len(node_ids),
                       self._describe_failures(replies, node_ids))
-        stats = [projection.arrays_to_stats(_numpy(msg.content[ARRAYS])) for msg in ok]
+        stats = [projection.arrays_to_stats(from_flower_arrays(msg.content.array_records[ARRAYS])) for msg in ok]
         merged = projection.merge_all(stats)  # exact: sums of counts, sums and outer products
         bases = projection.pca_bases(merged, projection.split_feature_dim(feature_dim, len(merged)))
         self.projection = {k: np.asarray(v) for k, v in projection.bases_to_arrays(bases).items()}
-        slowest = max(float(m.content[METRICS].get("extract-seconds", 0.0)) for m in ok)
+        slowest = max(cast(float, m.content.metric_records[METRICS].get("extract-seconds", 0.0))
+                      for m in ok)
         log(INFO, "projection: federated PCA from %d clients (slowest extraction %.1f s), "
             "output dims %s", len(ok), slowest, [b.out_dim for b in bases])
         return self.projection
@@ -119,7 +125,7 @@ class FedDifRCStrategy(FedAvg):
         record = RecordDict({ARRAYS: arrays, CONFIG: config,
                              RUN_CONFIG: ConfigRecord(self.cfg.to_flower())})
         if self.projection:
-            record[PROJECTION] = ArrayRecord({k: _array(v) for k, v in self.projection.items()})
+            record[PROJECTION] = ArrayRecord(to_flower_arrays(self.projection))
         return self._construct_messages(record, [by_partition[p] for p in partitions], MessageType.TRAIN)
 
     def aggregate_train(
@@ -134,10 +140,10 @@ class FedDifRCStrategy(FedAvg):
         report.failures = self._describe_failures(replies, [by_partition[p] for p in report.sampled])
         self._require(f"round {server_round}", len(ok), len(report.sampled), report.failures)
 
-        weights = [float(m.content[METRICS]["num-examples"]) for m in ok]
-        model = weighted_average([_numpy(m.content[ARRAYS]) for m in ok], weights)
-        metrics = aggregate_client_metrics([dict(m.content[METRICS]) for m in ok])
-        return ArrayRecord({k: _array(v) for k, v in model.items()}), MetricRecord(metrics)
+        weights = [cast(float, m.content.metric_records[METRICS]["num-examples"]) for m in ok]
+        model = weighted_average([from_flower_arrays(m.content.array_records[ARRAYS]) for m in ok], weights)
+        metrics = aggregate_client_metrics([dict(m.content.metric_records[METRICS]) for m in ok])
+        return ArrayRecord(to_flower_arrays(model)), MetricRecord(dict(metrics))
 
     # --- state for checkpoints ------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -190,11 +196,11 @@ class FedDifRCStrategy(FedAvg):
         )
 
 
-def aggregate_client_metrics(metrics: list[dict[str, Any]]) -> dict[str, float | int]:
+def aggregate_client_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     """Client metrics of one round: num-examples summed, *-seconds max (the slowest client
     bounds the round), everything else weighted by num-examples."""
     weights = np.asarray([float(m["num-examples"]) for m in metrics])
-    out: dict[str, float | int] = {"num-examples": int(weights.sum()), "num-clients": len(metrics)}
+    out: dict[str, Any] = {"num-examples": int(weights.sum()), "num-clients": len(metrics)}
     keys = sorted({k for m in metrics for k in m} - {"num-examples"})
     for key in keys:
         values = [float(m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
@@ -205,13 +211,3 @@ def aggregate_client_metrics(metrics: list[dict[str, Any]]) -> dict[str, float |
         else:
             out[key] = float(np.dot(weights, values) / weights.sum())
     return out
-
-
-def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def _array(value: np.ndarray) -> Any:
-    from flwr.app import Array
-
-    return Array(np.ascontiguousarray(value))
