@@ -81,6 +81,9 @@ def test_resume_after_a_kill_gives_the_same_final_model(tmp_path, cache_dir, alg
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
     rows = [json.loads(x) for x in (tmp_path / "runs/killed/metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    # Resuming with other training settings would not be the same run: refused, naming the key.
+    with pytest.raises(ValueError, match=r"lr: 0.01 -> 0.5"):
+        run_server(LoopbackGrid(client_app, 3), killed.replace(resume=True, lr=0.5))
 
 
 def test_a_failing_client_app_fails_the_run_visibly(tmp_path, cache_dir):

@@ -11,7 +11,14 @@ from loopback_grid import LoopbackGrid
 
 from feddifrc_core import projection
 from feddifrc_core.config import RunConfig
-from feddifrc_core.federation import sample_partitions, to_flower_arrays, weighted_average
+from feddifrc_core.federation import (
+    build_global_model,
+    load_state,
+    model_state,
+    sample_partitions,
+    to_flower_arrays,
+    weighted_average,
+)
 from server_app.strategy import FedDifRCStrategy, RoundFailedError
 
 NUM_NODES = 4
@@ -140,3 +147,13 @@ def test_federated_projection_equals_centralized_pca_of_the_union():
         np.testing.assert_allclose(fed.mean, cen.mean, atol=1e-5)
         # Same subspace and signs (the bases fix the sign of each component).
         np.testing.assert_allclose(fed.components, cen.components, atol=1e-4)
+
+
+def test_a_model_mismatch_between_server_and_client_is_named():
+    cfg = RunConfig(model="small-cnn", model_width=8)
+    server = build_global_model(cfg, channels=1, num_classes=10, image_size=16)
+    client = build_global_model(cfg.replace(model_width=4), channels=1, num_classes=10, image_size=16)
+    with pytest.raises(ValueError, match="same model, model-width and data set"):
+        load_state(client, model_state(server))
+    load_state(server, model_state(build_global_model(cfg, 1, 10, 16)))  # same architecture: fine
+
