@@ -198,6 +198,14 @@ def test_feddifrc_runs_two_rounds_over_tls_across_hosts(fed):
         for ns, local, pid in conns:
             i = node_pids[pid]
             assert ns == dep.namespaces[i] and deploy.hosts.node_ip(i) in local
+    # What travels on that link is TLS (HTTP/2, gRPC) with the deployment's CA-signed certificate.
+    hello = subprocess.run(
+        deploy.hosts.wrap(dep.namespaces[1] if dep.namespaces else None,
+                          ["openssl", "s_client", "-connect", dep.fleet_address, "-alpn", "h2",
+                           "-CAfile", str(Path(dep.certs_dir) / "ca.crt"), "-verify_return_error"]),
+        input="", capture_output=True, timeout=30)
+    out = hello.stdout.decode(errors="replace")
+    assert "Verify return code: 0 (ok)" in out and "ALPN protocol: h2" in out, out[-2000:]
 
 
 @pytest.mark.slow
