@@ -85,8 +85,10 @@ def _run(args: argparse.Namespace, env: dict[str, str], home: Path) -> int:
                   f"client-resources-num-cpus={_number(args.cpus_per_client)} "
                   f"client-resources-num-gpus={_number(args.gpus_per_client)}")
     cmd = [flwr, "run", str(ROOT), CONNECTION, "--format", "json", "--federation-config", federation]
-    for override in args.run_config:
-        cmd += ["--run-config", override]
+    if args.run_config:
+        overrides = home / "run-config.toml"
+        overrides.write_text(_to_toml(merge_run_config(args.run_config)))
+        cmd += ["--run-config", str(overrides)]
     submitted = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     run_id = _run_id(submitted.stdout)
     if submitted.returncode != 0 or run_id is None:
@@ -122,6 +124,42 @@ def _run(args: argparse.Namespace, env: dict[str, str], home: Path) -> int:
         print(f"Results: {folder}\nPlot:    {Path(folder) / 'metrics.png'}\n"
               f"Summary: {Path(folder) / 'summary.json'}")
     return 0
+
+
+def merge_run_config(items: list[str]) -> dict[str, object]:
+    """Merge -c arguments in order: TOML files and 'k=v k2=v2' strings (later ones win).
+
+    `flwr run` takes one TOML file or key-value strings, never both; merging here lets settings
+    files stack (conf/paper-cifar10.toml + conf/paper-cifar10-fedavg.toml + a one-off change).
+    """
+    import tomllib
+
+    merged: dict[str, object] = {}
+    for item in items:
+        if item.endswith(".toml"):
+            path = Path(item).expanduser()
+            if not path.is_file():
+                raise SystemExit(f"ERROR: run-config file {item} does not exist")
+            merged.update(tomllib.loads(path.read_text()))
+        else:  # the same syntax as flwr: values are TOML literals, strings quoted
+            pairs = re.findall(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)", item)
+            try:
+                merged.update(tomllib.loads("\n".join(f"{k} = {v}" for k, v in pairs)))
+            except tomllib.TOMLDecodeError as err:
+                raise SystemExit(f"ERROR: cannot parse run-config {item!r} ({err}); write strings "
+                                 "in quotes, e.g. -c \"algorithm='moon' num-rounds=3\"") from None
+    return merged
+
+
+def _to_toml(values: dict[str, object]) -> str:
+    def literal(value: object) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return repr(value)
+        return json.dumps(str(value))  # a TOML basic string
+
+    return "".join(f"{key} = {literal(value)}\n" for key, value in values.items())
 
 
 def _status(flwr: str, env: dict[str, str], run_id: int) -> str:

@@ -121,3 +121,17 @@ def test_run_script_exits_nonzero_when_the_flower_run_fails(tmp_path):
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "finished:failed" in proc.stderr
+
+
+def test_run_script_stacks_settings_files_and_overrides():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from run_simulation import merge_run_config
+
+    merged = merge_run_config([str(ROOT / "conf/paper-cifar10.toml"),
+                               str(ROOT / "conf/paper-cifar10-moon.toml"),
+                               "num-rounds=3 output-dir='/tmp/a b' resume=true"])
+    assert merged["algorithm"] == "moon" and merged["num-rounds"] == 3 and merged["resume"] is True
+    assert merged["output-dir"] == "/tmp/a b" and merged["dataset"] == "cifar10"
+    for path in sorted((ROOT / "conf").glob("*.toml")):  # every settings file is valid
+        RunConfig.from_flower(merge_run_config([str(path)]))
+
