@@ -102,9 +102,14 @@ def interpolate(value: object, env: dict[str, str]) -> object:
 
 
 def _normalise_depends(value: object) -> dict[str, dict]:
+    """Short (list) and long (mapping) depends_on forms -> {service: {"condition": ...}}."""
     if isinstance(value, list):
         return {name: {"condition": "service_started"} for name in value}
-    return dict(value or {})  # type: ignore[arg-type]
+    if isinstance(value, dict):
+        return dict(value)
+    if value is None:
+        return {}
+    raise ComposeError(f"depends_on must be a list or a mapping, got {value!r}")
 
 
 def _volume_target(spec: str) -> str:
@@ -139,6 +144,8 @@ def load_compose(files: list[Path], env: dict[str, str]) -> dict:
     for path in files:
         doc = yaml.load(path.read_text(), Loader=_Loader) or {}  # noqa: S506 (SafeLoader subclass)
         doc = interpolate(doc, env)
+        if not isinstance(doc, dict):
+            raise ComposeError(f"{path}: top level must be a mapping")
         for name, svc in (doc.get("services") or {}).items():
             model["services"][name] = _merge_service(model["services"].get(name, {}), svc)
         model["volumes"].update(doc.get("volumes") or {})

@@ -91,7 +91,11 @@ def soak(args: argparse.Namespace) -> dict:
         summary["run-seconds"] = round(time.monotonic() - t_run, 1)
         if run.returncode != 0:
             raise deploy.DeployError("run", err.strip()[-3000:], run.returncode)
-        run_log = Path(re.search(r"\(log: (.+?)\)", err).group(1)).read_text(errors="replace")
+        found = re.search(r"\(log: (.+?)\)", err)
+        if found is None:
+            raise deploy.DeployError("run", f"no run log named in: {err[-500:]}",
+                                     deploy.EXIT_RUN_FAILED)
+        run_log = Path(found.group(1)).read_text(errors="replace")
         rounds_seen = sorted({int(r) for r in re.findall(r"\[ROUND (\d+)/", run_log)})
         summary["rounds-completed"] = len(rounds_seen)
         summary["failures-logged"] = len(re.findall(r"Received \d+ results and [1-9]\d* failures",
