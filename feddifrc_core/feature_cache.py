@@ -9,11 +9,15 @@ Layout: `<root>/<prefix>-<fingerprint hash>/manifest.json` and `chunk-00000.safe
   A killed extraction therefore resumes at the first chunk that is missing.
 - On open every recorded chunk is verified (fingerprint, sha256, tensor names/shapes/dtypes); a
   mismatch or corruption is logged with its reason and the affected part is rebuilt, never used.
+- A write that fails (disk full, read-only folder, a file where a folder should be) raises
+  `FeatureCacheError` (an OSError with the errno) naming the path and the fix; nothing partial
+  is left behind or recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -27,12 +31,37 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as load_bytes
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
+
+
+class FeatureCacheError(OSError):
+    """The cache folder cannot be created or written; the message names the path and the fix."""
+
+
+_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+_NOT_A_FOLDER = {errno.ENOTDIR, errno.EEXIST}
+
+
+def cache_io_error(action: str, path: Path, err: OSError) -> FeatureCacheError:
+    """An OSError re-raised with what was done, where, and what the user can do about it."""
+    where = "cache-dir (run config), the node's cache-dir or $FEDDIFRC_CACHE_DIR"
+    if err.errno in _FULL:
+        fix = f"free disk space, or point {where} to a disk with room"
+    elif err.errno in _DENIED:
+        fix = f"make {path.parent} writable for this user, or point {where} to a writable folder"
+    elif err.errno in _NOT_A_FOLDER:
+        fix = f"a part of {path} is a file, not a folder: point {where} to a folder"
+    else:
+        fix = f"check the disk, or point {where} to another folder"
+    reason = err.strerror or str(err)
+    return FeatureCacheError(err.errno, f"feature cache: cannot {action} {path}: {reason}; {fix}")
 
 
 def fingerprint_sha256(fingerprint: Mapping[str, Any]) -> str:
@@ -112,7 +141,12 @@ class FeatureCache:
     # --- open / verify ------------------------------------------------------------------------
     def open(self) -> list[int]:
         """Verify what is on disk, drop anything wrong (logged), return the missing chunks."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not self.dir.is_dir():  # mkdir(exist_ok) accepts nothing else, but be explicit
+                raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(self.dir))
+        except OSError as err:
+            raise cache_io_error("create the folder", self.dir, err) from err
         self._remove_stale_temp_files()
         self._chunks = {}
         manifest = self._read_manifest()
@@ -228,14 +262,11 @@ class FeatureCache:
         if problem:
             raise ValueError(f"chunk {index} {problem}")
         name = f"chunk-{index:05d}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(cast, tmp, metadata={"fingerprint_sha256": self.key, "chunk": str(index)})
-            sha = _file_sha256(Path(tmp))
-            os.replace(tmp, self.dir / name)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        # Serialised in memory, written by Python: every failure is an OSError with an errno
+        # (the library's own file writer raises its own error type on a full disk).
+        data = save_bytes(cast, metadata={"fingerprint_sha256": self.key, "chunk": str(index)})
+        _atomic_write_bytes(self.dir / name, data, "write chunk")
+        sha = hashlib.sha256(data).hexdigest()
         entry = {"file": name, "rows": list(self.chunk_range(index)), "sha256": sha}
         with self._locked():
             # merge with what a concurrent writer of the same cache may have recorded meanwhile
@@ -298,7 +329,11 @@ class FeatureCache:
         except ImportError:  # pragma: no cover - Windows
             yield
             return
-        with open(self.dir / ".lock", "a+") as handle:
+        try:
+            handle = open(self.dir / ".lock", "a+")  # noqa: SIM115 - closed below
+        except OSError as err:
+            raise cache_io_error("open the lock file", self.dir / ".lock", err) from err
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -307,12 +342,22 @@ class FeatureCache:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _atomic_write_bytes(path, text.encode("utf-8"), "write the manifest")
+
+
+def _atomic_write_bytes(path: Path, data: bytes, action: str) -> None:
+    """Temp file in the same folder + fsync + os.replace: readers see the old or the new file."""
+    tmp: str | None = None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        raise cache_io_error(action, path, err) from err
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
