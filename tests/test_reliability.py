@@ -1,0 +1,301 @@
+"""Cache and checkpoint safety with real processes: SIGKILL mid-write, concurrent writers sharing
+one cache folder, a full disk (RLIMIT_FSIZE), read-only / not-a-folder paths.
+
+Child processes import this module (tests/ on sys.path) so that parent and children build the
+same caches and the same expected data.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from feddifrc_core import checkpoint as ckpt
+from feddifrc_core.feature_cache import FeatureCache, FeatureCacheError
+
+ROOT = Path(__file__).resolve().parents[1]
+# 32 rows x 64 x 128 fp16 = 512 KiB per chunk: a write takes long enough to be hit by a kill.
+SPEC = {"block1": ((64, 128), "float16"), "prompt_ids": ((3,), "int64")}
+ROWS, CHUNK = 320, 32
+
+
+def make_cache(root: str | Path, client: int) -> FeatureCache:
+    """Client `client`'s cache; equal `client` = equal fingerprint = the same folder."""
+    fingerprint = {"model": "tiny", "timestep": 300, "client": client}
+    return FeatureCache(root, f"client-{client}", fingerprint, ROWS, CHUNK, SPEC)
+
+
+def rows(client: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Deterministic content of rows [start, stop) of `client` (already fp16-exact)."""
+    gen = torch.Generator().manual_seed(1000 * client + start)
+    return {
+        "block1": torch.randn(stop - start, 64, 128, generator=gen).half(),
+        "prompt_ids": torch.arange(start, stop)[:, None].repeat(1, 3) + client,
+    }
+
+
+def expected(client: int) -> dict[str, torch.Tensor]:
+    parts = [rows(client, s, min(s + CHUNK, ROWS)) for s in range(0, ROWS, CHUNK)]
+    return {name: torch.cat([p[name] for p in parts]) for name in SPEC}
+
+
+def fill(cache: FeatureCache, client: int, order: list[int] | None = None) -> None:
+    """Open (resume) and write every missing chunk, in `order` if given."""
+    missing = cache.open()
+    for index in order if order is not None else missing:
+        if index in cache.missing_chunks():
+            cache.write_chunk(index, rows(client, *cache.chunk_range(index)))
+
+
+def assert_cache_matches(root: Path, client: int) -> None:
+    cache = make_cache(root, client)
+    assert cache.open() == []
+    data = cache.load()
+    for name, value in expected(client).items():
+        assert torch.equal(data[name], value), name
+
+
+def child(code: str) -> subprocess.Popen:
+    """A Python child that runs `code` with this module importable."""
+    prelude = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+               "import torch; torch.set_num_threads(1)\n"
+               "from test_reliability import *\n")
+    return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> str:
+    assert proc.stdout is not None
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(prefix):
+            return line
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"child never printed {prefix!r}: {proc.communicate()[1][-2000:]}")
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+# --- 1. a kill at any point leaves a usable state ----------------------------------------------------
+@pytest.mark.parametrize("target", ["chunk-00002.safetensors", "manifest.json"])
+def test_feature_cache_sigkill_inside_a_write_resumes_cleanly(tmp_path, target):
+    """The child is frozen right before the rename of a fully written temp file (chunk data or
+    the manifest recording chunk 2) and SIGKILLed there: chunks 0-1 stay, 2 is redone."""
+    proc = child(f"""
+        import os, time
+        real_replace = os.replace
+        def frozen_replace(src, dst):
+            target = {target!r}
+            if str(dst).endswith(target) and (target != "manifest.json"
+                                              or '"2": {{' in open(src).read()):
+                print("FROZEN", src, flush=True)
+                time.sleep(600)
+            real_replace(src, dst)
+        os.replace = frozen_replace
+        cache = make_cache({str(tmp_path)!r}, 0)
+        fill(cache, 0)
+    """)
+    wait_for_line(proc, "FROZEN")
+    sigkill(proc)
+    cache = make_cache(tmp_path, 0)
+    assert list(cache.dir.glob(".*.tmp")), "the killed writer's temp file should be there"
+    assert cache.open() == list(range(2, ROWS // CHUNK))  # 0 and 1 verified, 2 not recorded
+    fill(cache, 0)
+    assert_cache_matches(tmp_path, 0)
+
+
+def test_feature_cache_survives_sigkill_at_random_moments(tmp_path):
+    """Kill a writer at random moments, resume each time; the end result is exact."""
+    rng = random.Random(0)
+    for _ in range(2):
+        proc = child(f"""
+            cache = make_cache({str(tmp_path)!r}, 1)
+            print("START", cache.open(), flush=True)
+            fill(cache, 1)
+        """)
+        wait_for_line(proc, "START")
+        time.sleep(rng.uniform(0.05, 0.6))
+        if proc.poll() is None:
+            sigkill(proc)
+    cache = make_cache(tmp_path, 1)
+    fill(cache, 1)  # resumes at whatever is missing; corrupt pieces would be logged and redone
+    assert_cache_matches(tmp_path, 1)
+
+
+def test_checkpoint_survives_sigkill_while_saving(tmp_path):
+    """A child saves 4 MiB checkpoints round after round; killed inside an fsync (frozen) and then
+    at a random moment, the newest checkpoint that verifies is complete and exact."""
+    code = f"""
+        import os, time
+        import numpy as np
+        from feddifrc_core import checkpoint as ckpt
+        real_fsync = os.fsync
+        r = 0
+        def frozen_fsync(fd):
+            if r == FREEZE:
+                print("FROZEN", r, flush=True)
+                time.sleep(600)
+            real_fsync(fd)
+        os.fsync = frozen_fsync
+        start = len(ckpt.list_checkpoints({str(tmp_path)!r}))
+        for r in range(start + 1, 10_000):
+            arrays = {{"model.w": np.full((1024, 1024), r, dtype=np.float32)}}
+            ckpt.save_checkpoint(ckpt.checkpoint_path({str(tmp_path)!r}, r), arrays, {{"round": r}})
+            ckpt.prune_checkpoints({str(tmp_path)!r}, keep=2)
+            print("SAVED", r, flush=True)
+    """
+    proc = child(code.replace("FREEZE", "3"))
+    wait_for_line(proc, "FROZEN")
+    sigkill(proc)
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest is not None and latest.round == 2
+    assert list(tmp_path.glob(".round-0003.*.tmp"))  # the unfinished write, never renamed
+
+    proc = child(code.replace("FREEZE", "-1"))
+    wait_for_line(proc, "SAVED")
+    time.sleep(random.Random(1).uniform(0.0, 0.5))
+    sigkill(proc)
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest is not None and latest.round >= 3
+    assert np.all(latest.arrays["model.w"] == latest.round)
+    for path in ckpt.list_checkpoints(tmp_path):  # every file under its final name verifies
+        ckpt.load_checkpoint(path)
+
+
+# --- 2. concurrent writers sharing one cache folder ----------------------------------------------------
+@pytest.mark.slow
+def test_concurrent_processes_share_a_cache_folder_without_corruption(tmp_path):
+    """Two processes fill the SAME cache (same fingerprint) in opposite orders while a third
+    fills another client's cache in the same root; all start together."""
+    go = tmp_path / "go"
+    plan = [(0, "up"), (0, "down"), (1, "up")]
+    procs = [
+        child(f"""
+            import time
+            from pathlib import Path
+            cache = make_cache({str(tmp_path / "root")!r}, {client})
+            cache.open()
+            order = list(range(cache.num_chunks))
+            if {direction!r} == "down":
+                order.reverse()
+            print("READY", flush=True)
+            while not Path({str(go)!r}).exists():
+                time.sleep(0.01)
+            fill(cache, {client}, order)
+            print("DONE", cache.missing_chunks(), flush=True)
+        """)
+        for client, direction in plan
+    ]
+    for proc in procs:
+        wait_for_line(proc, "READY")
+    go.touch()
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "DONE []" in out, err[-2000:]
+        assert "WARNING" not in err, err[-2000:]  # no corruption was detected and repaired
+    for client in (0, 1):
+        assert_cache_matches(tmp_path / "root", client)
+        manifest = json.loads((make_cache(tmp_path / "root", client).dir / "manifest.json").read_text())
+        assert manifest["complete"] and len(manifest["chunks"]) == ROWS // CHUNK
+    assert not list((tmp_path / "root").glob("*/.*.tmp"))
+
+
+# --- 3. disk full and permission errors ------------------------------------------------------------------
+def test_disk_full_in_a_real_process_is_reported_and_leaves_no_debris(tmp_path):
+    """RLIMIT_FSIZE makes writes past 256 KiB fail with EFBIG, as a full disk fails with ENOSPC."""
+    proc = child(f"""
+        import errno, resource, signal
+        import numpy as np
+        from feddifrc_core import checkpoint as ckpt
+        cache = make_cache({str(tmp_path / "cache")!r}, 0)
+        cache.open()
+        ckpt.save_checkpoint(ckpt.checkpoint_path({str(tmp_path / "ckpt")!r}, 1),
+                             {{"w": np.zeros(10)}}, {{"round": 1}})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+        for what, write in (
+            ("CACHE", lambda: cache.write_chunk(0, rows(0, 0, 32))),
+            ("CKPT", lambda: ckpt.save_checkpoint(ckpt.checkpoint_path({str(tmp_path / "ckpt")!r}, 2),
+                                                  {{"w": np.zeros(10**6)}}, {{"round": 2}})),
+        ):
+            try:
+                write()
+                print(what, "no error", flush=True)
+            except OSError as err:
+                print(what, err.errno, str(err).replace(chr(10), " "), flush=True)
+    """)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    cache_line = next(line for line in out.splitlines() if line.startswith("CACHE"))
+    ckpt_line = next(line for line in out.splitlines() if line.startswith("CKPT"))
+    cache = make_cache(tmp_path / "cache", 0)
+    assert f" {errno.EFBIG} " in cache_line and str(cache.dir / "chunk-00000.safetensors") in cache_line
+    assert "free disk space" in cache_line and "cache-dir" in cache_line
+    assert f"{tmp_path / 'ckpt'}" in ckpt_line and "free disk space" in ckpt_line
+    # nothing half-written is left or recorded; the previous checkpoint is intact
+    assert not list(cache.dir.glob(".*.tmp")) and not list((tmp_path / "ckpt").glob(".*.tmp"))
+    assert cache.open() == list(range(ROWS // CHUNK))
+    assert ckpt.latest_checkpoint(tmp_path / "ckpt").round == 1
+
+
+def test_no_space_left_names_the_path_and_the_fix(tmp_path, monkeypatch):
+    cache = make_cache(tmp_path, 0)
+    cache.open()
+    cache.write_chunk(0, rows(0, 0, CHUNK))
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(FeatureCacheError, match="No space left on device") as info:
+        cache.write_chunk(1, rows(0, CHUNK, 2 * CHUNK))
+    assert info.value.errno == errno.ENOSPC and str(cache.dir / "chunk-00001") in str(info.value)
+    assert "free disk space, or point cache-dir" in str(info.value)
+    with pytest.raises(OSError, match=r"could not write .*round-0001.*No space left.*free disk space"):
+        ckpt.save_checkpoint(ckpt.checkpoint_path(tmp_path / "ckpt", 1), {"w": np.zeros(3)}, {"round": 1})
+    monkeypatch.undo()
+    assert not list(tmp_path.rglob(".*.tmp"))
+    assert make_cache(tmp_path, 0).open() == list(range(1, ROWS // CHUNK))  # chunk 0 kept
+
+
+def test_cache_dir_under_a_file_is_a_clear_error(tmp_path):
+    # Tests run as root, where chmod does not stop writes: a file in place of a folder does.
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(FeatureCacheError, match="is a file, not a folder: point cache-dir") as info:
+        make_cache(blocker / "cache", 0).open()
+    assert str(blocker / "cache") in str(info.value)
+
+
+def test_read_only_cache_folder_is_a_clear_error(tmp_path, monkeypatch):
+    import tempfile
+
+    cache = make_cache(tmp_path, 0)
+    cache.open()
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)  # what a read-only folder does to a user
+    with pytest.raises(FeatureCacheError, match="Permission denied") as info:
+        cache.write_chunk(0, rows(0, 0, CHUNK))
+    assert f"make {cache.dir} writable" in str(info.value) and "FEDDIFRC_CACHE_DIR" in str(info.value)
