@@ -237,7 +237,9 @@ def build_global_model(cfg: Any, channels: int, num_classes: int, image_size: in
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return build_model(cfg.model, channels, num_classes, cfg.model_width, image_size=image_size)
+        # align-head=linear adds the shared D -> D head the alignment losses act on (docs/method.md)
+        return build_model(cfg.model, channels, num_classes, cfg.model_width, image_size=image_size,
+                           align_head=getattr(cfg, "align_head", "none") == "linear")
 
 
 def load_state(model: Any, state: Mapping[str, np.ndarray]) -> None:
