@@ -687,7 +687,9 @@ def _load_image_folder(split: str, root: Path | None, image_size: int | None) ->
     for d in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if d.name not in classes:
             raise DatasetFormatError(
-                f"image-folder: class folder {d} has no counterpart in {train_dir}"
+                f"image-folder: class folder {d} has no counterpart in {train_dir} (train classes: "
+                f"{classes}); the labels come from the train sub-folders, so every test class "
+                "needs the same class folder name under train/ (rename or remove it)"
             )
         found = sorted(p for p in d.rglob("*") if _is_image(p))
         files += found

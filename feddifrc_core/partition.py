@@ -19,9 +19,10 @@ import numpy as np
 
 METHODS = ("dirichlet-reference", "flwr-dirichlet", "iid")
 GROUP_SIZE = 5  # reference: clients are partitioned in groups of 5 ("n_auxi_workers")
-# Resampling budget per group before the reference scheme gives up: about 1e6 Dirichlet draws
-# (seconds); settings that need more (e.g. 2 classes at alpha 0.05) are practically impossible.
-MAX_DRAWS = 1_000_000
+# Resampling budget per group before the reference scheme gives up: 1e5 Dirichlet draws (a few
+# seconds on a busy 2-core machine; 1e6 took 90 s there before an impossible setting was
+# reported). 2 classes at alpha 0.05 succeed in ~1 of 300 redraws, 50,000 redraws are allowed.
+MAX_DRAWS = 100_000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,19 +233,28 @@ def flwr_dirichlet(
     _check_clients(num_clients, labels.size)
     alpha = _check_alpha(alpha)
     table = Dataset.from_dict({"label": labels.tolist(), "idx": list(range(labels.size))})
+    min_size = min(min_partition_size, labels.size // (2 * num_clients))
     partitioner = DirichletPartitioner(
         num_partitions=num_clients,
         partition_by="label",
         alpha=alpha,
-        min_partition_size=min(min_partition_size, labels.size // (2 * num_clients)),
+        min_partition_size=min_size,
         self_balancing=False,
         shuffle=True,
         seed=seed,
     )
     partitioner.dataset = table
-    return [
-        np.asarray(partitioner.load_partition(k)["idx"], dtype=np.int64) for k in range(num_clients)
-    ]
+    try:
+        return [
+            np.asarray(partitioner.load_partition(k)["idx"], dtype=np.int64)
+            for k in range(num_clients)
+        ]
+    except ValueError as err:  # flwr-datasets gives up after 10 redraws, in its own words
+        raise ValueError(
+            f"flwr-dirichlet partition: no split of {labels.size} samples over {num_clients} "
+            f"clients with alpha={alpha} gave every client at least {min_size} "
+            f"samples ({err}). Increase dirichlet-alpha, use fewer clients or more samples."
+        ) from None
 
 
 def build_partitions(

@@ -87,7 +87,9 @@ def _run(args: argparse.Namespace, env: dict[str, str], home: Path) -> int:
     cmd = [flwr, "run", str(ROOT), CONNECTION, "--format", "json", "--federation-config", federation]
     if args.run_config:
         overrides = home / "run-config.toml"
-        overrides.write_text(_to_toml(merge_run_config(args.run_config)))
+        merged = merge_run_config(args.run_config)
+        check_run_config_keys(merged)  # the SuperLink only answers "Invalid run configuration"
+        overrides.write_text(_to_toml(merged))
         cmd += ["--run-config", str(overrides)]
     submitted = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     run_id = _run_id(submitted.stdout)
@@ -160,6 +162,20 @@ def _to_toml(values: dict[str, object]) -> str:
         return json.dumps(str(value))  # a TOML basic string
 
     return "".join(f"{key} = {literal(value)}\n" for key, value in values.items())
+
+
+def check_run_config_keys(values: dict[str, object]) -> None:
+    """Name unknown run-config keys (with the closest known ones) before submitting."""
+    import difflib
+    import tomllib
+
+    known = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        hints = "; ".join(f"{key!r}: did you mean {difflib.get_close_matches(key, known, n=2)}?"
+                          for key in unknown)
+        raise SystemExit(f"ERROR: unknown run-config key(s) {unknown} ({hints}). The keys are "
+                         "those of pyproject.toml [tool.flwr.app.config] (docs/running.md).")
 
 
 def _status(flwr: str, env: dict[str, str], run_id: int) -> str:
