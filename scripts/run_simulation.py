@@ -71,14 +71,17 @@ def main() -> int:
          "--disable-runtime-dependency-installation", "--log-file", str(log_file)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    active: dict[str, int] = {}  # the submitted run while it is not finished
     try:
         _wait_for_port(port, superlink, log_file)
-        return _run(args, env, home)
+        return _run(args, env, home, active)
     finally:
+        if "run-id" in active:  # interrupted mid-run: let Flower stop the run cleanly first
+            _flwr_stop(env, active["run-id"])
         _stop(superlink)
 
 
-def _run(args: argparse.Namespace, env: dict[str, str], home: Path) -> int:
+def _run(args: argparse.Namespace, env: dict[str, str], home: Path, active: dict[str, int]) -> int:
     flwr = str(BIN / "flwr")
     # 3. submit the run
     federation = (f"num-supernodes={args.supernodes} "
@@ -98,24 +101,30 @@ def _run(args: argparse.Namespace, env: dict[str, str], home: Path) -> int:
         print("ERROR: the run could not be submitted (see above; run-config keys must exist in "
               "pyproject [tool.flwr.app.config]).", file=sys.stderr)
         return 1
+    active["run-id"] = run_id
     print(f"Submitted run {run_id}; streaming its logs ...", flush=True)
 
     # 4. follow the logs until the run ends; keep the lines to find the run folder
     lines: list[str] = []
-    with subprocess.Popen([flwr, "log", str(run_id), CONNECTION, "--stream"], env=env, cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as stream:
+    stream = subprocess.Popen([flwr, "log", str(run_id), CONNECTION, "--stream"], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
         deadline = time.time() + args.timeout
         assert stream.stdout is not None
         for line in stream.stdout:
             sys.stdout.write(line)
             lines.append(line)
             if time.time() > deadline:
-                stream.terminate()
                 print(f"ERROR: run {run_id} did not finish within {args.timeout:.0f} s", file=sys.stderr)
                 return 1
+    finally:  # also on Ctrl-C / SIGTERM: never leave the log follower behind
+        if stream.poll() is None:
+            stream.terminate()
+        stream.wait()
 
     # 5. the verdict comes from the SuperLink, not from `flwr run`'s exit code
     status = _status(flwr, env, run_id)
+    active.pop("run-id")  # finished: nothing to stop
     folder = next((m.group(1) for line in lines if (m := re.search(r"Run folder: (\S+)", line))), None)
     if status != "finished:completed":
         print(f"\nERROR: Flower run {run_id} ended with status {status!r}. The ServerApp's error is in "
@@ -223,18 +232,58 @@ def _wait_for_port(port: int, process: subprocess.Popen, log_file: Path, timeout
     raise SystemExit(f"ERROR: flower-superlink did not open port {port} within {timeout:.0f} s; see {log_file}")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the SuperLink and the ServerApp/simulation processes it started (its session)."""
-    if process.poll() is not None:
-        return
+def _flwr_stop(env: dict[str, str], run_id: int) -> None:
+    print(f"Stopping run {run_id} ...", file=sys.stderr, flush=True)
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        subprocess.run([str(BIN / "flwr"), "stop", str(run_id), CONNECTION], env=env, cwd=ROOT,
+                       capture_output=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """All processes below `pid`. The SuperLink starts its executor (and that one the ServerApp
+    and Ray) in new sessions, so killing the SuperLink's process group would orphan them."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        child, parent = (int(x) for x in line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop the SuperLink and every process it started (executor, ServerApp, Ray)."""
+    pids = [process.pid, *_descendants(process.pid)] if process.poll() is None else []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 20
+        while time.time() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.3)
+            process.poll()  # reap the SuperLink itself
+        pids = [pid for pid in pids if _alive(pid)]
+        if not pids:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
 
 
 def _git_sha() -> str:
