@@ -295,14 +295,19 @@ class ResultsStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.records: dict[str, dict[str, Any]] = {}
-        if path.is_file():
-            data = json.loads(path.read_text())
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read the file: several harness processes may share one results folder."""
+        if self.path.is_file():
+            data = json.loads(self.path.read_text())
             if data.get("format") != RESULTS_FORMAT:
-                raise ValueError(f"{path} has format {data.get('format')!r}, expected "
+                raise ValueError(f"{self.path} has format {data.get('format')!r}, expected "
                                  f"{RESULTS_FORMAT}; use another --out")
             self.records = {r["key"]: r for r in data["runs"]}
 
     def done(self, spec: RunSpec) -> bool:
+        self.reload()
         record = self.records.get(spec.key)
         if record is None:
             return False
@@ -314,12 +319,18 @@ class ResultsStore:
         return True
 
     def add(self, record: dict[str, Any]) -> None:
-        self.records[record["key"]] = record
-        payload = {"format": RESULTS_FORMAT, "runs": sorted(self.records.values(),
-                                                             key=lambda r: r["key"])}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        """Merge one record into the file under a lock (read, merge, atomic replace)."""
+        import fcntl
+
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.reload()
+            self.records[record["key"]] = record
+            payload = {"format": RESULTS_FORMAT, "runs": sorted(self.records.values(),
+                                                                 key=lambda r: r["key"])}
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(payload, indent=1) + "\n")
+            os.replace(tmp, self.path)
 
 
 def _group(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, float], list[Mapping[str, Any]]]:
@@ -408,6 +419,7 @@ def plot_accuracy(records: Sequence[Mapping[str, Any]], path: Path, ssl: bool = 
 
 def write_reports(store: ResultsStore, out: Path, command: str) -> str:
     """table.md (+ ssl_table.md) and the plots from every recorded run."""
+    store.reload()
     records = list(store.records.values())
     sup = [r for r in records if r["method"] in SUPERVISED]
     ssl = [r for r in records if r["method"] in SELF_SUPERVISED]
@@ -525,8 +537,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 2. run what is missing; a failed run is reported and the others go on
     failed = []
-    if not args.report_only:
-        for spec in todo:
+    for spec in todo:
+        if store.done(spec):  # another harness process sharing this folder recorded it meanwhile
+            continue
+        folder = out / "runs" / spec.run_name
+        if (folder / "summary.json").is_file():  # finished earlier but not recorded: read it back
+            store.add(read_run(spec, folder))
+            continue
+        if not args.report_only:
             try:
                 folder = launch(spec, out, args)
             except (RuntimeError, subprocess.TimeoutExpired) as err:

@@ -72,6 +72,9 @@ def test_harness_records_runs_skips_them_on_rerun_and_writes_reports(tmp_path, m
     assert launched == ["fedavg/alpha=0.1/seed=7", "feddifrc/alpha=0.1/seed=7"]
     assert accuracy.main(argv) == 0  # resumed: everything is recorded, nothing runs again
     assert len(launched) == 2
+    (tmp_path / "results.json").unlink()  # finished run folders are read back, not rerun
+    assert accuracy.main(argv) == 0
+    assert len(launched) == 2
 
     table = (tmp_path / "table.md").read_text()
     assert "| fedavg | 50.00 | 40.00 | 7 |" in table  # best 0.5, mean of (0.3, 0.5, 0.4)
@@ -120,3 +123,15 @@ def test_accuracy_harness_runs_the_real_flower_app(fmnist_root, tmp_path):
     record = json.loads((tmp_path / "results.json").read_text())["runs"][0]
     assert record["rounds"] == [1] and 0.0 <= record["best"] <= 1.0
     assert (Path(record["run-folder"]) / "final_model.safetensors").is_file()
+
+
+def test_stores_sharing_one_file_keep_each_others_records(tmp_path):
+    """Two harness processes on one results folder: neither write drops the other's run."""
+    first = accuracy.ResultsStore(tmp_path / "results.json")
+    second = accuracy.ResultsStore(tmp_path / "results.json")  # opened before any record exists
+    for store, method in ((first, "fedavg"), (second, "moon")):
+        spec = accuracy.plan_runs([method], [0.1], [7], accuracy.CPU_BUDGET, {})[0]
+        _fake_run_folder(tmp_path / spec.run_name, [0.5])
+        store.add(accuracy.read_run(spec, tmp_path / spec.run_name))
+    keys = sorted(accuracy.ResultsStore(tmp_path / "results.json").records)
+    assert keys == ["fedavg/alpha=0.1/seed=7", "moon/alpha=0.1/seed=7"]
