@@ -299,3 +299,47 @@ def test_read_only_cache_folder_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FeatureCacheError, match="Permission denied") as info:
         cache.write_chunk(0, rows(0, 0, CHUNK))
     assert f"make {cache.dir} writable" in str(info.value) and "FEDDIFRC_CACHE_DIR" in str(info.value)
+
+
+# --- 4. scale smoke: many clients in one process keep bounded state -----------------------------------
+@pytest.mark.slow
+def test_twenty_clients_one_round_keep_per_process_state_bounded(tmp_path):
+    """20 clients through the real ServerApp/ClientApp in one process (the in-process grid;
+    FedDifRC with 10-100 clients on Ray is benchmarks/scale.py): client sessions are memoised
+    with a bound, so a process's memory does not grow with the number of clients it serves."""
+    from loopback_grid import LoopbackGrid
+
+    from client_app.app import app as client_app
+    from feddifrc_core import federation
+    from feddifrc_core.config import RunConfig
+    from server_app.app import run_server
+
+    cfg = RunConfig(seed=3, num_rounds=1, fraction_train=0.5, min_train_nodes=10,
+                    min_available_nodes=20, output_dir=str(tmp_path / "runs"), run_name="run",
+                    torch_threads=1, device="cpu", dataset="digits", train_samples=240,
+                    test_samples=50, partition="iid", model="small-cnn", model_width=4,
+                    local_epochs=1, batch_size=16, algorithm="fedavg", cache_dir=str(tmp_path / "cache"))
+    federation.ClientSession._sessions.clear()
+    summary = run_server(LoopbackGrid(client_app, 20), cfg)
+    assert summary["rounds"] == 1
+    rows = [json.loads(x) for x in (tmp_path / "runs/run/metrics.jsonl").read_text().splitlines()]
+    assert len(rows[-1]["clients"].split()) == 10 and rows[-1]["failures"] == 0
+    sessions = federation.ClientSession._sessions
+    assert len(sessions._items) <= sessions.max_items < 20
+
+
+def test_scale_benchmark_reads_the_process_tree():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from scale import process_tree, rss_pss
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.2)
+        tree = process_tree(os.getpid())
+        assert os.getpid() in tree and sleeper.pid in tree
+        rss, pss = rss_pss(sleeper.pid)
+        assert rss > 1 << 20 and 0 < pss <= rss
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert rss_pss(sleeper.pid) == (0, 0)
