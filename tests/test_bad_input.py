@@ -5,7 +5,8 @@ Unit-level checks that already exist elsewhere (not repeated here):
 - every config key's type / range / choices, prompt template without '{}': tests/test_config.py
 - partition arguments: tests/test_partition.py; data set files: tests/test_datasets.py
 - hub id offline: tests/test_diffusion_extractor.py::test_offline_hub_error_says_what_to_do
-- server/client model mismatch: tests/test_strategy.py::test_a_model_mismatch_between_server_and_client_is_named;
+- server/client model mismatch: tests/test_strategy.py
+  (test_a_model_mismatch_between_server_and_client_is_named);
   resume with changed settings: tests/test_simulation.py
 - a failing ClientApp fails the run / the run script's exit code: tests/test_simulation.py
 """
@@ -41,16 +42,34 @@ def _fresh_datasets():
 
 
 def tiny(tmp_path: Path, **changes) -> RunConfig:
-    base = dict(seed=3, num_rounds=1, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2,
-                output_dir=str(tmp_path / "runs"), run_name="run", torch_threads=1, device="cpu",
-                dataset="digits", train_samples=60, test_samples=40, partition="iid",
-                model="small-cnn", model_width=4, local_epochs=1, batch_size=16,
-                algorithm="fedavg", cache_dir=str(tmp_path / "cache"), probe_train_samples=20)
+    base = dict(
+        seed=3,
+        num_rounds=1,
+        fraction_train=1.0,
+        min_train_nodes=2,
+        min_available_nodes=2,
+        output_dir=str(tmp_path / "runs"),
+        run_name="run",
+        torch_threads=1,
+        device="cpu",
+        dataset="digits",
+        train_samples=60,
+        test_samples=40,
+        partition="iid",
+        model="small-cnn",
+        model_width=4,
+        local_epochs=1,
+        batch_size=16,
+        algorithm="fedavg",
+        cache_dir=str(tmp_path / "cache"),
+        probe_train_samples=20,
+    )
     return RunConfig(**{**base, **changes})
 
 
-def image_folder(root: Path, classes: list[str], per_class: int = 4,
-                 test_classes: list[str] | None = None) -> Path:
+def image_folder(
+    root: Path, classes: list[str], per_class: int = 4, test_classes: list[str] | None = None
+) -> Path:
     rng = np.random.default_rng(0)
     for split, names in (("train", classes), ("test", test_classes or classes)):
         for name in names:
@@ -65,10 +84,12 @@ def server_context(run_config: dict) -> Context:
     return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
 
 
-# --- config: unknown keys, wrong types ---------------------------------------------------------------
+# --- config: unknown keys, wrong types ------------------------------------------------------------
 def test_server_app_rejects_an_unknown_key_naming_the_known_ones(tmp_path):
     app = make_server_app()
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learnig-rate'\]; known keys are .*'lr'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key\(s\) \['learnig-rate'\]; known keys are .*'lr'"
+    ):
         app(LoopbackGrid(client_app, 2), server_context({"learnig-rate": 0.1}))
 
 
@@ -84,10 +105,12 @@ def test_node_config_with_a_wrong_type_is_named():
         NodeConfig.from_flower({"partition-id": "one", "num-partitions": "2"})
 
 
-# --- impossible partitions -------------------------------------------------------------------------
+# --- impossible partitions ------------------------------------------------------------------------
 def test_more_clients_than_samples_names_the_fix(tmp_path):
     cfg = tiny(tmp_path, train_samples=20)
-    with pytest.raises(ValueError, match=r"num_clients=50 is more than the 20 samples.*train-samples=0"):
+    with pytest.raises(
+        ValueError, match=r"num_clients=50 is more than the 20 samples.*train-samples=0"
+    ):
         federation.ClientSession(cfg, NodeConfig(partition_id=0, num_partitions=50))
 
 
@@ -99,7 +122,7 @@ def test_tiny_alpha_with_two_classes_cannot_give_every_client_data(tmp_path, par
         federation.client_indices(cfg, labels, 2, partition_id=0, num_partitions=10)
 
 
-# --- missing data sets -------------------------------------------------------------------------------
+# --- missing data sets ----------------------------------------------------------------------------
 def test_missing_data_set_on_the_server_names_the_path_and_the_fix(tmp_path):
     empty = tmp_path / "no-mnist-here"
     empty.mkdir()
@@ -111,30 +134,39 @@ def test_missing_data_set_on_the_server_names_the_path_and_the_fix(tmp_path):
 
 
 def test_missing_data_path_on_a_node_names_the_path(tmp_path):
-    cfg = tiny(tmp_path, dataset="image-folder", data_path=str(image_folder(tmp_path / "d", ["a", "b"])))
+    cfg = tiny(
+        tmp_path, dataset="image-folder", data_path=str(image_folder(tmp_path / "d", ["a", "b"]))
+    )
     node = NodeConfig(partition_id=0, num_partitions=2, data_path=str(tmp_path / "typo"))
     with pytest.raises(DatasetNotFoundError, match=r"typo.*Expected layout"):
         federation.ClientSession(cfg, node)
 
 
-# --- a diffusion model that cannot be loaded offline -------------------------------------------------
+# --- a diffusion model that cannot be loaded offline ----------------------------------------------
 def test_unloadable_model_id_fails_the_client_naming_the_offline_choices(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never the network
-    cfg = tiny(tmp_path, algorithm="feddifrc", diffusion_model="no-such-org/no-such-model",
-               diffusion_image_size=0, neg_num=3)
+    cfg = tiny(
+        tmp_path,
+        algorithm="feddifrc",
+        diffusion_model="no-such-org/no-such-model",
+        diffusion_image_size=0,
+        neg_num=3,
+    )
     client = federation.ClientSession(cfg, NodeConfig(partition_id=0, num_partitions=2))
     with pytest.raises(RuntimeError, match="offline-teacher") as info:
         client.projection_stats()
     assert "no-such-org/no-such-model" in str(info.value)
 
 
-# --- class names that do not match the data --------------------------------------------------------
+# --- class names that do not match the data -------------------------------------------------------
 def test_image_folder_test_class_unknown_to_train_names_the_fix(tmp_path):
     root = image_folder(tmp_path / "d", ["cat", "dog"], test_classes=["cat", "dgo"])
     cfg = tiny(tmp_path, dataset="image-folder", data_path=str(root))
-    with pytest.raises(DatasetFormatError, match=r"dgo has no counterpart.*same class folder name under train/"):
+    with pytest.raises(
+        DatasetFormatError, match=r"dgo has no counterpart.*same class folder name under train/"
+    ):
         federation.CentralEvaluator(cfg)
 
 
@@ -143,8 +175,14 @@ def test_a_node_with_other_classes_fails_the_round_naming_the_mismatch(tmp_path)
     fit the global one, the round fails (min-train-nodes = all) and the reason reaches the user."""
     server_data = image_folder(tmp_path / "server", ["cat", "dog"])
     other = image_folder(tmp_path / "other", ["cat", "dog", "fox"])
-    cfg = tiny(tmp_path, dataset="image-folder", data_path=str(server_data), train_samples=0,
-               test_samples=0, min_train_nodes=2)
+    cfg = tiny(
+        tmp_path,
+        dataset="image-folder",
+        data_path=str(server_data),
+        train_samples=0,
+        test_samples=0,
+        min_train_nodes=2,
+    )
     grid = LoopbackGrid(client_app, 2)
     odd_node = sorted(grid.contexts)[1]
     grid.contexts[odd_node].node_config["data-path"] = str(other)
@@ -158,17 +196,33 @@ def test_run_script_names_unknown_keys_before_submitting():
     from run_simulation import check_run_config_keys, merge_run_config
 
     check_run_config_keys(merge_run_config(["num-rounds=2 lr=0.1"]))
-    with pytest.raises(SystemExit, match=r"unknown run-config key\(s\) \['num-round'\].*'num-rounds'"):
+    with pytest.raises(
+        SystemExit, match=r"unknown run-config key\(s\) \['num-round'\].*'num-rounds'"
+    ):
         check_run_config_keys(merge_run_config(["num-round=2 lr=0.1"]))
 
 
-# --- the run script: the one end-to-end check (the others above are unit-level) ----------------------
+# --- the run script: the one end-to-end check (the others above are unit-level) -------------------
 @pytest.mark.slow
 def test_run_script_with_an_unknown_key_exits_nonzero_naming_it(tmp_path):
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FEDDIFRC_RUNS_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FEDDIFRC_RUNS_DIR": str(tmp_path),
+    }
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/run_simulation.py"), "--supernodes", "2",
-         "-c", "learnig-rate=0.1"],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "scripts/run_simulation.py"),
+            "--supernodes",
+            "2",
+            "-c",
+            "learnig-rate=0.1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "learnig-rate" in proc.stderr and "pyproject" in proc.stderr, proc.stderr

@@ -69,11 +69,18 @@ def assert_cache_matches(root: Path, client: int) -> None:
 
 def child(code: str) -> subprocess.Popen:
     """A Python child that runs `code` with this module importable."""
-    prelude = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
-               "import torch; torch.set_num_threads(1)\n"
-               "from test_reliability import *\n")
-    return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    prelude = (
+        f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+        "import torch; torch.set_num_threads(1)\n"
+        "from test_reliability import *\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> str:
@@ -95,7 +102,7 @@ def sigkill(proc: subprocess.Popen) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-# --- 1. a kill at any point leaves a usable state ----------------------------------------------------
+# --- 1. a kill at any point leaves a usable state -------------------------------------------------
 @pytest.mark.parametrize("target", ["chunk-00002.safetensors", "manifest.json"])
 def test_feature_cache_sigkill_inside_a_write_resumes_cleanly(tmp_path, target):
     """The child is frozen right before the rename of a fully written temp file (chunk data or
@@ -181,7 +188,7 @@ def test_checkpoint_survives_sigkill_while_saving(tmp_path):
         ckpt.load_checkpoint(path)
 
 
-# --- 2. concurrent writers sharing one cache folder ----------------------------------------------------
+# --- 2. concurrent writers sharing one cache folder -----------------------------------------------
 @pytest.mark.slow
 def test_concurrent_processes_share_a_cache_folder_without_corruption(tmp_path):
     """Two processes fill the SAME cache (same fingerprint) in opposite orders while a third
@@ -214,12 +221,14 @@ def test_concurrent_processes_share_a_cache_folder_without_corruption(tmp_path):
         assert "WARNING" not in err, err[-2000:]  # no corruption was detected and repaired
     for client in (0, 1):
         assert_cache_matches(tmp_path / "root", client)
-        manifest = json.loads((make_cache(tmp_path / "root", client).dir / "manifest.json").read_text())
+        manifest = json.loads(
+            (make_cache(tmp_path / "root", client).dir / "manifest.json").read_text()
+        )
         assert manifest["complete"] and len(manifest["chunks"]) == ROWS // CHUNK
     assert not list((tmp_path / "root").glob("*/.*.tmp"))
 
 
-# --- 3. disk full and permission errors ------------------------------------------------------------------
+# --- 3. disk full and permission errors -----------------------------------------------------------
 def test_disk_full_in_a_real_process_is_reported_and_leaves_no_debris(tmp_path):
     """RLIMIT_FSIZE makes writes past 256 KiB fail with EFBIG, as a full disk fails with ENOSPC."""
     proc = child(f"""
@@ -234,8 +243,9 @@ def test_disk_full_in_a_real_process_is_reported_and_leaves_no_debris(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
         for what, write in (
             ("CACHE", lambda: cache.write_chunk(0, rows(0, 0, 32))),
-            ("CKPT", lambda: ckpt.save_checkpoint(ckpt.checkpoint_path({str(tmp_path / "ckpt")!r}, 2),
-                                                  {{"w": np.zeros(10**6)}}, {{"round": 2}})),
+            ("CKPT", lambda: ckpt.save_checkpoint(
+                ckpt.checkpoint_path({str(tmp_path / "ckpt")!r}, 2),
+                {{"w": np.zeros(10**6)}}, {{"round": 2}})),
         ):
             try:
                 write()
@@ -248,7 +258,10 @@ def test_disk_full_in_a_real_process_is_reported_and_leaves_no_debris(tmp_path):
     cache_line = next(line for line in out.splitlines() if line.startswith("CACHE"))
     ckpt_line = next(line for line in out.splitlines() if line.startswith("CKPT"))
     cache = make_cache(tmp_path / "cache", 0)
-    assert f" {errno.EFBIG} " in cache_line and str(cache.dir / "chunk-00000.safetensors") in cache_line
+    assert (
+        f" {errno.EFBIG} " in cache_line
+        and str(cache.dir / "chunk-00000.safetensors") in cache_line
+    )
     assert "free disk space" in cache_line and "cache-dir" in cache_line
     assert f"{tmp_path / 'ckpt'}" in ckpt_line and "free disk space" in ckpt_line
     # nothing half-written is left or recorded; the previous checkpoint is intact
@@ -270,8 +283,12 @@ def test_no_space_left_names_the_path_and_the_fix(tmp_path, monkeypatch):
         cache.write_chunk(1, rows(0, CHUNK, 2 * CHUNK))
     assert info.value.errno == errno.ENOSPC and str(cache.dir / "chunk-00001") in str(info.value)
     assert "free disk space, or point cache-dir" in str(info.value)
-    with pytest.raises(OSError, match=r"could not write .*round-0001.*No space left.*free disk space"):
-        ckpt.save_checkpoint(ckpt.checkpoint_path(tmp_path / "ckpt", 1), {"w": np.zeros(3)}, {"round": 1})
+    with pytest.raises(
+        OSError, match=r"could not write .*round-0001.*No space left.*free disk space"
+    ):
+        ckpt.save_checkpoint(
+            ckpt.checkpoint_path(tmp_path / "ckpt", 1), {"w": np.zeros(3)}, {"round": 1}
+        )
     monkeypatch.undo()
     assert not list(tmp_path.rglob(".*.tmp"))
     assert make_cache(tmp_path, 0).open() == list(range(1, ROWS // CHUNK))  # chunk 0 kept
@@ -298,10 +315,12 @@ def test_read_only_cache_folder_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkstemp", denied)  # what a read-only folder does to a user
     with pytest.raises(FeatureCacheError, match="Permission denied") as info:
         cache.write_chunk(0, rows(0, 0, CHUNK))
-    assert f"make {cache.dir} writable" in str(info.value) and "FEDDIFRC_CACHE_DIR" in str(info.value)
+    assert f"make {cache.dir} writable" in str(info.value) and "FEDDIFRC_CACHE_DIR" in str(
+        info.value
+    )
 
 
-# --- 4. scale smoke: many clients in one process keep bounded state -----------------------------------
+# --- 4. scale smoke: many clients in one process keep bounded state -------------------------------
 @pytest.mark.slow
 def test_twenty_clients_one_round_keep_per_process_state_bounded(tmp_path):
     """20 clients through the real ServerApp/ClientApp in one process (the in-process grid;
@@ -314,11 +333,27 @@ def test_twenty_clients_one_round_keep_per_process_state_bounded(tmp_path):
     from feddifrc_core.config import RunConfig
     from server_app.app import run_server
 
-    cfg = RunConfig(seed=3, num_rounds=1, fraction_train=0.5, min_train_nodes=10,
-                    min_available_nodes=20, output_dir=str(tmp_path / "runs"), run_name="run",
-                    torch_threads=1, device="cpu", dataset="digits", train_samples=240,
-                    test_samples=50, partition="iid", model="small-cnn", model_width=4,
-                    local_epochs=1, batch_size=16, algorithm="fedavg", cache_dir=str(tmp_path / "cache"))
+    cfg = RunConfig(
+        seed=3,
+        num_rounds=1,
+        fraction_train=0.5,
+        min_train_nodes=10,
+        min_available_nodes=20,
+        output_dir=str(tmp_path / "runs"),
+        run_name="run",
+        torch_threads=1,
+        device="cpu",
+        dataset="digits",
+        train_samples=240,
+        test_samples=50,
+        partition="iid",
+        model="small-cnn",
+        model_width=4,
+        local_epochs=1,
+        batch_size=16,
+        algorithm="fedavg",
+        cache_dir=str(tmp_path / "cache"),
+    )
     federation.ClientSession._sessions.clear()
     summary = run_server(LoopbackGrid(client_app, 20), cfg)
     assert summary["rounds"] == 1
