@@ -378,3 +378,73 @@ def test_scale_benchmark_reads_the_process_tree():
         sleeper.kill()
         sleeper.wait()
     assert rss_pss(sleeper.pid) == (0, 0)
+
+
+# --- 5. a real ServerApp process killed mid-run resumes exactly -----------------------------------
+def resume_config(tmp_path: Path, run_name: str, resume: bool = False):
+    from feddifrc_core.config import RunConfig
+
+    return RunConfig(
+        seed=5,
+        num_rounds=4,
+        fraction_train=0.67,
+        min_train_nodes=2,
+        min_available_nodes=3,
+        output_dir=str(tmp_path / "runs"),
+        run_name=run_name,
+        resume=resume,
+        torch_threads=1,
+        device="cpu",
+        dataset="digits",
+        train_samples=120,
+        test_samples=60,
+        partition="iid",
+        model="small-cnn",
+        model_width=4,
+        local_epochs=1,
+        batch_size=16,
+        algorithm="fedprox",
+        cache_dir=str(tmp_path / "cache"),
+    )
+
+
+@pytest.mark.slow
+def test_server_process_sigkilled_mid_run_resumes_to_the_same_model(tmp_path):
+    """tests/test_simulation.py kills the server with an exception; here a real process running
+    the ServerApp is SIGKILLed right after a checkpoint (metrics lines, checkpoint pruning, temp
+    files may be cut anywhere) and the resumed run still ends bit-identical to a straight run."""
+    from loopback_grid import LoopbackGrid
+    from safetensors.numpy import load_file
+
+    from client_app.app import app as client_app
+    from server_app.app import run_server
+
+    proc = child(f"""
+        from pathlib import Path
+        from loopback_grid import LoopbackGrid
+        from client_app.app import app as client_app
+        from server_app.app import run_server
+        run_server(LoopbackGrid(client_app, 3), resume_config(Path({str(tmp_path)!r}), "killed"))
+    """)
+    first = tmp_path / "runs/killed/checkpoints/round-0001.safetensors"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random(2).uniform(0.0, 0.3))
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    sigkill(proc)
+    done = ckpt.latest_checkpoint(tmp_path / "runs/killed/checkpoints")
+    assert done is not None and 1 <= done.round < 4
+
+    run_server(
+        LoopbackGrid(client_app, 3, node_id_base=5000),
+        resume_config(tmp_path, "killed", resume=True),
+    )
+    run_server(LoopbackGrid(client_app, 3), resume_config(tmp_path, "straight"))
+    straight = load_file(str(tmp_path / "runs/straight/final_model.safetensors"))
+    resumed = load_file(str(tmp_path / "runs/killed/final_model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
+    rows = (tmp_path / "runs/killed/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["round"] for r in rows] == [0, 1, 2, 3, 4]
