@@ -271,6 +271,7 @@ def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
         "seed": spec.seed,
         "config-hash": spec.config_hash,
         "run-config": spec.overrides,
+        "resolved-run-config": _resolved_config(folder),
         "run-folder": str(folder),
         "rounds": [int(r["round"]) for r in trained],
         "accuracy": accs,
@@ -565,6 +566,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _resolved_config(folder: Path) -> dict[str, Any] | None:
+    """The complete run config the ServerApp used (pyproject defaults + overrides), if written."""
+    path = folder / "config.json"
+    return json.loads(path.read_text()).get("run-config") if path.is_file() else None
 
 
 def _mean(values: Sequence[Any]) -> float | None:
