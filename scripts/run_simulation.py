@@ -27,6 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, installed with flwr
+    import tomli as tomllib  # type: ignore[no-redef]
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of the same environment
 CONNECTION = "feddifrc-sim"
@@ -87,7 +92,8 @@ def _run(args: argparse.Namespace, env: dict[str, str], home: Path, active: dict
     federation = (f"num-supernodes={args.supernodes} "
                   f"client-resources-num-cpus={_number(args.cpus_per_client)} "
                   f"client-resources-num-gpus={_number(args.gpus_per_client)}")
-    cmd = [flwr, "run", str(ROOT), CONNECTION, "--format", "json", "--federation-config", federation]
+    cmd = [flwr, "run", str(_stage_app(home)), CONNECTION, "--format", "json",
+           "--federation-config", federation]
     if args.run_config:
         overrides = home / "run-config.toml"
         merged = merge_run_config(args.run_config)
@@ -137,14 +143,35 @@ def _run(args: argparse.Namespace, env: dict[str, str], home: Path, active: dict
     return 0
 
 
+APP_PARTS = ("pyproject.toml", "README.md", "feddifrc_core", "server_app", "client_app")
+
+
+def _stage_app(home: Path) -> Path:
+    """A copy of just the app's code for the FAB.
+
+    `flwr run DIR` packs every non-ignored *.py/*.json/*.md/... file under DIR (10 MB at most), so
+    untracked outputs in the checkout (benchmark results, caches) could break or bloat the bundle.
+    """
+    import shutil
+
+    app = home / "feddifrc"  # the folder name must be a valid Flower app name
+    shutil.rmtree(app, ignore_errors=True)
+    app.mkdir(parents=True)
+    for part in APP_PARTS:
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, app / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, app / part)
+    return app
+
+
 def merge_run_config(items: list[str]) -> dict[str, object]:
     """Merge -c arguments in order: TOML files and 'k=v k2=v2' strings (later ones win).
 
     `flwr run` takes one TOML file or key-value strings, never both; merging here lets settings
     files stack (conf/paper-cifar10.toml + conf/paper-cifar10-fedavg.toml + a one-off change).
     """
-    import tomllib
-
     merged: dict[str, object] = {}
     for item in items:
         if item.endswith(".toml"):
@@ -176,7 +203,6 @@ def _to_toml(values: dict[str, object]) -> str:
 def check_run_config_keys(values: dict[str, object]) -> None:
     """Name unknown run-config keys (with the closest known ones) before submitting."""
     import difflib
-    import tomllib
 
     known = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     unknown = sorted(set(values) - set(known))
