@@ -151,10 +151,19 @@ def test_shipped_teacher_loads_as_backbone_and_runs():
 
 def test_teacher_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert resolve_teacher_path("offline-teacher") == SHIPPED
+    # $FEDDIFRC_MODELS_DIR wins when it holds a complete copy ...
+    (tmp_path / "fmnist-teacher").symlink_to(SHIPPED, target_is_directory=True)
     monkeypatch.setenv(MODELS_ENV, str(tmp_path))
     assert models_dir() == tmp_path
+    assert resolve_teacher_path("offline-teacher") == tmp_path / "fmnist-teacher"
+    # ... a copy without weights (what a Flower app bundle carries) is skipped
+    (tmp_path / "fmnist-teacher").unlink()
+    (tmp_path / "fmnist-teacher" / "unet").mkdir(parents=True)
+    for f in ("teacher.json", "unet/config.json"):
+        (tmp_path / "fmnist-teacher" / f).write_bytes((SHIPPED / f).read_bytes())
+    assert resolve_teacher_path("offline-teacher") == SHIPPED
     with pytest.raises(FileNotFoundError, match="make teacher"):
-        resolve_teacher_path("offline-teacher")
+        resolve_teacher_path("no-such-teacher")
     with pytest.raises(ValueError, match="path_or_name"):
         load_teacher_backbone("", "cpu", torch.float32)
 

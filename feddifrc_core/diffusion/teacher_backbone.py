@@ -24,6 +24,7 @@ OFFLINE_TEACHER = "offline-teacher"
 DEFAULT_FOLDER = "fmnist-teacher"  # what "offline-teacher" resolves to
 MODELS_ENV = "FEDDIFRC_MODELS_DIR"
 TEACHER_JSON = "teacher.json"
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 REQUIRED_KEYS = (
     "kind",
     "text_encoder",
@@ -40,32 +41,59 @@ REQUIRED_KEYS = (
 
 
 def models_dir() -> Path:
-    """$FEDDIFRC_MODELS_DIR, else <project>/models (also inside a Flower app bundle)."""
+    """$FEDDIFRC_MODELS_DIR, else <project>/models next to this package."""
     env = os.environ.get(MODELS_ENV)
     return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "models"
 
 
+def _installed_project_models() -> Path | None:
+    """<project>/models of an editable install (`pip install -e .`): a Flower app bundle holds
+    only .py/.toml/.md/.json files, so inside one the weights must come from the node's install."""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        text = distribution("feddifrc").read_text("direct_url.json")
+    except (ImportError, PackageNotFoundError):
+        return None
+    if not text:
+        return None
+    url = json.loads(text).get("url", "")
+    return Path(url.removeprefix("file://")) / "models" if url.startswith("file://") else None
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in (TEACHER_JSON, "unet/config.json", WEIGHTS))
+
+
 def resolve_teacher_path(path_or_name: str) -> Path:
-    """ "offline-teacher" -> models/fmnist-teacher; a bare name -> models/<name>; else a folder."""
+    """ "offline-teacher" -> fmnist-teacher; a bare name is looked up in $FEDDIFRC_MODELS_DIR, in
+    <project>/models next to the package, then in the editable install's models/; else a folder.
+
+    A folder counts only with its weights (a Flower app bundle carries the JSON files but not the
+    .safetensors, so its copy is skipped in favour of the node's own).
+    """
     if not isinstance(path_or_name, str) or not path_or_name.strip():
         raise ValueError(
             f"`path_or_name` must be 'offline-teacher', a model name under models/ or a "
             f"folder, got {path_or_name!r}."
         )
     name = DEFAULT_FOLDER if path_or_name == OFFLINE_TEACHER else path_or_name
-    candidate = Path(name).expanduser()
-    folder = (
-        candidate
-        if (candidate.is_absolute() or os.sep in name or candidate.exists())
-        else models_dir() / name
+    given = Path(name).expanduser()
+    if given.is_absolute() or os.sep in name or given.exists():
+        candidates = [given]
+    else:
+        roots = [models_dir(), Path(__file__).resolve().parents[2] / "models"]
+        roots.append(_installed_project_models() or roots[-1])
+        candidates = list(dict.fromkeys(root / name for root in roots))
+    for folder in candidates:
+        if _is_complete(folder):
+            return folder
+    looked = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"No complete offline teacher {name!r} (needs {TEACHER_JSON}, unet/config.json and "
+        f"{WEIGHTS}) in: {looked}. Train it with `make teacher`, or point ${MODELS_ENV} at the "
+        f"folder that holds '{name}'."
     )
-    if not (folder / TEACHER_JSON).is_file() or not (folder / "unet" / "config.json").is_file():
-        raise FileNotFoundError(
-            f"No offline teacher at {folder} (looked for {TEACHER_JSON} and unet/config.json; "
-            f"resolved from {path_or_name!r}). Train it with `make teacher`, or point "
-            f"${MODELS_ENV} at the folder that holds '{name}'."
-        )
-    return folder
 
 
 def read_teacher_info(folder: Path) -> dict[str, Any]:
@@ -156,7 +184,7 @@ def load_teacher_backbone(
     folder = resolve_teacher_path(path_or_name)
     info = read_teacher_info(folder)
     # 1. the weights must be the ones teacher.json describes (a truncated copy fails here)
-    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = folder / WEIGHTS
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     if sha != info["weights_sha256"]:
         raise RuntimeError(
