@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Scale: peak memory and time per round of a Flower simulation with 10, 50 and 100 clients.
 
-    nice -n 5 .venv/bin/python benchmarks/scale.py [--clients 10,50,100] [--rounds 2]
+    nice -n 5 .venv/bin/python benchmarks/scale.py [--clients 10,50,100] [--rounds 5]
         [--per-client 12] [--sampled 10] [--out benchmarks/results/scale]
 
 Each point is one complete simulation of the project's ServerApp + ClientApp through
@@ -307,7 +307,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", default="10,50,100", help="comma-separated client counts")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-client", type=int, default=12, help="training images per client")
     parser.add_argument("--sampled", type=int, default=10, help="clients sampled per round")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale")
