@@ -141,7 +141,9 @@ def _split_group(
             # 1. one Dirichlet draw per class, also for classes absent from the group (RNG stream)
             proportions = rng.dirichlet(np.repeat(alpha, n))
             # 2. clients that already hold their fair share get nothing more of this class
-            proportions = proportions * (sizes < fair)
+            # (at tiny alpha the draw can be NaN; handled below, so no RuntimeWarning here)
+            with np.errstate(invalid="ignore"):
+                proportions = proportions * (sizes < fair)
             total = proportions.sum()
             if idx_class.size == 0:
                 pieces = [idx_class[:0]] * n
