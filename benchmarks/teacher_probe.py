@@ -7,7 +7,7 @@ regression) and a cosine kNN, fitted on private training images, selected on a d
 validation set, reported on the test set. Plus zero-shot diffusion-classifier accuracy: the class
 prompt whose denoising error is smallest, averaged over a few stratified timesteps.
 
-    python benchmarks/teacher_probe.py                      # ~10-15 min on 2 busy cores
+    python benchmarks/teacher_probe.py      # ~17 min on 2 cores shared with other jobs
     python benchmarks/teacher_probe.py --write-recommendation   # also updates teacher.json + card
 
 Writes <out>/teacher_probe.json and <out>/teacher_probe.md.
