@@ -144,6 +144,10 @@ def prune_checkpoints(folder: str | Path, keep: int) -> None:
         raise ValueError(f"keep must be >= 1, got {keep}")
     for path in list_checkpoints(folder)[:-keep]:
         path.unlink(missing_ok=True)
+    # Temp files of a writer killed mid-save (a run folder has one writer, the ServerApp, whose
+    # own save has completed when it prunes): a checkpoint's size each, never read.
+    for tmp in Path(folder).glob(".round-*.safetensors.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _digest(arrays: Mapping[str, np.ndarray], meta_json: str) -> str:

@@ -175,7 +175,7 @@ def test_checkpoint_survives_sigkill_while_saving(tmp_path):
     sigkill(proc)
     latest = ckpt.latest_checkpoint(tmp_path)
     assert latest is not None and latest.round == 2
-    assert list(tmp_path.glob(".round-0003.*.tmp"))  # the unfinished write, never renamed
+    (leftover,) = tmp_path.glob(".round-0003.*.tmp")  # the unfinished write, never renamed
 
     proc = child(code.replace("FREEZE", "-1"))
     wait_for_line(proc, "SAVED")
@@ -186,6 +186,7 @@ def test_checkpoint_survives_sigkill_while_saving(tmp_path):
     assert np.all(latest.arrays["model.w"] == latest.round)
     for path in ckpt.list_checkpoints(tmp_path):  # every file under its final name verifies
         ckpt.load_checkpoint(path)
+    assert not leftover.exists()  # removed by the next writer's pruning
 
 
 # --- 2. concurrent writers sharing one cache folder -----------------------------------------------
