@@ -84,6 +84,9 @@ class RunConfig:
     diffusion_image_size: int = _opt(224, lo=0)  # reference: 224; 0 = the backbone's native size
     up_blocks: str = _opt("1,2,3")  # decoder blocks whose outputs are kept
     ensemble_size: int = _opt(1, lo=1)  # noise draws averaged per image
+    # Spatial pooling of each block before the projection: 1 = global mean (one vector per block);
+    # g > 1 keeps a g x g layout (C_l * g^2 values), which small backbones need (docs/results.md).
+    pool_grid: int = _opt(1, lo=1, hi=8)
     extraction_batch_size: int = _opt(16, lo=1)  # images per UNet call (x prompts)
     diffusion_dtype: str = _opt("auto", choices=("auto", "float32", "float16", "bfloat16"))
     projection: str = _opt("federated-pca", choices=("federated-pca", "random"))  # shared basis

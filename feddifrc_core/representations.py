@@ -56,6 +56,7 @@ class RepresentationSettings:
     up_blocks: tuple[int, ...] = (1, 2, 3)  # SD 2.1: 1280, 640, 320 channels
     image_size: int = 224  # reference; 0 = the backbone's native size
     ensemble_size: int = 1  # noise draws averaged per image
+    pool_grid: int = 1  # g x g spatial average pooling per block (1 = global mean)
     batch_size: int = 16  # images per UNet call (x prompts)
     neg_num: int = 10  # reference: 10 negative prompts per sample
     prompt_template: str = "a photo of a {}"  # paper prompt
@@ -75,6 +76,7 @@ class RepresentationSettings:
             up_blocks=cfg.up_block_ids,
             image_size=cfg.diffusion_image_size,
             ensemble_size=cfg.ensemble_size,
+            pool_grid=cfg.pool_grid,
             batch_size=cfg.extraction_batch_size,
             neg_num=cfg.neg_num,
             prompt_template=cfg.prompt_template,
@@ -249,6 +251,7 @@ def extract_client_representations(
         ensemble_size=settings.ensemble_size,
         batch_size=settings.batch_size,
         seed=settings.seed,
+        pool_grid=settings.pool_grid,
     )
     # 2. prompts each image needs
     prompts, layout, prompt_ids, pos_cols, neg_cols, null_cols = _layout(

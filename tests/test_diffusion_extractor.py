@@ -61,6 +61,19 @@ def test_shapes_and_channels_match_the_unet_config(backbone) -> None:
     assert ex.alpha_bar == pytest.approx(float(backbone.scheduler.alphas_cumprod[300]))
 
 
+def test_grid_pooling_keeps_a_coarse_layout_whose_mean_is_the_global_pool(backbone) -> None:
+    mean = DiffusionFeatureExtractor(backbone, up_blocks=(1, 2, 3), batch_size=4)
+    grid = DiffusionFeatureExtractor(backbone, up_blocks=(1, 2, 3), batch_size=4, pool_grid=2)
+    assert grid.block_channels == tuple(4 * c for c in mean.block_channels)
+    assert grid.settings() != mean.settings()  # part of the cache fingerprint
+    images = _images(3)
+    for f_mean, f_grid, c in zip(mean.extract(images, [0, 1, 2], PROMPTS),
+                                 grid.extract(images, [0, 1, 2], PROMPTS), mean.block_channels, strict=True):
+        assert f_grid.shape == (3, len(PROMPTS), 4 * c)
+        # each block's h_l x w_l is even here, so the 2 x 2 cells average back to the global mean
+        torch.testing.assert_close(f_grid.view(3, len(PROMPTS), c, 4).mean(-1), f_mean)
+
+
 def test_prompts_change_features(backbone) -> None:
     ex = DiffusionFeatureExtractor(backbone, batch_size=8)
     feats = ex.extract(_images(3), [0, 1, 2], PROMPTS)

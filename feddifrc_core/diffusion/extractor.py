@@ -76,6 +76,7 @@ class DiffusionFeatureExtractor:
         ensemble_size: int = 1,
         batch_size: int = 16,
         seed: int = 0,
+        pool_grid: int = 1,
     ) -> None:
         num_blocks = len(backbone.unet.up_blocks)
         blocks = tuple(sorted(int(b) for b in up_blocks))
@@ -92,7 +93,9 @@ class DiffusionFeatureExtractor:
         num_train = int(backbone.scheduler.config.num_train_timesteps)
         if not 0 <= int(timestep) < num_train:
             raise ValueError(f"`timestep` must be in [0, {num_train - 1}], got {timestep}")
-        for name, value in (("ensemble_size", ensemble_size), ("batch_size", batch_size)):
+        for name, value in (
+            ("ensemble_size", ensemble_size), ("batch_size", batch_size), ("pool_grid", pool_grid)
+        ):
             if int(value) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {value}")
         if int(image_size) < 0:
@@ -106,8 +109,10 @@ class DiffusionFeatureExtractor:
         self.ensemble_size = int(ensemble_size)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self.pool_grid = int(pool_grid)
         channels = up_block_channels(backbone.unet)
-        self.block_channels = tuple(channels[b] for b in blocks)
+        # g x g average pooling keeps a coarse layout: C_l * g^2 values per block
+        self.block_channels = tuple(channels[b] * self.pool_grid**2 for b in blocks)
         # The kept-signal fraction is what makes timesteps comparable across schedules (METHOD.md).
         self.alpha_bar = float(backbone.scheduler.alphas_cumprod[self.timestep])
 
@@ -120,6 +125,7 @@ class DiffusionFeatureExtractor:
             "image_size": self.image_size,
             "ensemble_size": self.ensemble_size,
             "seed": self.seed,
+            "pool_grid": self.pool_grid,
         }
 
     def noise(self, shape: Sequence[int], sample_ids: Sequence[int], member: int) -> torch.Tensor:
@@ -173,7 +179,8 @@ class DiffusionFeatureExtractor:
         def make_hook(index: int) -> Callable[..., None]:
             def hook(_module: Any, _inputs: Any, output: Any) -> None:
                 hidden = output[0] if isinstance(output, tuple) else output  # [B*P, C_l, h_l, w_l]
-                pooled[index] = hidden.float().mean(dim=(2, 3))  # [B*P, C_l]
+                grid = F.adaptive_avg_pool2d(hidden.float(), self.pool_grid)  # [B*P, C_l, g, g]
+                pooled[index] = grid.flatten(1)  # [B*P, C_l * g^2]
                 if index == last:
                     raise _StopForward
 
