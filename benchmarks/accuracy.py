@@ -429,7 +429,8 @@ def write_reports(store: ResultsStore, out: Path, command: str) -> str:
         if not subset:
             continue
         table = table_markdown(subset, ssl=is_ssl)
-        budget = {k: v for k, v in subset[0]["run-config"].items()
+        plain = [r for r in subset if not r.get("tag")] or subset  # variants may change budget keys
+        budget = {k: v for k, v in plain[0]["run-config"].items()
                   if k in ("num-rounds", "train-samples", "test-samples", "model", "model-width",
                            "local-epochs", "lr", "batch-size")}
         body = (f"{table}\nBudget: {json.dumps(budget)}\nCommand: `{command}`\n"
