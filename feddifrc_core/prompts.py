@@ -7,6 +7,7 @@ drawn from a vocabulary of object names (the paper samples Tiny-ImageNet's 200 c
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,22 +42,43 @@ def class_prompts(class_names: Sequence[str], template: str = DEFAULT_TEMPLATE) 
     return [template.format(clean_class_name(name)) for name in class_names]
 
 
+def bundled_vocabularies() -> list[str]:
+    """Names of the vocabularies shipped in feddifrc_core/data (`<name>_classes.json`)."""
+    return sorted(
+        p.name.removesuffix("_classes.json").replace("_", "-")
+        for p in _DATA_DIR.glob("*_classes.json")
+    )
+
+
 def load_vocabulary(name_or_path: str) -> list[str]:
-    """Object names for SSL negatives: a bundled list ("tiny-imagenet") or a one-per-line file."""
+    """Object names for SSL negatives: a bundled list ("tiny-imagenet") or a file.
+
+    A file is a JSON list of strings (`.json`) or plain text with one name per line (any other
+    suffix). Bundled lists are JSON because a Flower app bundle (FAB) carries only
+    .py/.toml/.md/.yaml/.json(l) files: a .txt data file would be missing under `flwr run`.
+    """
     path = Path(name_or_path).expanduser()
     if not path.is_file():
-        path = _DATA_DIR / f"{name_or_path.replace('-', '_')}_classes.txt"
+        path = _DATA_DIR / f"{name_or_path.replace('-', '_')}_classes.json"
     if not path.is_file():
-        bundled = sorted(
-            p.name.removesuffix("_classes.txt").replace("_", "-")
-            for p in _DATA_DIR.glob("*_classes.txt")
-        )
         raise ValueError(
-            f"`ssl-vocabulary` must be a bundled list {bundled} or a text file with one name "
-            f"per line, "
+            f"`ssl-vocabulary` must be a bundled list {bundled_vocabularies()} or the path of a "
+            f"JSON list of names (.json) or a text file with one name per line, "
             f"got {name_or_path!r}"
         )
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"vocabulary {path} is not valid JSON ({err}); write a list of "
+                             "names, e.g. [\"goldfish\", \"bullfrog\"]") from None
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise ValueError(f"vocabulary {path} must hold a JSON list of strings, got "
+                             f"{type(data).__name__}")
+        names = [x.strip() for x in data if x.strip()]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) < 2:
         raise ValueError(f"vocabulary {path} must hold at least 2 names, found {len(names)}")
     return names

@@ -1,9 +1,18 @@
 """Prompts and per-sample negative sampling."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from feddifrc_core.prompts import class_prompts, clean_class_name, load_vocabulary, sample_negatives
+from feddifrc_core import prompts
+from feddifrc_core.prompts import (
+    bundled_vocabularies,
+    class_prompts,
+    clean_class_name,
+    load_vocabulary,
+    sample_negatives,
+)
 
 
 def test_class_prompts_clean_names() -> None:
@@ -51,3 +60,25 @@ def test_tiny_imagenet_vocabulary() -> None:
     assert len(names) == 200 == len(set(names)) and names[0] == "goldfish"
     with pytest.raises(ValueError, match="ssl-vocabulary"):
         load_vocabulary("no-such-list")
+
+
+def test_vocabulary_files_json_list_or_one_name_per_line(tmp_path) -> None:
+    as_json = tmp_path / "objects.json"
+    as_json.write_text('["red fox", " teapot ", ""]', encoding="utf-8")
+    as_text = tmp_path / "objects.txt"
+    as_text.write_text("red fox\n\n teapot \n", encoding="utf-8")
+    assert load_vocabulary(str(as_json)) == load_vocabulary(str(as_text)) == ["red fox", "teapot"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"names": ["a", "b"]}', encoding="utf-8")
+    with pytest.raises(ValueError, match="JSON list of strings"):
+        load_vocabulary(str(bad))
+    bad.write_text("red fox\nteapot\n", encoding="utf-8")  # text in a .json file
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_vocabulary(str(bad))
+
+
+def test_bundled_vocabulary_is_json_so_the_flower_bundle_carries_it() -> None:
+    """flwr 1.39 packs only *.py/*.toml/*.md/*.yaml/*.json(l): any other data file is lost."""
+    data_dir = Path(prompts.__file__).parent / "data"
+    assert bundled_vocabularies() == ["tiny-imagenet"]
+    assert sorted(p.suffix for p in data_dir.iterdir() if p.is_file()) == [".json"]

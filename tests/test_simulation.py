@@ -135,3 +135,19 @@ def test_run_script_stacks_settings_files_and_overrides():
     for path in sorted((ROOT / "conf").glob("*.toml")):  # every settings file is valid
         RunConfig.from_flower(merge_run_config([str(path)]))
 
+
+
+def test_the_flower_app_bundle_carries_the_ssl_vocabulary(tmp_path):
+    """`flwr run` ships a FAB built from the staged app: the bundled vocabulary must be in it."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from run_simulation import _stage_app
+
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(_stage_app(tmp_path)))) as fab:
+        names = set(fab.namelist())
+    assert "feddifrc_core/data/tiny_imagenet_classes.json" in names
+    assert "feddifrc_core/prompts.py" in names
