@@ -261,12 +261,20 @@ def model_state(model: Any) -> dict[str, np.ndarray]:
 
 
 class CentralEvaluator:
-    """The server's test-set evaluation of a global model state (loss and accuracy)."""
+    """The server's test-set evaluation of a global model state.
+
+    Supervised algorithms: cross-entropy and accuracy of the model's own classifier. Label-free
+    algorithms (feddifrc-ssl, simclr) never train the classifier head, so the encoder is judged
+    by its frozen features instead: a linear probe and a weighted kNN, both fitted on a labelled
+    subset of the training pool (`probe-train-samples`, stratified, seeded) and scored on the test
+    set. `test-accuracy` is then the linear-probe accuracy, so summaries and benchmarks read one key.
+    """
 
     def __init__(self, cfg: Any) -> None:
         import torch
 
         from feddifrc_core.config import resolve_device
+        from feddifrc_core.datasets import subsample
 
         self.cfg = cfg
         self.device = torch.device(resolve_device(cfg.device))
@@ -274,29 +282,34 @@ class CentralEvaluator:
         pool = load_train_set(cfg)
         _, self.transform = make_transforms(cfg, pool.images)
         self.model = build_global_model(cfg, pool.channels, pool.num_classes, pool.image_size)
+        # Labels of the probe subset are read on the server only, never sent to a client.
+        self.probe_train = (subsample(pool, cfg.probe_train_samples, cfg.seed)[0]
+                            if cfg.is_self_supervised else None)
 
     def __call__(self, state: Mapping[str, np.ndarray]) -> dict[str, float]:
         from feddifrc_core.training import evaluate
 
         load_state(self.model, state)
-        if self.cfg.is_self_supervised:
+        if self.probe_train is not None:
             return self._probe()
         result = evaluate(self.model, self.test.images, self.test.labels, self.cfg.eval_batch_size,
                           self.device, transform=self.transform)
         return {"test-loss": result.loss, "test-accuracy": result.accuracy}
 
     def _probe(self) -> dict[str, float]:
-        """Label-free algorithms: linear probe on frozen features (train labels on the server)."""
-        from feddifrc_core.datasets import subsample
-        from feddifrc_core.probe import linear_probe_accuracy
+        """Linear-probe and kNN test accuracy of the frozen penultimate features."""
+        from feddifrc_core.probe import knn_accuracy, linear_probe_accuracy
         from feddifrc_core.training import extract_features
 
-        probe, _ = subsample(load_train_set(self.cfg), self.cfg.probe_train_samples, self.cfg.seed)
-        bs, dev = self.cfg.eval_batch_size, self.device
-        train_feats = extract_features(self.model, probe.images, bs, dev, self.transform)
-        test_feats = extract_features(self.model, self.test.images, bs, dev, self.transform)
-        acc = linear_probe_accuracy(train_feats, probe.labels, test_feats, self.test.labels)
-        return {"test-accuracy": float(acc)}
+        assert self.probe_train is not None  # set in __init__ for label-free algorithms
+        probe, bs, dev = self.probe_train, self.cfg.eval_batch_size, self.device
+        train_feats = extract_features(self.model, probe.images, bs, dev, self.transform)  # [P, D]
+        test_feats = extract_features(self.model, self.test.images, bs, dev, self.transform)  # [M, D]
+        linear = linear_probe_accuracy(train_feats, probe.labels, test_feats, self.test.labels,
+                                       seed=self.cfg.seed)
+        knn = knn_accuracy(train_feats, probe.labels, test_feats, self.test.labels)
+        return {"test-accuracy": float(linear), "test-probe-accuracy": float(linear),
+                "test-knn-accuracy": float(knn), "probe-train-examples": len(probe)}
 
 
 # --- one client inside a ClientApp process ----------------------------------------------------------
@@ -304,7 +317,7 @@ class CentralEvaluator:
 class LocalUpdate:
     state: dict[str, np.ndarray]
     num_examples: int
-    metrics: dict[str, float]  # train-loss, train-accuracy, extract-seconds, train-seconds, parts
+    metrics: dict[str, float]  # train-loss, train-accuracy (supervised), *-seconds, loss parts
 
 
 class ClientSession:
@@ -352,8 +365,10 @@ class ClientSession:
             from feddifrc_core import representations as rep
 
             backbone = rep.backbone_from_config(self.cfg, self.device, self.cache_dir)  # per process
+            # feddifrc-ssl: prompts come from the SSL vocabulary, never from this client's labels
+            labels = None if self.cfg.is_self_supervised else self.data.labels
             self._representations = rep.extract_client_representations(
-                backbone, self.data.images, self.data.labels, self.sample_ids, self.data.class_names,
+                backbone, self.data.images, labels, self.sample_ids, self.data.class_names,
                 rep.RepresentationSettings.from_run_config(self.cfg),
                 cache_dir=self.cache_dir / "representations", progress=False)
         return self._representations
@@ -412,6 +427,8 @@ class ClientSession:
                    for k, v in result.metrics.items()}
         metrics.update({"train-loss": result.loss, "train-accuracy": result.accuracy,
                         "extract-seconds": extract_seconds, "train-seconds": result.seconds})
+        if labels is None:  # label-free training counts no accuracy: report none, not a 0.0
+            del metrics["train-accuracy"]
         return LocalUpdate(state=state, num_examples=result.num_examples, metrics=metrics)
 
 

@@ -31,6 +31,8 @@ from feddifrc_core.checkpoint import atomic_write_bytes, atomic_write_text
 from feddifrc_core.config import ConfigError, RunConfig
 
 ACCURACY_KEY = "test-accuracy"
+# Label-free algorithms: test-accuracy is the linear probe's; the kNN accuracy is reported beside it.
+KNN_KEY = "test-knn-accuracy"
 
 
 def default_run_name(cfg: RunConfig, now: float | None = None) -> str:
@@ -71,6 +73,11 @@ def summarize(rows: Sequence[Mapping[str, Any]], wall_seconds: float) -> dict[st
             "mean-accuracy": float(np.mean([acc for _, acc in evaluated])),
             "final-accuracy": evaluated[-1][1],
         })
+    knn = [float(r[KNN_KEY]) for r in rows
+           if isinstance(r.get(KNN_KEY), (int, float)) and int(r["round"]) > 0]
+    if knn:  # a label-free run: say which accuracy the summary holds
+        summary.update({"accuracy-metric": "linear-probe", "best-knn-accuracy": max(knn),
+                        "mean-knn-accuracy": float(np.mean(knn)), "final-knn-accuracy": knn[-1]})
     summary["client-failures"] = int(sum(int(r.get("failures", 0)) for r in rows))
     return summary
 
@@ -78,10 +85,17 @@ def summarize(rows: Sequence[Mapping[str, Any]], wall_seconds: float) -> dict[st
 def format_summary(summary: Mapping[str, Any], run_dir: Path) -> str:
     lines = [f"Run folder: {run_dir}"]
     if "best-accuracy" in summary:
+        what = "Linear-probe test accuracy" if "best-knn-accuracy" in summary else "Test accuracy"
         lines.append(
-            f"Test accuracy: best {100 * summary['best-accuracy']:.2f}% (round {summary['best-round']}), "
+            f"{what}: best {100 * summary['best-accuracy']:.2f}% (round {summary['best-round']}), "
             f"mean {100 * summary['mean-accuracy']:.2f}%, final {100 * summary['final-accuracy']:.2f}% "
             f"over {summary['rounds']} rounds"
+        )
+    if "best-knn-accuracy" in summary:
+        lines.append(
+            f"kNN test accuracy: best {100 * summary['best-knn-accuracy']:.2f}%, "
+            f"mean {100 * summary['mean-knn-accuracy']:.2f}%, "
+            f"final {100 * summary['final-knn-accuracy']:.2f}%"
         )
     lines.append(f"Wall time: {summary['wall-seconds']:.1f} s; client failures: {summary['client-failures']}")
     lines.append(f"Plot: {run_dir / 'metrics.png'}")
@@ -220,23 +234,33 @@ class RunFolder:
         return self._writer
 
 
+def plot_series(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
+    """Per panel, the metric keys to draw and their legend labels.
+
+    Label-free runs (rows carry a kNN accuracy) draw the linear-probe and kNN test accuracy; their
+    `test-accuracy` is the probe's, so it is not drawn twice.
+    """
+    if any(KNN_KEY in r for r in rows):
+        accuracy = {"test-probe-accuracy": "linear probe (test)", KNN_KEY: "kNN (test)"}
+    else:
+        accuracy = {"test-accuracy": "test-accuracy", "train-accuracy": "train-accuracy"}
+    return {"accuracy": accuracy, "loss": {"test-loss": "test-loss", "train-loss": "train-loss"}}
+
+
 def plot_metrics(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Test accuracy and train/test loss over rounds, as one PNG."""
+    """Accuracy (test/train, or linear probe/kNN) and train/test loss over rounds, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, keys, title in (
-        (ax_acc, ("test-accuracy", "train-accuracy"), "accuracy"),
-        (ax_loss, ("test-loss", "train-loss"), "loss"),
-    ):
-        for key in keys:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (title, series) in zip(axes, plot_series(rows).items(), strict=True):
+        for key, label in series.items():
             points = [(r["round"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o", label=key)
+                ax.plot(xs, ys, marker="o", label=label)
         ax.set_xlabel("round")
         ax.set_title(title)
         ax.grid(alpha=0.3)

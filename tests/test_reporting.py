@@ -11,7 +11,7 @@ import torch
 
 from feddifrc_core import checkpoint as ckpt
 from feddifrc_core.config import ConfigError, RunConfig
-from feddifrc_core.reporting import RunFolder, summarize
+from feddifrc_core.reporting import RunFolder, format_summary, plot_metrics, plot_series, summarize
 
 
 def _arrays(seed: int) -> dict[str, np.ndarray]:
@@ -92,3 +92,24 @@ def test_run_folder_contents_and_resume(tmp_path):
     reopened.close()
     with pytest.raises(ConfigError, match="no checkpoint"):
         RunFolder.open(cfg.replace(resume=True), "other")
+
+
+def test_label_free_runs_summarise_and_plot_the_probe_and_knn(tmp_path):
+    rows = [{"round": 0, "test-accuracy": 0.2, "test-probe-accuracy": 0.2, "test-knn-accuracy": 0.3},
+            {"round": 1, "train-loss": 2.0},  # eval-every=2: no evaluation in round 1
+            {"round": 2, "test-accuracy": 0.6, "test-probe-accuracy": 0.6, "test-knn-accuracy": 0.5,
+             "train-loss": 1.5}]
+    summary = summarize(rows, wall_seconds=1.0)
+    assert summary["accuracy-metric"] == "linear-probe" and summary["best-accuracy"] == 0.6
+    assert summary["best-knn-accuracy"] == summary["final-knn-accuracy"] == 0.5
+    text = format_summary(summary, tmp_path)
+    assert "Linear-probe test accuracy: best 60.00%" in text and "kNN test accuracy: best 50.00%" in text
+    series = plot_series(rows)
+    assert series["accuracy"] == {"test-probe-accuracy": "linear probe (test)",
+                                  "test-knn-accuracy": "kNN (test)"}
+    # Supervised rows keep test/train accuracy and the plain summary.
+    supervised = [{"round": 1, "test-accuracy": 0.5, "train-accuracy": 0.7}]
+    assert set(plot_series(supervised)["accuracy"]) == {"test-accuracy", "train-accuracy"}
+    assert "accuracy-metric" not in summarize(supervised, 1.0)
+    plot_metrics(rows, tmp_path / "m.png")
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

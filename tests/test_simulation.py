@@ -56,6 +56,32 @@ def test_every_algorithm_runs_end_to_end(tmp_path, cache_dir, algorithm):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(np.isfinite(r["train-loss"]) and r["failures"] == 0 for r in rows[1:])
     assert all(r["train-examples"] > 0 and r["train-seconds"] > 0 for r in rows[1:])
+    label_free = algorithm in ("feddifrc-ssl", "simclr")  # judged by a linear probe and kNN
+    assert all(("test-knn-accuracy" in r) == label_free for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedavg", "feddifrc-ssl"])
+def test_eval_every_is_honoured_and_label_free_runs_log_probe_and_knn(tmp_path, cache_dir,
+                                                                      algorithm):
+    cfg = tiny(tmp_path, cache_dir, algorithm=algorithm, num_rounds=3, eval_every=2)
+    summary = run_server(LoopbackGrid(client_app, 3), cfg)
+    run_dir = tmp_path / "runs/run"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # The initial model, every eval-every-th round and always the last one.
+    assert [r["round"] for r in rows if "test-accuracy" in r] == [0, 2, 3]
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    if algorithm == "fedavg":
+        assert "test-knn-accuracy" not in header and "accuracy-metric" not in summary
+        return
+    evaluated = [r for r in rows if "test-accuracy" in r]
+    assert all(0.0 <= r["test-knn-accuracy"] <= 1.0 and r["test-accuracy"] == r["test-probe-accuracy"]
+               and r["probe-train-examples"] == cfg.probe_train_samples for r in evaluated)
+    assert {"test-probe-accuracy", "test-knn-accuracy"} <= set(header)
+    assert not any("train-accuracy" in r or "train-ce" in r for r in rows)  # no labels, no CE
+    assert summary["accuracy-metric"] == "linear-probe" and "best-knn-accuracy" in summary
+    assert json.loads((run_dir / "summary.json").read_text())["final-knn-accuracy"] == \
+        rows[-1]["test-knn-accuracy"]
 
 
 @pytest.mark.slow
