@@ -144,6 +144,13 @@ class RunConfig:
                 f"min-available-nodes ({self.min_available_nodes}) must be >= min-train-nodes "
                 f"({self.min_train_nodes})"
             )
+        # Caught here, on the server, instead of in every ClientApp of round 1.
+        if self.algorithm == "simclr" and not self.augment:
+            raise ConfigError("algorithm 'simclr' contrasts two random augmentations of each image; "
+                              "with augment=false both views are identical: set augment=true")
+        if self.algorithm == "feddifrc-ssl" and self.lambda_tdcl == 0 and self.lambda_ndcr == 0:
+            raise ConfigError("algorithm 'feddifrc-ssl' has no cross-entropy: lambda-tdcl and "
+                              "lambda-ndcr cannot both be 0")
 
 
 @dataclass(frozen=True)

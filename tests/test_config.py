@@ -136,3 +136,17 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"algorithm": "simclr", "augment": False}, "simclr.*augment=true"),
+        ({"algorithm": "feddifrc-ssl", "lambda-tdcl": 0.0, "lambda-ndcr": 0.0},
+         "feddifrc-ssl.*cannot both be 0"),
+    ],
+)
+def test_label_free_settings_that_would_learn_nothing_are_refused(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_flower(changes)
+    assert RunConfig.from_flower({**changes, "algorithm": "fedavg"}).algorithm == "fedavg"
