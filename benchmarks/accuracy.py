@@ -399,13 +399,18 @@ def plot_accuracy(records: Sequence[Mapping[str, Any]], path: Path, ssl: bool = 
     alphas = sorted({a for _, a in groups})
     fig, axes = plt.subplots(1, max(1, len(alphas)), figsize=(6 * max(1, len(alphas)), 4.2),
                              squeeze=False)
+    palette = plt.get_cmap("tab20").colors
+    labels = sorted({label for label, _ in groups}, key=_order)
+    colour = {label: palette[i % len(palette)] for i, label in enumerate(labels)}  # same in each panel
     for ax, alpha in zip(axes[0], alphas, strict=False):
         for (label, a), rs in sorted(groups.items(), key=lambda g: _order(g[0][0])):
             if a != alpha:
                 continue
             length = min(len(r["accuracy"]) for r in rs)
             mean = [100 * sum(r["accuracy"][i] for r in rs) / len(rs) for i in range(length)]
-            ax.plot(rs[0]["rounds"][:length], mean, marker=".", label=f"{label} (n={len(rs)})")
+            ax.plot(rs[0]["rounds"][:length], mean, marker=".", color=colour[label],
+                    linestyle="--" if "+" in label else "-",  # dashed: a tagged variant
+                    label=f"{label} (n={len(rs)})")
         ax.set_title(f"Fashion-MNIST private, Dirichlet α={alpha:g}")
         ax.set_xlabel("round")
         ax.set_ylabel("linear-probe accuracy (%)" if ssl else "global test accuracy (%)")
