@@ -141,8 +141,10 @@ def test_feature_cache_survives_sigkill_at_random_moments(tmp_path):
         """)
         wait_for_line(proc, "START")
         time.sleep(rng.uniform(0.05, 0.6))
-        if proc.poll() is None:
-            sigkill(proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        # a fast child may finish before the random moment comes: killed or done, both are fine
+        assert proc.returncode in (0, -signal.SIGKILL), proc.communicate()[1][-2000:]
     cache = make_cache(tmp_path, 1)
     fill(cache, 1)  # resumes at whatever is missing; corrupt pieces would be logged and redone
     assert_cache_matches(tmp_path, 1)
