@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on the machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 OPEN_CLIP_SPEC ?= open-clip-torch==3.3.0
-FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+FMNIST_DEFAULT := /usr/share/datasets/fashion-mnist
+# Fashion-MNIST IDX files; `make demo FMNIST_DIR=/folder` uses a folder of your own (no apt needed).
+FMNIST_DIR ?= $(FMNIST_DEFAULT)
+DATA_ARG := $(if $(filter-out $(FMNIST_DEFAULT),$(FMNIST_DIR)),-c "data-path='$(FMNIST_DIR)'",)
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_HOME := $(CURDIR)/.flwr-home
 export FEDDIFRC_CACHE_DIR ?= $(CURDIR)/.cache/feddifrc
@@ -29,22 +32,22 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 data:
-	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then exit 0; fi; \
-	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] || [ -f $(FMNIST_DIR)/train-images-idx3-ubyte ]; then exit 0; fi; \
+	if [ "$(FMNIST_DIR)" = "$(FMNIST_DEFAULT)" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist) ..."; \
 	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null)); \
 	else \
 	  echo "Fashion-MNIST is missing from $(FMNIST_DIR). Install the Debian package"; \
 	  echo "dataset-fashion-mnist (as root: apt-get install dataset-fashion-mnist) or put the four"; \
-	  echo "IDX files in a folder and pass data-path=\"/that/folder\" in the run config."; exit 1; \
+	  echo "IDX files in a folder and run: make demo FMNIST_DIR=/that/folder"; exit 1; \
 	fi
 
 # Offline FedDifRC simulation (pyproject [tool.flwr.app.config] defaults); exits non-zero when the
 # Flower run fails. Extra settings: make demo DEMO_ARGS='-c "num-rounds=3"'.
 DEMO_ARGS ?=
 demo: venv data
-	$(PY) scripts/run_simulation.py --supernodes 10 --cpus-per-client 1 $(DEMO_ARGS)
+	$(PY) scripts/run_simulation.py --supernodes 10 --cpus-per-client 1 $(DATA_ARG) $(DEMO_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
