@@ -36,6 +36,7 @@ def projection_stats(msg: Message, context: Context) -> Message:
     cfg, node = _configs(msg, context)
     t0 = time.perf_counter()
     client = federation.ClientSession.get(cfg, node)
+    client.check_class_names(msg.content.config_records["config"].get("class-names"))
     stats = client.projection_stats()
     metrics = MetricRecord({"num-examples": client.num_examples,
                             "extract-seconds": time.perf_counter() - t0})
@@ -53,6 +54,7 @@ def train(msg: Message, context: Context) -> Message:
     projection = federation.from_flower_arrays(bases) if bases is not None else None
 
     client = federation.ClientSession.get(cfg, node)
+    client.check_class_names(config.get("class-names"))
     result = client.train(global_state, server_round, run_name, projection)
 
     metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})

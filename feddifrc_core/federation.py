@@ -358,6 +358,17 @@ class ClientSession:
     def num_examples(self) -> int:
         return len(self.data)
 
+    def check_class_names(self, expected: Sequence[str] | None) -> None:
+        """Refuse to train when this node's data set names its classes unlike the server's: the
+        class prompts (and the labels' meaning) would silently differ from the global model's."""
+        if expected is None or tuple(expected) == tuple(self.data.class_names):
+            return
+        raise ValueError(
+            f"class names of this node's data set {list(self.data.class_names)} differ from the "
+            f"server's {list(expected)}; give the node the same data set (data-path in its node "
+            "config) with the same class folders/names as the server"
+        )
+
     # --- diffusion representations -------------------------------------------------------------
     def representations(self) -> Any:
         """Extracted once per process (and cached on disk by the feature cache)."""

@@ -59,7 +59,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     # 2. test data and the global model (seeded initialisation; restored when resuming)
     evaluator = federation.CentralEvaluator(cfg)
     state = federation.model_state(evaluator.model)  # seeded initialisation
-    strategy = FedDifRCStrategy(cfg, run_name)
+    strategy = FedDifRCStrategy(cfg, run_name, tuple(evaluator.test.class_names))
     if resumed is not None:
         _check_same_run(cfg, resumed.meta["run-config"])
         state = resumed.group("model")

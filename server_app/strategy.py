@@ -52,7 +52,7 @@ class RoundReport:
 class FedDifRCStrategy(FedAvg):
     """FedAvg with seeded partition sampling, failure tolerance and the projection set-up."""
 
-    def __init__(self, cfg: RunConfig, run_name: str) -> None:
+    def __init__(self, cfg: RunConfig, run_name: str, class_names: tuple[str, ...] = ()) -> None:
         # Central evaluation on the test set replaces federated evaluation: fraction_evaluate=0.
         super().__init__(
             fraction_train=cfg.fraction_train,
@@ -67,6 +67,12 @@ class FedDifRCStrategy(FedAvg):
         self.node_partitions: dict[int, int] = {}  # node id -> partition id (this connection)
         self.projection: dict[str, np.ndarray] = {}  # shared bases; empty = none
         self.last_report = RoundReport()
+        # The server's class names travel with every request: a node whose data set names its
+        # classes differently (same count, other order or names) is refused, not silently trained.
+        self.class_names = tuple(class_names)
+
+    def _class_names_entry(self) -> dict[str, list[str]]:
+        return {"class-names": list(self.class_names)} if self.class_names else {}
 
     # --- set-up stages -------------------------------------------------------------------------
     def discover_nodes(self, grid: Grid) -> dict[int, int]:
@@ -95,7 +101,8 @@ class FedDifRCStrategy(FedAvg):
         from feddifrc_core import projection
 
         record = RecordDict({RUN_CONFIG: ConfigRecord(self.cfg.to_flower()),
-                             CONFIG: ConfigRecord({"run-name": self.run_name})})
+                             CONFIG: ConfigRecord({"run-name": self.run_name,
+                                                   **self._class_names_entry()})})
         node_ids = sorted(self.node_partitions, key=self.node_partitions.__getitem__)
         replies = self._query(grid, node_ids, QUERY_PROJECTION_STATS, record)
         ok = self._ordered_ok(replies)
@@ -121,7 +128,8 @@ class FedDifRCStrategy(FedAvg):
         by_partition = {p: n for n, p in self.node_partitions.items()}
         self.last_report = RoundReport(sampled=partitions)
         log(INFO, "round %d: training partitions %s", server_round, partitions)
-        config = ConfigRecord({**config, "server-round": server_round, "run-name": self.run_name})
+        config = ConfigRecord({**config, "server-round": server_round, "run-name": self.run_name,
+                               **self._class_names_entry()})
         record = RecordDict({ARRAYS: arrays, CONFIG: config,
                              RUN_CONFIG: ConfigRecord(self.cfg.to_flower())})
         if self.projection:
