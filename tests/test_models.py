@@ -93,3 +93,18 @@ def test_align_head_is_a_linear_map_on_the_features_and_absent_by_default():
     expected = z @ headed.align_head.weight.T + headed.align_head.bias
     torch.testing.assert_close(alignment_features(headed, z), expected)
     assert "align_head.weight" in headed.state_dict() and "align_head.weight" not in plain.state_dict()
+
+
+def test_every_party_builds_the_align_head_when_the_run_asks_for_it():
+    from feddifrc_core.config import RunConfig
+    from feddifrc_core.federation import build_global_model
+
+    cfg = RunConfig(model="small-cnn", model_width=4)
+    plain = build_global_model(cfg, 1, 10, 28)
+    headed = build_global_model(cfg.replace(align_head="linear"), 1, 10, 28)
+    assert getattr(plain, "align_head", None) is None
+    assert headed.align_head.in_features == headed.feature_dim
+    # seeded: server and every client start from the same weights
+    again = build_global_model(cfg.replace(align_head="linear"), 1, 10, 28)
+    assert all(torch.equal(a, b) for a, b in zip(headed.state_dict().values(),
+                                                 again.state_dict().values(), strict=True))
