@@ -35,6 +35,17 @@ def _check_dims(train_feats: torch.Tensor, test_feats: torch.Tensor) -> None:
         )
 
 
+def _check_probe_inputs(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+) -> None:
+    _check_pair("train", train_feats, train_labels)
+    _check_pair("test", test_feats, test_labels)
+    _check_dims(train_feats, test_feats)
+
+
 def linear_probe_accuracy(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -46,9 +57,7 @@ def linear_probe_accuracy(
 ) -> float:
     """Test accuracy of a multinomial logistic regression (L2, inverse strength `c`, lbfgs) fitted
     on standardised frozen train features. Standardisation statistics come from the train set."""
-    _check_pair("train", train_feats, train_labels)
-    _check_pair("test", test_feats, test_labels)
-    _check_dims(train_feats, test_feats)
+    _check_probe_inputs(train_feats, train_labels, test_feats, test_labels)
     if not c > 0:
         raise ValueError(f"`c` must be > 0, got {c!r}")
     x_train = train_feats.detach().cpu().double().numpy()
@@ -79,9 +88,7 @@ def knn_accuracy(
 ) -> float:
     """Weighted kNN accuracy with cosine similarity (InstDisc/DINO protocol): each of the k nearest
     train samples votes for its label with weight exp(cos / temperature)."""
-    _check_pair("train", train_feats, train_labels)
-    _check_pair("test", test_feats, test_labels)
-    _check_dims(train_feats, test_feats)
+    _check_probe_inputs(train_feats, train_labels, test_feats, test_labels)
     if k < 1:
         raise ValueError(f"`k` must be >= 1, got {k}")
     if not temperature > 0:
