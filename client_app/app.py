@@ -2,7 +2,8 @@
 
 - query.node_info        -> this node's partition id (lets the server sample reproducibly)
 - query.projection_stats -> extract + cache this client's diffusion representations, reply only the
-                            sufficient statistics (count, sum, outer products) of the pooled features
+                            sufficient statistics (count, sum, outer products) for the shared basis
+- query.target_sum       -> (spatial-norm-centred) count and sum of this client's projected targets
 - train                  -> local training with the run's algorithm; reply model + metrics
 Raw data and raw features never leave the client.
 """
@@ -41,6 +42,19 @@ def projection_stats(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"num-examples": client.num_examples,
                             "extract-seconds": time.perf_counter() - t0})
     return Message(RecordDict({"arrays": ArrayRecord(federation.to_flower_arrays(stats)),
+                               "metrics": metrics}), reply_to=msg)
+
+
+@app.query("target_sum")
+def target_sum(msg: Message, context: Context) -> Message:
+    cfg, node = _configs(msg, context)
+    client = federation.ClientSession.get(cfg, node)
+    client.check_class_names(msg.content.config_records["config"].get("class-names"))
+    projection = federation.from_flower_arrays(msg.content.array_records["projection"])
+    feature_dim = federation.build_global_model(cfg, *client.shape).feature_dim
+    sums = client.target_sum(projection, feature_dim)
+    metrics = MetricRecord({"num-examples": client.num_examples})
+    return Message(RecordDict({"arrays": ArrayRecord(federation.to_flower_arrays(sums)),
                                "metrics": metrics}), reply_to=msg)
 
 

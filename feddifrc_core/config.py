@@ -59,9 +59,10 @@ class RunConfig:
     # --- local model and optimiser ------------------------------------------------------------
     model: str = _opt("resnet10", choices=("resnet10", "small-cnn"))  # paper backbone for CIFAR
     model_width: int = _opt(64, lo=1)  # ResNet-10 base width 64 -> 512-d features
-    # The reference aligns the post-ReLU features z directly ("none"); "linear" adds a shared
-    # D -> D head so z >= 0 can still match the signed projected targets (docs/method.md).
-    align_head: str = _opt("none", choices=("none", "linear"))
+    # The reference aligns the post-ReLU features z directly ("none"); "linear" / "mlp" add a
+    # shared head (D -> D, or D -> D -> D with a ReLU as in SimCLR/REPA) on which the alignment
+    # losses act, so z >= 0 can still match signed targets (docs/method.md, "Targets").
+    align_head: str = _opt("none", choices=("none", "linear", "mlp"))
     local_epochs: int = _opt(10, lo=1)  # paper: 10 local epochs
     batch_size: int = _opt(64, lo=1)  # paper: 64
     lr: float = _opt(0.01, lo=0.0, lo_open=True)  # paper: SGD 0.01
@@ -87,6 +88,10 @@ class RunConfig:
     # Spatial pooling of each block before the projection: 1 = global mean (one vector per block);
     # g > 1 keeps a g x g layout (C_l * g^2 values), which small backbones need (docs/results.md).
     pool_grid: int = _opt(1, lo=1, hi=8)
+    # How a block's map becomes a target (diffusion/reduction.py): "mean-pool" then the shared
+    # projection, or the authors' "spatial-norm" (per-position projection, RMS over positions;
+    # "-centred" also removes the federated mean target). Chosen by measurement: docs/method.md.
+    reduction: str = _opt("mean-pool", choices=("mean-pool", "spatial-norm", "spatial-norm-centred"))
     extraction_batch_size: int = _opt(16, lo=1)  # images per UNet call (x prompts)
     diffusion_dtype: str = _opt("auto", choices=("auto", "float32", "float16", "bfloat16"))
     projection: str = _opt("federated-pca", choices=("federated-pca", "random"))  # shared basis
@@ -138,6 +143,11 @@ class RunConfig:
         if "{}" not in self.prompt_template:
             raise ConfigError(
                 f"prompt-template must contain '{{}}' where the class name goes, got {self.prompt_template!r}"
+            )
+        if self.reduction != "mean-pool" and self.pool_grid != 1:
+            raise ConfigError(
+                f"pool-grid={self.pool_grid} applies to reduction 'mean-pool' only; "
+                f"reduction {self.reduction!r} keeps every position: set pool-grid=1"
             )
         if self.min_available_nodes < self.min_train_nodes:
             raise ConfigError(

@@ -20,6 +20,10 @@ from feddifrc_core.checkpoint import atomic_write_bytes
 
 T = TypeVar("T")
 
+# Array names of the spatial-norm-centred set-up: each client's target count and sum, and the
+# federated mean target the server sends back with the bases.
+TARGET_COUNT, TARGET_SUM, TARGET_OFFSET = "target-count", "target-sum", "target-offset"
+
 
 # --- aggregation -----------------------------------------------------------------------------------
 def weighted_average(
@@ -237,9 +241,9 @@ def build_global_model(cfg: Any, channels: int, num_classes: int, image_size: in
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        # align-head=linear adds the shared D -> D head the alignment losses act on (docs/method.md)
+        # align-head linear/mlp adds the shared head the alignment losses act on (docs/method.md)
         return build_model(cfg.model, channels, num_classes, cfg.model_width, image_size=image_size,
-                           align_head=getattr(cfg, "align_head", "none") == "linear")
+                           align_head=getattr(cfg, "align_head", "none"))
 
 
 def load_state(model: Any, state: Mapping[str, np.ndarray]) -> None:
@@ -352,7 +356,7 @@ class ClientSession:
         self.sample_ids = global_rows[rows]  # indices in the full split: noise seeds, cache keys
         self.shape = (pool.channels, pool.num_classes, pool.image_size)
         self.train_transform, _ = make_transforms(cfg, pool.images)
-        self._representations: Any = None
+        self._representations: tuple[tuple[str, ...], Any] | None = None  # (bases hashes, reps)
 
     @property
     def num_examples(self) -> int:
@@ -370,38 +374,65 @@ class ClientSession:
         )
 
     # --- diffusion representations -------------------------------------------------------------
-    def representations(self) -> Any:
-        """Extracted once per process (and cached on disk by the feature cache)."""
-        if self._representations is None:
-            from feddifrc_core import representations as rep
+    def _extraction_inputs(self) -> tuple[Any, tuple[Any, ...], Any]:
+        from feddifrc_core import representations as rep
 
-            backbone = rep.backbone_from_config(self.cfg, self.device, self.cache_dir)  # per process
-            # feddifrc-ssl: prompts come from the SSL vocabulary, never from this client's labels
-            labels = None if self.cfg.is_self_supervised else self.data.labels
-            self._representations = rep.extract_client_representations(
-                backbone, self.data.images, labels, self.sample_ids, self.data.class_names,
-                rep.RepresentationSettings.from_run_config(self.cfg),
-                cache_dir=self.cache_dir / "representations", progress=False)
-        return self._representations
+        backbone = rep.backbone_from_config(self.cfg, self.device, self.cache_dir)  # per process
+        # feddifrc-ssl: prompts come from the SSL vocabulary, never from this client's labels
+        labels = None if self.cfg.is_self_supervised else self.data.labels
+        data = (self.data.images, labels, self.sample_ids, self.data.class_names)
+        return backbone, data, rep.RepresentationSettings.from_run_config(self.cfg)
+
+    def representations(self, bases: Sequence[Any] | None = None) -> Any:
+        """Extracted once per process and basis (and cached on disk by the feature cache).
+
+        mean-pool representations do not depend on the bases; spatial-norm ones are projected
+        with them inside the extractor and need them."""
+        from feddifrc_core import representations as rep
+        from feddifrc_core.diffusion.reduction import basis_sha256
+
+        projected = self.cfg.reduction != "mean-pool"
+        key = tuple(basis_sha256(b) for b in bases or ()) if projected else ()
+        if self._representations is None or self._representations[0] != key:
+            backbone, data, settings = self._extraction_inputs()
+            reps = rep.extract_client_representations(
+                backbone, *data, settings, cache_dir=self.cache_dir / "representations",
+                progress=False, bases=bases if projected else None)
+            self._representations = (key, reps)
+        return self._representations[1]
 
     def projection_stats(self) -> dict[str, np.ndarray]:
+        """Sufficient statistics for the shared basis: of the pooled vectors (mean-pool) or of
+        every spatial position's channel vector (spatial-norm, a first extraction pass)."""
+        from feddifrc_core import representations as rep
         from feddifrc_core.projection import stats_to_arrays
 
-        return stats_to_arrays(self.representations().pca_stats())
+        if self.cfg.reduction == "mean-pool":
+            return stats_to_arrays(self.representations().pca_stats())
+        backbone, data, settings = self._extraction_inputs()
+        return stats_to_arrays(rep.extract_position_stats(
+            backbone, *data, settings, cache_dir=self.cache_dir / "representations"))
+
+    def target_sum(self, projection: Mapping[str, np.ndarray], feature_dim: int
+                   ) -> dict[str, np.ndarray]:
+        """Count and sum of this client's targets in the shared space (spatial-norm-centred)."""
+        bases = self._bases(projection)
+        count, total = self.representations(bases).target_sum(bases, feature_dim)
+        return {TARGET_COUNT: np.array([count], dtype=np.int64), TARGET_SUM: total}
 
     def targets(self, projection: Mapping[str, np.ndarray] | None, feature_dim: int) -> Any:
+        bases = self._bases(projection)
+        offset = None if projection is None else projection.get(TARGET_OFFSET)
+        return self.representations(bases).targets(bases, feature_dim, offset)
+
+    @staticmethod
+    def _bases(projection: Mapping[str, np.ndarray] | None) -> list[Any]:
         from feddifrc_core import projection as proj
 
-        reps = self.representations()
-        if self.cfg.projection == "federated-pca":
-            if not projection:
-                raise ValueError("projection=federated-pca but the train message carries no bases; "
-                                 "the server must run the projection set-up before round 1")
-            bases = proj.arrays_to_bases(dict(projection))
-        else:
-            dims = proj.split_feature_dim(feature_dim, len(reps.block_channels))
-            bases = proj.random_bases(reps.block_channels, dims, self.cfg.seed)
-        return reps.targets(bases, feature_dim)
+        if not projection:
+            raise ValueError("the message carries no projection bases; the server must run the "
+                             "projection set-up before round 1")
+        return proj.arrays_to_bases(dict(projection))
 
     # --- local training ------------------------------------------------------------------------
     def train(self, global_state: Mapping[str, np.ndarray], server_round: int, run_name: str,

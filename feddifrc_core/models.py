@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 MODEL_NAMES = ("resnet10", "small-cnn")
+ALIGN_HEADS = ("none", "linear", "mlp")
 MIN_IMAGE_SIZE = 8  # ResNet-10 halves the size three times; below 8 px nothing is left to pool
 
 
@@ -114,13 +115,16 @@ def build_model(
     *,
     feature_dim: int = 128,
     image_size: int | None = None,
-    align_head: bool = False,
+    align_head: str = "none",
 ) -> nn.Module:
     """A model by config name. `width`: ResNet base width (features 8 * width) or SmallCNN's
     first conv width; `feature_dim`: SmallCNN only; `image_size` (optional) is checked;
-    `align_head`: add a linear D -> D head on which the diffusion-alignment losses act."""
+    `align_head`: "linear" (D -> D) or "mlp" (D -> D -> D, ReLU between) adds a head on which
+    the diffusion-alignment losses act; "none" aligns the penultimate features themselves."""
     if name not in MODEL_NAMES:
         raise ValueError(f"model must be one of {list(MODEL_NAMES)}, got {name!r}")
+    if align_head not in ALIGN_HEADS:
+        raise ValueError(f"align_head must be one of {list(ALIGN_HEADS)}, got {align_head!r}")
     if image_size is not None and image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} px, got {image_size}")
     model: nn.Module
@@ -128,11 +132,14 @@ def build_model(
         model = resnet10(num_classes, in_channels, width)
     else:
         model = SmallCNN(num_classes, in_channels, width, feature_dim)
-    if align_head:
-        # Post-ReLU features are non-negative while the shared projection's targets are signed:
-        # a cosine to a signed target is capped at |h+|/|h|. A linear head (aggregated like every
-        # other weight, so all clients share it) lets the aligned space reach any sign pattern.
-        model.align_head = nn.Linear(model.feature_dim, model.feature_dim)
+    d = model.feature_dim
+    # Post-ReLU features are non-negative while centred targets are signed: a cosine to a signed
+    # target is capped at |h+|/|h|. A head (aggregated like every other weight, so all clients
+    # share it; never used for classification) lets the aligned space reach any sign pattern.
+    if align_head == "linear":
+        model.align_head = nn.Linear(d, d)
+    elif align_head == "mlp":  # SimCLR / REPA projection head
+        model.align_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, d))
     return model
 
 

@@ -4,13 +4,14 @@ METHOD.md: every client must map its diffusion features into the SAME basis. Two
 - federated PCA: clients send sufficient statistics (count, sum, sum of outer products) per block;
   the merge is exact (merging two clients equals the statistics of their union), the server
   eigendecomposes the merged covariance once and broadcasts the bases;
-- random: a seeded orthogonal projection, identical everywhere, no communication.
+- random: a seeded orthogonal projection, identical everywhere, centred with the federated mean
+  (the same statistics round, of which it uses only count and sum).
 The model's feature size D is split over the blocks 2:1:1 (first block double), as in the paper
-(256/128/128 of 512).
+(256/128/128 of 512). A block with fewer channels than its share gives the surplus to the others.
 
-When a block has fewer channels than its share (C_l < d_l, tiny backbones), the basis is padded
-with zero columns: the projected vector still has d_l entries, the extra ones are always 0 (they
-add nothing to cosine similarities or distances), so the model's feature size is met exactly.
+Only when all blocks together have fewer channels than D (tiny backbones) are bases padded with
+zero columns: the projected vector still has D entries, the extra ones are always 0 (they add
+nothing to cosine similarities or distances), so the model's feature size is met exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from functools import reduce
 import numpy as np
 import torch
 
-from feddifrc_core.diffusion.extractor import derive_seed
+from feddifrc_core.seeding import hashed_seed
+
+PROJECTIONS = ("federated-pca", "random")
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,15 @@ def merge_all(stats_per_client: Sequence[Sequence[PcaStats]]) -> list[PcaStats]:
     return [reduce(merge_stats, blocks) for blocks in zip(*stats_per_client, strict=True)]
 
 
-def split_feature_dim(feature_dim: int, n_blocks: int) -> list[int]:
-    """Per-block output sizes summing to feature_dim, weights 2:1:...:1 (512 -> 256/128/128)."""
+def split_feature_dim(
+    feature_dim: int, n_blocks: int, channels: Sequence[int] | None = None
+) -> list[int]:
+    """Per-block output sizes summing to feature_dim, weights 2:1:...:1 (512 -> 256/128/128).
+
+    With `channels`, no block gets more dims than it has channels while another still has room:
+    the surplus goes to the blocks with room, by their weights. Only a surplus no block can take
+    (sum of channels < feature_dim) stays as zero columns, on the last block.
+    """
     if n_blocks < 1:
         raise ValueError(f"`n_blocks` must be >= 1, got {n_blocks}")
     if feature_dim < n_blocks + 1 and n_blocks > 1:
@@ -100,9 +110,27 @@ def split_feature_dim(feature_dim: int, n_blocks: int) -> list[int]:
             f"`feature_dim` {feature_dim} is too small to split over {n_blocks} blocks"
         )
     weights = [2] + [1] * (n_blocks - 1)
-    dims = [feature_dim * w // sum(weights) for w in weights]
-    dims[0] += feature_dim - sum(dims)  # rounding remainder to the first (largest) block
+    dims = _split_by_weights(feature_dim, weights)
+    if channels is None:
+        return dims
+    if len(channels) != n_blocks:
+        raise ValueError(f"got {len(channels)} channel counts for {n_blocks} blocks")
+    caps = [int(c) for c in channels]
+    if sum(caps) <= feature_dim:  # every channel is used; the rest can only be zero columns
+        return [*caps[:-1], caps[-1] + feature_dim - sum(caps)]
+    while surplus := sum(max(0, d - c) for d, c in zip(dims, caps, strict=True)):
+        dims = [min(d, c) for d, c in zip(dims, caps, strict=True)]
+        room = [i for i in range(n_blocks) if dims[i] < caps[i]]
+        extra = _split_by_weights(surplus, [weights[i] for i in room])
+        for i, e in zip(room, extra, strict=True):
+            dims[i] += e
     return dims
+
+
+def _split_by_weights(total: int, weights: Sequence[int]) -> list[int]:
+    parts = [total * w // sum(weights) for w in weights]
+    parts[0] += total - sum(parts)  # rounding remainder to the first (largest) part
+    return parts
 
 
 def _fixed_signs(components: np.ndarray) -> np.ndarray:
@@ -138,20 +166,32 @@ def pca_bases(stats: Sequence[PcaStats], out_dims: Sequence[int]) -> list[Basis]
     return bases
 
 
-def random_bases(in_dims: Sequence[int], out_dims: Sequence[int], seed: int) -> list[Basis]:
-    """Seeded orthogonal projections (no centring: a mean would need communication)."""
+def random_bases(
+    in_dims: Sequence[int],
+    out_dims: Sequence[int],
+    seed: int,
+    means: Sequence[np.ndarray] | None = None,
+) -> list[Basis]:
+    """Seeded orthogonal projections, centred with `means` (the federated mean; None = zeros).
+
+    Uncentred, every target shares the mean feature's projection and cosines between targets
+    are all high: the losses would barely see the differences between images and prompts.
+    """
     if len(in_dims) != len(out_dims):
         raise ValueError(f"got {len(in_dims)} input sizes but {len(out_dims)} output sizes")
+    if means is not None and [len(m) for m in means] != list(in_dims):
+        raise ValueError(f"means are {[len(m) for m in means]}-d but the blocks have {list(in_dims)}")
     bases = []
     for block, (c, d) in enumerate(zip(in_dims, out_dims, strict=True)):
-        gen = torch.Generator().manual_seed(derive_seed(seed, "random-basis", block))
+        gen = torch.Generator().manual_seed(hashed_seed(seed, "random-basis", block))
         gauss = torch.randn(c, min(c, d), generator=gen, dtype=torch.float64)
         q, r = torch.linalg.qr(gauss)  # [C, min(C, d)] orthonormal columns
         signs = torch.sign(torch.diagonal(r))
         q = q * torch.where(
             signs == 0, torch.ones_like(signs), signs
         )  # unique QR: Haar-distributed
-        bases.append(Basis(mean=np.zeros(c), components=_pad_columns(q.numpy(), d)))
+        mean = np.zeros(c) if means is None else np.asarray(means[block], dtype=np.float64)
+        bases.append(Basis(mean=mean, components=_pad_columns(q.numpy(), d)))
     return bases
 
 
@@ -162,20 +202,24 @@ def shared_bases(
     seed: int,
     stats: Sequence[PcaStats] | None = None,
 ) -> list[Basis]:
-    """The bases every client uses: "federated-pca" from merged `stats`, or "random" from `seed`."""
-    out_dims = split_feature_dim(feature_dim, len(in_dims))
+    """The bases every client uses, from the merged `stats`: "federated-pca" (top principal
+    directions) or "random" (seeded from `seed`, centred with the federated mean)."""
+    out_dims = split_feature_dim(feature_dim, len(in_dims), in_dims)
+    if method not in PROJECTIONS:
+        raise ValueError(f"`projection` must be one of {list(PROJECTIONS)}, got {method!r}")
+    if stats is None:
+        raise ValueError(f"projection {method!r} needs the merged statistics (`stats`)")
+    if [s.dim for s in stats] != list(in_dims):
+        raise ValueError(
+            f"statistics are {[s.dim for s in stats]}-d but the blocks have "
+            f"{list(in_dims)} channels"
+        )
     if method == "federated-pca":
-        if stats is None:
-            raise ValueError("projection 'federated-pca' needs the merged statistics (`stats`)")
-        if [s.dim for s in stats] != list(in_dims):
-            raise ValueError(
-                f"statistics are {[s.dim for s in stats]}-d but the blocks have "
-                f"{list(in_dims)} channels"
-            )
         return pca_bases(stats, out_dims)
-    if method == "random":
-        return random_bases(in_dims, out_dims, seed)
-    raise ValueError(f"`projection` must be 'federated-pca' or 'random', got {method!r}")
+    for block, s in enumerate(stats):
+        if s.count < 1:
+            raise ValueError(f"block {block}: the federated mean needs at least 1 feature vector")
+    return random_bases(in_dims, out_dims, seed, [s.sum / s.count for s in stats])
 
 
 def project(per_block: Sequence[torch.Tensor], bases: Sequence[Basis]) -> torch.Tensor:

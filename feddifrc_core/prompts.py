@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feddifrc_core.diffusion.extractor import derive_seed
+from feddifrc_core.seeding import hashed_seed
 
 NULL_PROMPT = ""  # the unconditional prompt SD was trained with (classifier-free guidance)
 DEFAULT_TEMPLATE = "a photo of a {}"
@@ -113,7 +113,7 @@ def draw_per_sample(
         if k == avail:
             out[row] = pool
         else:
-            rng = np.random.default_rng(derive_seed(seed, sid, stream))
+            rng = np.random.default_rng(hashed_seed(seed, sid, stream))
             out[row] = np.sort(rng.choice(pool, size=k, replace=False))
     return torch.from_numpy(out)
 

@@ -11,8 +11,15 @@ Which prompts are stored per image (documented choice):
 - "needed" layout: only [true class, K negatives, null] per image otherwise (CIFAR-100:
   12 instead of 101 prompts per image) and always for the self-supervised variant
   ([positive, K vocabulary negatives, null]).
-The pooled, unprojected per-block features are cached (fp16); the projection is applied on top,
-so changing or re-computing the shared bases never invalidates the cache.
+How each block's map becomes a vector is the `reduction` (diffusion/reduction.py):
+- "mean-pool": the pooled, unprojected per-block features are cached (fp16); the projection is
+  applied on top, so changing or re-computing the shared bases never invalidates the cache;
+  `.pca_stats()` gives the federated-PCA statistics of the pooled vectors.
+- "spatial-norm" (the authors' reduction): a first pass gives the per-position statistics
+  (`extract_position_stats`, cached as one small verified file); with the shared bases, a second
+  pass projects every position and keeps the RMS over positions, so only the D-dim targets are
+  cached (the cache key includes the bases' hashes). "spatial-norm-centred" extracts the same and
+  subtracts the federated mean target (`.target_stats()`, an offset sent with the bases).
 """
 
 from __future__ import annotations
@@ -28,11 +35,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from feddifrc_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from feddifrc_core.config import RunConfig
 from feddifrc_core.diffusion.backbone import DiffusionBackbone, load_backbone, resolve_dtype
 from feddifrc_core.diffusion.extractor import DiffusionFeatureExtractor
-from feddifrc_core.feature_cache import FeatureCache, tensor_sha256
-from feddifrc_core.projection import Basis, PcaStats, merge_stats, pca_stats, project
+from feddifrc_core.diffusion.reduction import BlockReduction, PositionStats, SpatialNorm
+from feddifrc_core.feature_cache import FeatureCache, fingerprint_sha256, tensor_sha256
+from feddifrc_core.projection import (
+    Basis,
+    PcaStats,
+    arrays_to_stats,
+    merge_stats,
+    pca_stats,
+    project,
+    stats_to_arrays,
+)
 from feddifrc_core.prompts import (
     NULL_PROMPT,
     class_prompts,
@@ -56,7 +73,8 @@ class RepresentationSettings:
     up_blocks: tuple[int, ...] = (1, 2, 3)  # SD 2.1: 1280, 640, 320 channels
     image_size: int = 224  # reference; 0 = the backbone's native size
     ensemble_size: int = 1  # noise draws averaged per image
-    pool_grid: int = 1  # g x g spatial average pooling per block (1 = global mean)
+    pool_grid: int = 1  # g x g spatial average pooling per block (1 = global mean; mean-pool only)
+    reduction: str = "mean-pool"  # or the authors' "spatial-norm" (+ "-centred"); see module doc
     batch_size: int = 16  # images per UNet call (x prompts)
     neg_num: int = 10  # reference: 10 negative prompts per sample
     prompt_template: str = "a photo of a {}"  # paper prompt
@@ -77,6 +95,7 @@ class RepresentationSettings:
             image_size=cfg.diffusion_image_size,
             ensemble_size=cfg.ensemble_size,
             pool_grid=cfg.pool_grid,
+            reduction=cfg.reduction,
             batch_size=cfg.extraction_batch_size,
             neg_num=cfg.neg_num,
             prompt_template=cfg.prompt_template,
@@ -102,9 +121,13 @@ def backbone_from_config(
 
 @dataclass(frozen=True)
 class ClientRepresentations:
-    """Pooled per-block diffusion features of one client's samples (row i = local sample i)."""
+    """Per-block diffusion features of one client's samples (row i = local sample i).
 
-    features: tuple[torch.Tensor, ...]  # per block [N, P, C_l] float16 on CPU
+    mean-pool: pooled, unprojected [N, P, C_l]; spatial-norm: already projected with the shared
+    bases whose hashes `bases_sha256` lists, [N, P, d_l].
+    """
+
+    features: tuple[torch.Tensor, ...]  # per block [N, P, C_l | d_l] float16 on CPU
     prompts: tuple[str, ...]  # prompt list that prompt_ids index
     prompt_ids: torch.Tensor  # [N, P] which prompt each stored column was computed under
     positive_cols: torch.Tensor  # [N] column of the positive (true class / SSL positive prompt)
@@ -116,6 +139,7 @@ class ClientRepresentations:
     cache_dir: Path | None = None
     from_cache: bool = False  # True when nothing had to be extracted
     seconds: float = 0.0  # wall time of extraction (or of loading)
+    bases_sha256: tuple[str, ...] = ()  # spatial-norm: the bases projected with; () = unprojected
 
     def __len__(self) -> int:
         return int(self.prompt_ids.shape[0])
@@ -124,8 +148,17 @@ class ClientRepresentations:
     def block_channels(self) -> tuple[int, ...]:
         return tuple(int(f.shape[-1]) for f in self.features)
 
+    @property
+    def projected(self) -> bool:
+        return bool(self.bases_sha256)
+
     def pca_stats(self, chunk_rows: int = 4096) -> list[PcaStats]:
         """Per block: statistics over every stored pooled feature vector (all rows, all columns)."""
+        if self.projected:
+            raise ValueError(
+                "spatial-norm representations are already projected; their basis comes from "
+                "extract_position_stats"
+            )
         out = []
         for feats in self.features:
             flat = feats.reshape(-1, feats.shape[-1])  # [N*P, C_l]
@@ -135,10 +168,10 @@ class ClientRepresentations:
             out.append(stats)
         return out
 
-    def targets(
+    def projected_all(
         self, bases: Sequence[Basis], feature_dim: int, chunk_rows: int = 2048
-    ) -> DiffusionTargets:
-        """Project with the shared bases; pick positive / negatives / null per sample (float32)."""
+    ) -> torch.Tensor:
+        """Every stored (image, prompt) vector in the shared space: [N, P, D] float32."""
         dims = [b.out_dim for b in bases]
         if len(bases) != len(self.features):
             raise ValueError(
@@ -150,12 +183,42 @@ class ClientRepresentations:
                 f"{feature_dim}; "
                 f"build them with split_feature_dim({feature_dim}, {len(bases)})"
             )
+        if self.projected:
+            from feddifrc_core.diffusion.reduction import basis_sha256
+
+            if tuple(basis_sha256(b) for b in bases) != self.bases_sha256:
+                raise ValueError(
+                    "these spatial-norm representations were projected with other bases than the "
+                    "ones given; extract them again with the current bases"
+                )
+            return torch.cat([f.float() for f in self.features], dim=-1)  # [N, P, D]
         n, p = self.prompt_ids.shape
         projected = torch.empty(n, p, feature_dim)
         for start in range(0, n, chunk_rows):
             part = slice(start, start + chunk_rows)
             projected[part] = project([f[part] for f in self.features], bases)  # [n, P, D]
-        rows = torch.arange(n)
+        return projected
+
+    def target_sum(self, bases: Sequence[Basis], feature_dim: int) -> tuple[int, np.ndarray]:
+        """Count and sum [D] (float64) of every stored vector in the shared space: the server's
+        merged mean is the shared component that spatial-norm-centred removes."""
+        flat = self.projected_all(bases, feature_dim).reshape(-1, feature_dim).double()
+        return int(flat.shape[0]), flat.sum(0).numpy()
+
+    def targets(
+        self,
+        bases: Sequence[Basis],
+        feature_dim: int,
+        offset: np.ndarray | None = None,
+    ) -> DiffusionTargets:
+        """Project with the shared bases, subtract `offset` [D] (spatial-norm-centred: the
+        federated mean target), pick positive / negatives / null per sample (float32)."""
+        projected = self.projected_all(bases, feature_dim)  # [N, P, D]
+        if offset is not None:
+            if tuple(np.shape(offset)) != (feature_dim,):
+                raise ValueError(f"`offset` must be [{feature_dim}], got {np.shape(offset)}")
+            projected -= torch.as_tensor(np.asarray(offset), dtype=torch.float32)
+        rows = torch.arange(len(self))
         return DiffusionTargets(
             positive=projected[rows, self.positive_cols],  # [N, D]
             negatives=projected[rows[:, None], self.negative_cols],  # [N, K, D]
@@ -207,24 +270,34 @@ def _layout(
     )
 
 
-def extract_client_representations(
+@dataclass(frozen=True)
+class _Job:
+    """Validated inputs, the extractor and the prompt layout shared by both extraction passes."""
+
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    ids: torch.Tensor  # [N] global indices
+    extractor: DiffusionFeatureExtractor
+    prompts: list[str]
+    layout: str
+    prompt_ids: torch.Tensor  # [N, P]
+    positive_cols: torch.Tensor
+    negative_cols: torch.Tensor
+    null_cols: torch.Tensor
+    fingerprint: dict[str, Any]  # what the features depend on, beside the reduction
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.fingerprint['dataset'] or 'data'}-n{self.fingerprint['num_samples']}"
+
+
+def _prepare(
     backbone: DiffusionBackbone,
     images: torch.Tensor | np.ndarray,
     labels: torch.Tensor | np.ndarray | None,
     sample_ids: Sequence[int] | torch.Tensor | np.ndarray,
     class_names: Sequence[str],
     settings: RepresentationSettings,
-    cache_dir: str | Path | None,
-    progress: bool = True,
-) -> ClientRepresentations:
-    """Extract (or load from the verified cache) this client's representations.
-
-    images: uint8 [N, C, H, W] in local order; labels: int [N] (ignored, may be None, in SSL mode);
-    sample_ids: global data-set indices [N] (seed the noise and negatives, part of the fingerprint);
-    cache_dir: folder for feature caches, may be shared by clients: each client and setting
-    gets its own `<dataset>-n<N>-<fingerprint hash>/` subfolder (None = no cache).
-    """
-    t0 = time.perf_counter()
+) -> _Job:
     # 1. inputs
     images_t = torch.as_tensor(images)
     n = images_t.shape[0] if images_t.ndim == 4 else -1
@@ -273,10 +346,81 @@ def extract_client_representations(
         "prompt_ids_sha256": tensor_sha256(prompt_ids),
         "images_sha256": tensor_sha256(images_t),
     }
+    return _Job(images_t, ids, extractor, prompts, layout, prompt_ids, pos_cols, neg_cols,
+                null_cols, fingerprint)
+
+
+def extract_position_stats(
+    backbone: DiffusionBackbone,
+    images: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray | None,
+    sample_ids: Sequence[int] | torch.Tensor | np.ndarray,
+    class_names: Sequence[str],
+    settings: RepresentationSettings,
+    cache_dir: str | Path | None,
+) -> list[PcaStats]:
+    """spatial-norm, first pass: per block, the statistics of every spatial position's channel
+    vector over all stored (image, prompt) pairs, for the federated per-position PCA.
+
+    Cached as one verified file per fingerprint under `cache_dir` (None = no cache).
+    """
+    job = _prepare(backbone, images, labels, sample_ids, class_names, settings)
+    key = fingerprint_sha256({**job.fingerprint, "reduction": {"kind": "position-stats"}})
+    path = None if cache_dir is None else Path(cache_dir) / f"{job.prefix}-stats-{key[:16]}.safetensors"
+    if path is not None and path.is_file():
+        try:
+            return arrays_to_stats(load_checkpoint(path).arrays)
+        except CheckpointError as err:
+            logger.warning("recomputing position statistics: %s", err)
+    t0 = time.perf_counter()
+    accumulators = [PositionStats(c) for c in job.extractor.raw_channels]
+    job.extractor.extract(job.images, job.ids.tolist(), job.prompts, job.prompt_ids,
+                          reductions=accumulators)
+    stats = [a.stats for a in accumulators]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, stats_to_arrays(stats), {"round": 0, "fingerprint": key})
+    logger.info("position statistics of %d images in %.1fs", len(job.ids), time.perf_counter() - t0)
+    return stats
+
+
+def extract_client_representations(
+    backbone: DiffusionBackbone,
+    images: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray | None,
+    sample_ids: Sequence[int] | torch.Tensor | np.ndarray,
+    class_names: Sequence[str],
+    settings: RepresentationSettings,
+    cache_dir: str | Path | None,
+    progress: bool = True,
+    bases: Sequence[Basis] | None = None,
+) -> ClientRepresentations:
+    """Extract (or load from the verified cache) this client's representations.
+
+    images: uint8 [N, C, H, W] in local order; labels: int [N] (ignored, may be None, in SSL mode);
+    sample_ids: global data-set indices [N] (seed the noise and negatives, part of the fingerprint);
+    cache_dir: folder for feature caches, may be shared by clients: each client and setting
+    gets its own `<dataset>-n<N>-<fingerprint hash>/` subfolder (None = no cache);
+    bases: the shared bases, required by the spatial-norm reductions (projected inside the hooks).
+    """
+    t0 = time.perf_counter()
+    job = _prepare(backbone, images, labels, sample_ids, class_names, settings)
+    extractor, prompt_ids, n = job.extractor, job.prompt_ids, len(job.ids)
+    images_t, ids = job.images, job.ids
+    fingerprint = dict(job.fingerprint)
+    reductions: list[BlockReduction] | None = None
+    bases_sha: tuple[str, ...] = ()
+    if settings.reduction != "mean-pool":  # mean-pool keeps the format-1 fingerprint (old caches)
+        if bases is None:
+            raise ValueError(f"reduction {settings.reduction!r} needs the shared bases (`bases`)")
+        reductions = [SpatialNorm(b) for b in bases]
+        extractor.out_dims(reductions)  # checks bases against the blocks' channels
+        bases_sha = tuple(r.describe()["basis_sha256"] for r in reductions)
+        fingerprint["reduction"] = {"kind": "spatial-norm", "bases_sha256": list(bases_sha)}
     num_cols = prompt_ids.shape[1]
     spec: dict[str, tuple[tuple[int, ...], str]] = {
-        f"block{b}": ((num_cols, c), "float16")
-        for b, c in zip(extractor.up_blocks, extractor.block_channels, strict=True)
+        f"block{b}": ((num_cols, d), "float16")
+        for b, d in zip(extractor.up_blocks, extractor.out_dims(reductions), strict=True)
     }
     spec["prompt_ids"] = ((num_cols,), "int64")
     # 4. extraction of the missing chunks (all of them without a cache)
@@ -286,14 +430,7 @@ def extract_client_representations(
         missing = list(range(-(-n // chunk)))
         collected: dict[int, dict[str, torch.Tensor]] = {}
     else:
-        cache = FeatureCache(
-            Path(cache_dir),
-            f"{settings.dataset or 'data'}-n{n}",
-            fingerprint,
-            n,
-            chunk,
-            spec,
-        )
+        cache = FeatureCache(Path(cache_dir), job.prefix, fingerprint, n, chunk, spec)
         missing = cache.open()
     if missing:
         done = n - sum(min(chunk, n - i * chunk) for i in missing)
@@ -311,9 +448,10 @@ def extract_client_representations(
                 feats = extractor.extract(
                     images_t[start:stop],
                     ids[start:stop].tolist(),
-                    prompts,
+                    job.prompts,
                     prompt_ids[start:stop],
                     progress=bar.update,
+                    reductions=reductions,
                 )
                 tensors = {f"block{b}": f for b, f in zip(extractor.up_blocks, feats, strict=True)}
                 tensors["prompt_ids"] = prompt_ids[start:stop]
@@ -356,15 +494,16 @@ def extract_client_representations(
         )
     return ClientRepresentations(
         features=tuple(stored[f"block{b}"] for b in extractor.up_blocks),
-        prompts=tuple(prompts),
+        prompts=tuple(job.prompts),
         prompt_ids=prompt_ids,
-        positive_cols=pos_cols,
-        negative_cols=neg_cols,
-        null_cols=null_cols,
+        positive_cols=job.positive_cols,
+        negative_cols=job.negative_cols,
+        null_cols=job.null_cols,
         up_blocks=extractor.up_blocks,
         alpha_bar=extractor.alpha_bar,
         fingerprint=fingerprint,
         cache_dir=None if cache is None else cache.dir,
         from_cache=not missing,
         seconds=seconds,
+        bases_sha256=bases_sha,
     )

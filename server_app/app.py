@@ -71,7 +71,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
 
     # 3. set-up over Flower messages: which node holds which partition; the shared projection
     strategy.discover_nodes(grid)
-    if cfg.uses_diffusion and cfg.projection == "federated-pca" and not strategy.projection:
+    if cfg.uses_diffusion and not strategy.projection:
         strategy.setup_projection(grid, evaluator.model.feature_dim)
     if resumed is None:
         folder.log_round({"round": 0, **evaluator(state)})

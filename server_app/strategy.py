@@ -24,6 +24,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from feddifrc_core.config import RunConfig
 from feddifrc_core.federation import (
+    TARGET_COUNT,
+    TARGET_OFFSET,
+    TARGET_SUM,
     from_flower_arrays,
     sample_partitions,
     to_flower_arrays,
@@ -33,6 +36,7 @@ from feddifrc_core.federation import (
 # Message types and record keys shared with client_app/app.py.
 QUERY_NODE_INFO = f"{MessageType.QUERY}.node_info"
 QUERY_PROJECTION_STATS = f"{MessageType.QUERY}.projection_stats"
+QUERY_TARGET_SUM = f"{MessageType.QUERY}.target_sum"
 ARRAYS, METRICS, CONFIG, RUN_CONFIG, PROJECTION = "arrays", "metrics", "config", "run-config", "projection"
 
 
@@ -97,25 +101,33 @@ class FedDifRCStrategy(FedAvg):
         return mapping
 
     def setup_projection(self, grid: Grid, feature_dim: int) -> dict[str, np.ndarray]:
-        """Federated PCA: merge every client's sufficient statistics, broadcast the bases."""
+        """The shared basis: merge every client's sufficient statistics (exact), build the
+        federated-PCA or mean-centred random bases; for spatial-norm-centred also merge the
+        clients' target sums into the mean target that every client subtracts."""
         from feddifrc_core import projection
 
         record = RecordDict({RUN_CONFIG: ConfigRecord(self.cfg.to_flower()),
                              CONFIG: ConfigRecord({"run-name": self.run_name,
                                                    **self._class_names_entry()})})
-        node_ids = sorted(self.node_partitions, key=self.node_partitions.__getitem__)
-        replies = self._query(grid, node_ids, QUERY_PROJECTION_STATS, record)
-        ok = self._ordered_ok(replies)
-        self._require("projection set-up", len(ok), len(node_ids),
-                      self._describe_failures(replies, node_ids))
+        ok = self._query_all(grid, QUERY_PROJECTION_STATS, record, "projection set-up")
         stats = [projection.arrays_to_stats(from_flower_arrays(msg.content.array_records[ARRAYS])) for msg in ok]
         merged = projection.merge_all(stats)  # exact: sums of counts, sums and outer products
-        bases = projection.pca_bases(merged, projection.split_feature_dim(feature_dim, len(merged)))
+        bases = projection.shared_bases(self.cfg.projection, feature_dim, [s.dim for s in merged],
+                                        self.cfg.seed, merged)
         self.projection = {k: np.asarray(v) for k, v in projection.bases_to_arrays(bases).items()}
         slowest = max(cast(float, m.content.metric_records[METRICS].get("extract-seconds", 0.0))
                       for m in ok)
-        log(INFO, "projection: federated PCA from %d clients (slowest extraction %.1f s), "
-            "output dims %s", len(ok), slowest, [b.out_dim for b in bases])
+        log(INFO, "projection: %s (%s) from %d clients (slowest extraction %.1f s), output dims %s",
+            self.cfg.projection, self.cfg.reduction, len(ok), slowest, [b.out_dim for b in bases])
+        if self.cfg.reduction == "spatial-norm-centred":
+            record[PROJECTION] = ArrayRecord(to_flower_arrays(self.projection))
+            ok = self._query_all(grid, QUERY_TARGET_SUM, record, "target-mean set-up")
+            sums = [from_flower_arrays(m.content.array_records[ARRAYS]) for m in ok]
+            count = sum(int(np.asarray(a[TARGET_COUNT]).reshape(-1)[0]) for a in sums)
+            total = np.sum([np.asarray(a[TARGET_SUM], dtype=np.float64) for a in sums], axis=0)
+            self.projection[TARGET_OFFSET] = (total / max(count, 1)).astype(np.float32)  # [D]
+            log(INFO, "target mean from %d clients (%d vectors), norm %.3f", len(ok), count,
+                float(np.linalg.norm(self.projection[TARGET_OFFSET])))
         return self.projection
 
     # --- training ------------------------------------------------------------------------------
@@ -166,6 +178,15 @@ class FedDifRCStrategy(FedAvg):
 
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         return sorted(all_nodes)
+
+    def _query_all(self, grid: Grid, message_type: str, record: RecordDict,
+                   stage: str) -> list[Message]:
+        """Send a set-up query to every known node; the successful replies in partition order."""
+        node_ids = sorted(self.node_partitions, key=self.node_partitions.__getitem__)
+        replies = self._query(grid, node_ids, message_type, record)
+        ok = self._ordered_ok(replies)
+        self._require(stage, len(ok), len(node_ids), self._describe_failures(replies, node_ids))
+        return ok
 
     def _query(self, grid: Grid, node_ids: list[int], message_type: str,
                record: RecordDict) -> list[Message]:

@@ -8,8 +8,12 @@ import torch
 from feddifrc_core.config import RunConfig
 from feddifrc_core.diffusion import extractor as extractor_module
 from feddifrc_core.diffusion.backbone import load_backbone
-from feddifrc_core.projection import merge_all, pca_stats, shared_bases
-from feddifrc_core.representations import RepresentationSettings, extract_client_representations
+from feddifrc_core.projection import Basis, merge_all, pca_stats, shared_bases
+from feddifrc_core.representations import (
+    RepresentationSettings,
+    extract_client_representations,
+    extract_position_stats,
+)
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -44,7 +48,7 @@ def test_all_prompt_layout_and_targets(backbone) -> None:
     assert torch.equal(reps.positive_cols, labels) and torch.all(reps.null_cols == 10)
     assert reps.negative_cols.shape == (6, 9) and not (reps.negative_cols == labels[:, None]).any()
     assert reps.prompts[10] == "" and reps.prompts[3] == "a photo of a handwritten number 3"
-    bases = shared_bases("random", 64, reps.block_channels, seed=0)
+    bases = shared_bases("random", 64, reps.block_channels, 0, merge_all([reps.pca_stats()]))
     t = reps.targets(bases, 64)
     assert (
         t.positive.shape == (6, 64) and t.negatives.shape == (6, 9, 64) and t.null.shape == (6, 64)
@@ -69,7 +73,7 @@ def test_needed_layout_gives_the_same_targets(backbone) -> None:
     assert torch.equal(needed.prompt_ids[:, 0], labels) and torch.all(
         needed.prompt_ids[:, -1] == 10
     )
-    bases = shared_bases("random", 32, full.block_channels, seed=1)
+    bases = shared_bases("random", 32, full.block_channels, 1, merge_all([full.pca_stats()]))
     a, b = full.targets(bases, 32), needed.targets(bases, 32)
     torch.testing.assert_close(a.positive, b.positive, atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(a.negatives, b.negatives, atol=2e-3, rtol=1e-3)
@@ -152,3 +156,127 @@ def test_settings_from_run_config() -> None:
     cfg = RunConfig(up_blocks="1,3", diffusion_timestep=200, algorithm="feddifrc-ssl")
     s = RepresentationSettings.from_run_config(cfg)
     assert s.up_blocks == (1, 3) and s.timestep == 200 and s.self_supervised and s.image_size == 224
+
+
+# --- the authors' reduction: per-position shared PCA, then RMS over positions --------------------
+SPATIAL = RepresentationSettings(**{**SETTINGS.__dict__, "reduction": "spatial-norm"})
+
+
+def _raw_maps(backbone, images, ids, prompts: list[str]) -> list[torch.Tensor]:
+    """Every kept block's full output map [N, P, C, h, w], computed without the extractor's
+    reductions (same pixels, noise and timestep): the post-hoc reference."""
+    ex = extractor_module.DiffusionFeatureExtractor(
+        backbone, timestep=SPATIAL.timestep, up_blocks=SPATIAL.up_blocks, seed=SPATIAL.seed
+    )
+    maps: dict[int, torch.Tensor] = {}
+    handles = [
+        backbone.unet.up_blocks[b].register_forward_hook(
+            lambda _m, _i, out, b=b: maps.__setitem__(b, out[0] if isinstance(out, tuple) else out)
+        )
+        for b in ex.up_blocks
+    ]
+    try:
+        embeds = backbone.encode_prompts(prompts)  # [P, L, D]
+        pixels = extractor_module.to_model_pixels(images, ex.image_size, 3, "cpu", torch.float32)
+        latents = backbone.encode_images(pixels)
+        noise = ex.noise(latents.shape[1:], [int(i) for i in ids], 0)
+        t = torch.full((len(images) * len(prompts),), ex.timestep)
+        noisy = backbone.scheduler.add_noise(latents, noise, t[: len(images)])
+        with torch.no_grad():
+            backbone.unet(noisy.repeat_interleave(len(prompts), 0), t,
+                          encoder_hidden_states=embeds.repeat(len(images), 1, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return [maps[b].view(len(images), len(prompts), *maps[b].shape[1:]) for b in ex.up_blocks]
+
+
+def test_spatial_norm_federated_pca_and_targets_equal_a_direct_computation(backbone) -> None:
+    images, labels, ids = _data(4)
+    # federated: one client's statistics, merged, eigendecomposed, projected inside the hooks
+    stats = extract_position_stats(backbone, images, labels, ids, CLASSES, SPATIAL, None)
+    bases = shared_bases("federated-pca", 64, [s.dim for s in stats], 0, merge_all([stats]))
+    reps = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SPATIAL, None, progress=False, bases=bases
+    )
+    assert reps.projected and reps.block_channels == (32, 16, 16)
+    # direct: full maps of all 11 prompts, numpy PCA over every position, projection, RMS
+    maps = _raw_maps(backbone, images, ids, list(reps.prompts))
+    for block, (m, basis) in enumerate(zip(maps, bases, strict=True)):
+        vectors = m.permute(0, 1, 3, 4, 2).reshape(-1, m.shape[2]).double()  # [N*P*h*w, C]
+        assert stats[block].count == vectors.shape[0]
+        mean = vectors.mean(0)
+        torch.testing.assert_close(torch.from_numpy(basis.mean), mean, atol=1e-5, rtol=1e-5)
+        cov = (vectors - mean).T @ (vectors - mean) / vectors.shape[0]
+        top = torch.linalg.eigh(cov).eigenvalues.flip(0)[: basis.out_dim]
+        comps = torch.from_numpy(basis.components)
+        explained = torch.einsum("cd,ce,ed->d", comps, cov, comps)  # variance along each column
+        torch.testing.assert_close(explained, top, atol=1e-5, rtol=1e-5)
+        # hook-side reduction == post-hoc reduction of the full maps with the same basis
+        y = (vectors.float() - mean.float()) @ comps.float()  # [N*P*h*w, d]
+        posthoc = y.view(4, 11, -1, basis.out_dim).square().mean(2).sqrt()  # [N, P, d]
+        torch.testing.assert_close(reps.features[block].float(), posthoc, atol=2e-3, rtol=1e-3)
+    t = reps.targets(bases, 64)
+    assert (t.positive >= 0).all() and (t.negatives >= 0).all() and (t.null >= 0).all()
+
+
+def test_spatial_norm_targets_do_not_depend_on_basis_signs(backbone) -> None:
+    images, labels, ids = _data(3)
+    stats = extract_position_stats(backbone, images, labels, ids, CLASSES, SPATIAL, None)
+    bases = shared_bases("federated-pca", 64, [s.dim for s in stats], 0, merge_all([stats]))
+    signs = [torch.where(torch.rand(b.out_dim) < 0.5, -1.0, 1.0).double().numpy() for b in bases]
+    flipped = [Basis(b.mean, b.components * s) for b, s in zip(bases, signs, strict=True)]
+    a = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SPATIAL, None, progress=False, bases=bases
+    ).targets(bases, 64)
+    b = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SPATIAL, None, progress=False, bases=flipped
+    ).targets(flipped, 64)
+    for x, y in ((a.positive, b.positive), (a.negatives, b.negatives), (a.null, b.null)):
+        assert torch.equal(x, y)
+
+
+def test_spatial_norm_caches_per_basis_and_checks_the_bases(backbone, tmp_path: Path) -> None:
+    images, labels, ids = _data(5)
+    stats = extract_position_stats(backbone, images, labels, ids, CLASSES, SPATIAL, tmp_path)
+    again = extract_position_stats(backbone, images, labels, ids, CLASSES, SPATIAL, tmp_path)
+    assert all((a.outer == b.outer).all() for a, b in zip(stats, again, strict=True))
+    assert len(list(tmp_path.glob("*-stats-*.safetensors"))) == 1
+    bases = shared_bases("federated-pca", 64, [s.dim for s in stats], 0, merge_all([stats]))
+    first = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SPATIAL, tmp_path, progress=False, bases=bases
+    )
+    second = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SPATIAL, tmp_path, progress=False, bases=bases
+    )
+    assert not first.from_cache and second.from_cache and second.cache_dir == first.cache_dir
+    other = shared_bases("random", 64, [s.dim for s in stats], 3, merge_all([stats]))
+    third = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SPATIAL, tmp_path, progress=False, bases=other
+    )
+    assert not third.from_cache and third.cache_dir != first.cache_dir
+    with pytest.raises(ValueError, match="other bases"):
+        first.targets(other, 64)
+    with pytest.raises(ValueError, match="needs the shared bases"):
+        extract_client_representations(
+            backbone, images, labels, ids, CLASSES, SPATIAL, None, progress=False
+        )
+    with pytest.raises(ValueError, match="already projected"):
+        first.pca_stats()
+
+
+def test_spatial_norm_centred_offset_removes_the_mean_target(backbone) -> None:
+    images, labels, ids = _data(6)
+    stats = extract_position_stats(backbone, images, labels, ids, CLASSES, SPATIAL, None)
+    bases = shared_bases("federated-pca", 64, [s.dim for s in stats], 0, merge_all([stats]))
+    reps = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SPATIAL, None, progress=False, bases=bases
+    )
+    count, total = reps.target_sum(bases, 64)
+    assert count == 6 * 11
+    offset = total / count
+    every = reps.projected_all(bases, 64) - torch.as_tensor(offset, dtype=torch.float32)
+    torch.testing.assert_close(every.mean((0, 1)), torch.zeros(64), atol=1e-5, rtol=0)
+    t = reps.targets(bases, 64, offset)
+    torch.testing.assert_close(t.null, every[torch.arange(6), reps.null_cols])
+    assert (t.null < 0).any()  # centred targets are signed again

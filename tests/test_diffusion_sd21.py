@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from feddifrc_core.diffusion.extractor import DiffusionFeatureExtractor
+from feddifrc_core.diffusion.reduction import PositionStats, SpatialNorm
 from feddifrc_core.diffusion.sd import SD21_UNET_CONFIG, random_sd21_backbone
+from feddifrc_core.projection import pca_bases, split_feature_dim
 
 
 @pytest.mark.slow
@@ -25,3 +27,12 @@ def test_sd21_architecture_one_image(tmp_path: Path) -> None:
     feats = ex.extract(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8), [0], [""])
     assert [tuple(f.shape) for f in feats] == [(1, 1, 1280), (1, 1, 640), (1, 1, 320)]
     assert all(torch.isfinite(f).all() and f.abs().sum() > 0 for f in feats)
+    # the authors' reduction: per-position PCA to 256/128/128 of 512, RMS over positions
+    image = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    accumulators = [PositionStats(c) for c in ex.raw_channels]
+    ex.extract(image, [0], [""], reductions=accumulators)
+    stats = [a.stats for a in accumulators]
+    bases = pca_bases(stats, split_feature_dim(512, 3, ex.raw_channels))
+    reduced = ex.extract(image, [0], [""], reductions=[SpatialNorm(b) for b in bases])
+    assert [tuple(f.shape) for f in reduced] == [(1, 1, 256), (1, 1, 128), (1, 1, 128)]
+    assert all(torch.isfinite(f).all() and (f >= 0).all() for f in reduced)

@@ -87,7 +87,7 @@ def test_align_head_is_a_linear_map_on_the_features_and_absent_by_default():
     from feddifrc_core.models import alignment_features
 
     plain = build_model("small-cnn", 1, 10, 8)
-    headed = build_model("small-cnn", 1, 10, 8, align_head=True)
+    headed = build_model("small-cnn", 1, 10, 8, align_head="linear")
     z = torch.randn(4, plain.feature_dim)
     assert torch.equal(alignment_features(plain, z), z)
     expected = z @ headed.align_head.weight.T + headed.align_head.bias
@@ -108,3 +108,19 @@ def test_every_party_builds_the_align_head_when_the_run_asks_for_it():
     again = build_global_model(cfg.replace(align_head="linear"), 1, 10, 28)
     assert all(torch.equal(a, b) for a, b in zip(headed.state_dict().values(),
                                                  again.state_dict().values(), strict=True))
+
+
+def test_mlp_align_head_is_two_layers_with_a_relu_and_reaches_signed_vectors():
+    from feddifrc_core.models import alignment_features
+
+    headed = build_model("small-cnn", 1, 10, 8, align_head="mlp")
+    first, act, second = headed.align_head
+    assert isinstance(act, torch.nn.ReLU)
+    assert (first.in_features, first.out_features, second.out_features) == (128, 128, 128)
+    z = torch.rand(16, headed.feature_dim)  # post-ReLU features are >= 0
+    expected = second(torch.relu(first(z)))
+    out = alignment_features(headed, z)
+    torch.testing.assert_close(out, expected)
+    assert (out < 0).any()  # the aligned space has both signs, unlike z
+    with pytest.raises(ValueError, match="align_head"):
+        build_model("small-cnn", 1, 10, 8, align_head="conv")

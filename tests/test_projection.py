@@ -14,6 +14,7 @@ from feddifrc_core.projection import (
     pca_stats,
     project,
     random_bases,
+    shared_bases,
     split_feature_dim,
     stats_to_arrays,
 )
@@ -85,6 +86,38 @@ def test_random_bases_are_seeded_and_orthonormal() -> None:
 )
 def test_split_feature_dim(dim: int, n: int, expected: list[int]) -> None:
     assert split_feature_dim(dim, n) == expected
+
+
+@pytest.mark.parametrize(
+    ("dim", "channels", "expected"),
+    [
+        (512, [1280, 640, 320], [256, 128, 128]),  # SD 2.1: every block has room
+        (128, [16, 64, 64], [16, 56, 56]),  # block 0's surplus of 48 goes to the others, 1:1
+        (128, [80, 40, 20], [72, 36, 20]),  # block 2's surplus of 12 goes 2:1 to blocks 0 and 1
+        (128, [90, 33, 20], [75, 33, 20]),  # ... and what block 1 cannot take then to block 0
+        (128, [64, 32, 16], [64, 32, 32]),  # 112 channels < 128: 16 zero columns remain
+    ],
+)
+def test_split_feature_dim_gives_a_small_blocks_surplus_to_the_others(
+    dim: int, channels: list[int], expected: list[int]
+) -> None:
+    dims = split_feature_dim(dim, len(channels), channels)
+    assert dims == expected and sum(dims) == dim
+    if sum(channels) >= dim:
+        assert all(d <= c for d, c in zip(dims, channels, strict=True))
+
+
+def test_random_bases_are_centred_with_the_federated_mean() -> None:
+    feats = _data(50, 6, 0).float() + 5.0
+    stats = [pca_stats(feats)]
+    (basis,) = shared_bases("random", 4, [6], seed=1, stats=stats)
+    np.testing.assert_allclose(basis.mean, feats.double().mean(0).numpy(), atol=1e-9)
+    y = project([feats], [basis])  # [50, 4]
+    torch.testing.assert_close(y.mean(0), torch.zeros(4), atol=1e-4, rtol=0)
+    (uncentred,) = random_bases([6], [4], seed=1)
+    np.testing.assert_array_equal(uncentred.components, basis.components)  # same seeded directions
+    with pytest.raises(ValueError, match="statistics"):
+        shared_bases("random", 4, [6], seed=1)
 
 
 def test_project_concatenates_blocks_and_checks_channels() -> None:

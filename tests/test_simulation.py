@@ -61,6 +61,24 @@ def test_every_algorithm_runs_end_to_end(tmp_path, cache_dir, algorithm):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("reduction", "projection", "head"),
+    [("spatial-norm", "federated-pca", "none"), ("spatial-norm-centred", "random", "mlp"),
+     ("mean-pool", "random", "linear")],
+)
+def test_target_settings_run_end_to_end(tmp_path, cache_dir, reduction, projection, head):
+    """Every reduction with both projections through the real apps: the set-up stages (position
+    statistics, bases, the mean target) over Messages, then training with the head."""
+    cfg = tiny(tmp_path, cache_dir, reduction=reduction, projection=projection, align_head=head)
+    summary = run_server(LoopbackGrid(client_app, 3), cfg)
+    assert summary["rounds"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "runs/run/metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["train-tdcl"]) and np.isfinite(r["train-ndcr"]) for r in rows[1:])
+    final = load_file(str(tmp_path / "runs/run/final_model.safetensors"))
+    assert any(k.startswith("align_head") for k in final) == (head != "none")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fedavg", "feddifrc-ssl"])
 def test_eval_every_is_honoured_and_label_free_runs_log_probe_and_knn(tmp_path, cache_dir,
                                                                       algorithm):

@@ -1,7 +1,8 @@
 """DIFT-style one-pass diffusion features (METHOD.md, "Diffusion representation").
 
 Per image: resize -> pixels in [-1, 1] -> latent -> seeded noise at ONE timestep -> one UNet pass
-per prompt with forward hooks on `unet.up_blocks[i]` -> spatial mean of each kept block output.
+per prompt with forward hooks on `unet.up_blocks[i]` -> a reduction of each kept block's output map
+(`reduction.py`: the spatial mean by default, or the authors' per-position projection + norm).
 Batched: one UNet call covers B images x P prompts, reusing each image's noisy latent for all of
 its prompts; prompt embeddings are encoded once. The pass stops right after the last kept block
 (a private exception raised from its hook), so the UNet forward itself is never forked.
@@ -9,7 +10,6 @@ its prompts; prompt embeddings are encoded once. The pass stops right after the 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,12 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from feddifrc_core.diffusion.backbone import DiffusionBackbone
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from (base seed, sample id, stream, ...), identical on every machine."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from feddifrc_core.diffusion.reduction import BlockReduction, MeanPool
+from feddifrc_core.seeding import hashed_seed
 
 
 class _StopForward(Exception):
@@ -111,8 +107,9 @@ class DiffusionFeatureExtractor:
         self.seed = int(seed)
         self.pool_grid = int(pool_grid)
         channels = up_block_channels(backbone.unet)
+        self.raw_channels = tuple(channels[b] for b in blocks)  # C_l of each kept block's map
         # g x g average pooling keeps a coarse layout: C_l * g^2 values per block
-        self.block_channels = tuple(channels[b] * self.pool_grid**2 for b in blocks)
+        self.block_channels = tuple(c * self.pool_grid**2 for c in self.raw_channels)
         # The kept-signal fraction is what makes timesteps comparable across schedules (METHOD.md).
         self.alpha_bar = float(backbone.scheduler.alphas_cumprod[self.timestep])
 
@@ -136,9 +133,26 @@ class DiffusionFeatureExtractor:
         out = torch.empty((len(sample_ids), *shape), dtype=torch.float32)
         gen = torch.Generator(device="cpu")
         for row, sid in enumerate(sample_ids):
-            gen.manual_seed(derive_seed(self.seed, int(sid), member))
+            gen.manual_seed(hashed_seed(self.seed, int(sid), member))
             out[row] = torch.randn(tuple(shape), generator=gen)
         return out
+
+    def _reductions(self, reductions: Sequence[BlockReduction] | None) -> list[BlockReduction]:
+        """One reduction per kept block; default: the g x g mean pool of `pool_grid`."""
+        if reductions is None:
+            return [MeanPool(self.pool_grid) for _ in self.up_blocks]
+        if len(reductions) != len(self.up_blocks):
+            raise ValueError(
+                f"got {len(reductions)} reductions for the {len(self.up_blocks)} kept blocks "
+                f"{self.up_blocks}"
+            )
+        return list(reductions)
+
+    def out_dims(self, reductions: Sequence[BlockReduction] | None = None) -> tuple[int, ...]:
+        """Values per (image, prompt) of each kept block under `reductions`."""
+        return tuple(
+            r.out_dim(c) for r, c in zip(self._reductions(reductions), self.raw_channels, strict=True)
+        )
 
     @torch.no_grad()
     def extract_batch(
@@ -147,11 +161,13 @@ class DiffusionFeatureExtractor:
         sample_ids: Sequence[int],
         prompt_embeds: torch.Tensor,
         prompt_ids: torch.Tensor | None = None,
+        reductions: Sequence[BlockReduction] | None = None,
     ) -> list[torch.Tensor]:
-        """One batch: features [B, P, C_l] per kept block (float32, on the backbone's device).
+        """One batch: features [B, P, d_l] per kept block (float32, on the backbone's device).
 
         prompt_embeds: [Q, L, D] embeddings of the prompt list; prompt_ids: [B, P] indices into it
-        (per image), or None for all Q prompts for every image.
+        (per image), or None for all Q prompts for every image; reductions: one per kept block
+        (default: mean pool), applied inside the block hooks so full maps are never kept.
         """
         bb = self.backbone
         device, dtype = bb.device, bb.dtype
@@ -172,22 +188,27 @@ class DiffusionFeatureExtractor:
         timesteps = torch.full(
             (num_images * num_prompts,), self.timestep, device=device, dtype=torch.long
         )
-        # 3. hooks: pooled outputs of the kept blocks; the last one ends the pass
+        # 3. hooks: reduced outputs of the kept blocks; the last one ends the pass
+        reduce = self._reductions(reductions)
         pooled: dict[int, torch.Tensor] = {}
         last = self.up_blocks[-1]
 
-        def make_hook(index: int) -> Callable[..., None]:
+        def make_hook(index: int, reduction: BlockReduction) -> Callable[..., None]:
             def hook(_module: Any, _inputs: Any, output: Any) -> None:
                 hidden = output[0] if isinstance(output, tuple) else output  # [B*P, C_l, h_l, w_l]
-                grid = F.adaptive_avg_pool2d(hidden.float(), self.pool_grid)  # [B*P, C_l, g, g]
-                pooled[index] = grid.flatten(1)  # [B*P, C_l * g^2]
+                pooled[index] = reduction(hidden)  # [B*P, d_l]
                 if index == last:
                     raise _StopForward
 
             return hook
 
-        handles = [bb.unet.up_blocks[i].register_forward_hook(make_hook(i)) for i in self.up_blocks]
-        sums = [torch.zeros(num_images, num_prompts, c, device=device) for c in self.block_channels]
+        handles = [
+            bb.unet.up_blocks[i].register_forward_hook(make_hook(i, r))
+            for i, r in zip(self.up_blocks, reduce, strict=True)
+        ]
+        sums = [
+            torch.zeros(num_images, num_prompts, d, device=device) for d in self.out_dims(reduce)
+        ]
         try:
             for member in range(self.ensemble_size):
                 # 4. seeded noise at one timestep, shared by all prompts of an image
@@ -206,7 +227,7 @@ class DiffusionFeatureExtractor:
         finally:
             for handle in handles:
                 handle.remove()
-        return [s / self.ensemble_size for s in sums]  # per block [B, P, C_l]
+        return [s / self.ensemble_size for s in sums]  # per block [B, P, d_l]
 
     @torch.no_grad()
     def extract(
@@ -216,11 +237,13 @@ class DiffusionFeatureExtractor:
         prompts: list[str],
         prompt_ids: torch.Tensor | None = None,
         progress: Callable[[int], None] | None = None,
+        reductions: Sequence[BlockReduction] | None = None,
     ) -> list[torch.Tensor]:
-        """Features of N images: per kept block a float32 CPU tensor [N, P, C_l].
+        """Features of N images: per kept block a float32 CPU tensor [N, P, d_l].
 
         prompts: the prompt list (embedded once); prompt_ids: [N, P] indices into it per image,
         or None for every prompt for every image. `progress(n)` is called after each batch.
+        reductions: one per kept block (default: mean pool of `pool_grid`, d_l = C_l * g^2).
         """
         n = len(images)
         if len(sample_ids) != n:
@@ -242,12 +265,14 @@ class DiffusionFeatureExtractor:
             remap[used] = torch.arange(len(used))
             prompt_ids = remap[prompt_ids]  # [N, P] indices into embeds
         width = len(prompts) if prompt_ids is None else prompt_ids.shape[1]
-        outs = [torch.empty(n, width, c) for c in self.block_channels]
+        outs = [torch.empty(n, width, d) for d in self.out_dims(reductions)]
         ids = [int(s) for s in sample_ids]
         for start in range(0, n, self.batch_size):
             stop = min(start + self.batch_size, n)
             rows = None if prompt_ids is None else prompt_ids[start:stop]
-            feats = self.extract_batch(images[start:stop], ids[start:stop], embeds, rows)
+            feats = self.extract_batch(
+                images[start:stop], ids[start:stop], embeds, rows, reductions
+            )
             for out, feat in zip(outs, feats, strict=True):
                 out[start:stop] = feat.cpu()
             if progress is not None:
