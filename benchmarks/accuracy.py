@@ -120,7 +120,7 @@ METHOD_KEYS = {
 }
 DIFFUSION_KEYS = ("diffusion-model", "diffusion-timestep", "up-blocks", "diffusion-image-size",
                   "extraction-batch-size", "ensemble-size", "projection", "lambda-tdcl",
-                  "lambda-ndcr", "tau", "ndcr-loss", "neg-num", "align-head", "diffusion-dtype",
+                  "lambda-ndcr", "tau", "ndcr-loss", "neg-num", "align-head", "diffusion-dtype", "reduction", "pool-grid",
                   "prompt-template", "ssl-positive-prompt", "ssl-null-prompt", "ssl-vocabulary")
 # Bookkeeping keys that do not change what a run computes (not part of the hash).
 FREE_KEYS = ("output-dir", "run-name", "resume", "cache-dir", "device", "torch-threads",

@@ -63,13 +63,14 @@ def train(msg: Message, context: Context) -> Message:
     cfg, node = _configs(msg, context)
     config = msg.content.config_records["config"]
     server_round, run_name = cast(int, config["server-round"]), str(config["run-name"])
+    run_key = str(config.get("run-key", ""))
     global_state = federation.from_flower_arrays(msg.content.array_records["arrays"])
     bases = msg.content.array_records.get("projection")
     projection = federation.from_flower_arrays(bases) if bases is not None else None
 
     client = federation.ClientSession.get(cfg, node)
     client.check_class_names(config.get("class-names"))
-    result = client.train(global_state, server_round, run_name, projection)
+    result = client.train(global_state, server_round, run_name, projection, run_key)
 
     metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})
     return Message(RecordDict({"arrays": ArrayRecord(federation.to_flower_arrays(result.state)),

@@ -436,7 +436,8 @@ class ClientSession:
 
     # --- local training ------------------------------------------------------------------------
     def train(self, global_state: Mapping[str, np.ndarray], server_round: int, run_name: str,
-              projection: Mapping[str, np.ndarray] | None = None) -> LocalUpdate:
+              projection: Mapping[str, np.ndarray] | None = None, run_key: str = ""
+              ) -> LocalUpdate:
         import dataclasses
 
         from feddifrc_core.training import TrainSettings, derive_seed, train_local
@@ -450,7 +451,9 @@ class ClientSession:
         targets = self.targets(projection, model.feature_dim) if cfg.uses_diffusion else None
         extract_seconds = time.perf_counter() - t0
         # 3. MOON: this client's previous local model, from disk (survives restarts)
-        store = LocalModelStore(self.cache_dir / "local-models" / run_name, pid)
+        # keyed by run: a new run reusing a run-name never reads or prunes the older run's files
+        store = LocalModelStore(
+            self.cache_dir / "local-models" / (f"{run_name}-{run_key}" if run_key else run_name), pid)
         previous = None
         if cfg.algorithm == "moon" and (prev_state := store.load_before(server_round)) is not None:
             previous = build_global_model(cfg, *self.shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Mapping
 from logging import INFO
@@ -59,7 +60,10 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     # 2. test data and the global model (seeded initialisation; restored when resuming)
     evaluator = federation.CentralEvaluator(cfg)
     state = federation.model_state(evaluator.model)  # seeded initialisation
-    strategy = FedDifRCStrategy(cfg, run_name, tuple(evaluator.test.class_names))
+    # Names the clients' per-run files (MOON's previous models): a new run that reuses a run-name
+    # gets a fresh key, a resumed run keeps its own ("" = checkpoints from before the key existed).
+    run_key = str(resumed.meta.get("run-key", "")) if resumed else secrets.token_hex(6)
+    strategy = FedDifRCStrategy(cfg, run_name, tuple(evaluator.test.class_names), run_key)
     if resumed is not None:
         _check_same_run(cfg, resumed.meta["run-config"])
         state = resumed.group("model")
@@ -111,7 +115,8 @@ def _save(folder: RunFolder, cfg: RunConfig, run_name: str, server_round: int,
     arrays = {**{f"model.{k}": v for k, v in state.items()},
               **{f"strategy.{k}": v for k, v in strategy.state_arrays().items()},
               **{f"rng.{k}": v for k, v in rng_arrays.items()}}
-    meta = {"round": server_round, "run-name": run_name, "run-config": cfg.to_flower(),
+    meta = {"round": server_round, "run-name": run_name, "run-key": strategy.run_key,
+            "run-config": cfg.to_flower(),
             "rng": rng_meta, "history": folder.rows}
     ckpt.save_checkpoint(ckpt.checkpoint_path(folder.checkpoints, server_round), arrays, meta)
     ckpt.prune_checkpoints(folder.checkpoints, KEEP_CHECKPOINTS)

@@ -56,7 +56,8 @@ class RoundReport:
 class FedDifRCStrategy(FedAvg):
     """FedAvg with seeded partition sampling, failure tolerance and the projection set-up."""
 
-    def __init__(self, cfg: RunConfig, run_name: str, class_names: tuple[str, ...] = ()) -> None:
+    def __init__(self, cfg: RunConfig, run_name: str, class_names: tuple[str, ...] = (),
+                 run_key: str = "") -> None:
         # Central evaluation on the test set replaces federated evaluation: fraction_evaluate=0.
         super().__init__(
             fraction_train=cfg.fraction_train,
@@ -68,6 +69,7 @@ class FedDifRCStrategy(FedAvg):
         )
         self.cfg = cfg
         self.run_name = run_name
+        self.run_key = run_key  # unique per run (kept on resume): names the clients' per-run files
         self.node_partitions: dict[int, int] = {}  # node id -> partition id (this connection)
         self.projection: dict[str, np.ndarray] = {}  # shared bases; empty = none
         self.last_report = RoundReport()
@@ -141,6 +143,7 @@ class FedDifRCStrategy(FedAvg):
         self.last_report = RoundReport(sampled=partitions)
         log(INFO, "round %d: training partitions %s", server_round, partitions)
         config = ConfigRecord({**config, "server-round": server_round, "run-name": self.run_name,
+                               "run-key": self.run_key,
                                **self._class_names_entry()})
         record = RecordDict({ARRAYS: arrays, CONFIG: config,
                              RUN_CONFIG: ConfigRecord(self.cfg.to_flower())})

@@ -130,6 +130,23 @@ def test_resume_after_a_kill_gives_the_same_final_model(tmp_path, cache_dir, alg
         run_server(LoopbackGrid(client_app, 3), killed.replace(resume=True, lr=0.5))
 
 
+@pytest.mark.slow
+def test_a_new_run_reusing_a_run_name_never_touches_the_old_runs_moon_models(tmp_path, cache_dir):
+    """MOON keeps each client's previous local model on disk; a second run under the same
+    run-name (in another output-dir, resume=false) gets its own store, the first run's files stay
+    byte-identical and the second run's round 1 has no previous model to read."""
+    first = tiny(tmp_path, cache_dir, algorithm="moon", fraction_train=1.0, num_rounds=2)
+    run_server(LoopbackGrid(client_app, 3), first)
+    stores = cache_dir / "local-models"
+    old = {p: p.read_bytes() for p in stores.glob("run-*/*.safetensors")}
+    assert old and len({p.parent for p in old}) == 1
+    second = first.replace(output_dir=str(tmp_path / "other-runs"), num_rounds=1)
+    run_server(LoopbackGrid(client_app, 3), second)
+    assert {p: p.read_bytes() for p in old} == old  # neither read-modified nor pruned
+    new = [p for p in stores.glob("run-*/*.safetensors") if p not in old]
+    assert len({p.parent for p in new}) == 1 and len(new) == 3  # one model per client, round 1
+
+
 def test_a_failing_client_app_fails_the_run_visibly(tmp_path, cache_dir):
     cfg = tiny(tmp_path, cache_dir, algorithm="fedavg", fraction_train=1.0, min_train_nodes=3,
                min_available_nodes=3)
