@@ -281,6 +281,9 @@ def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
         "mean": sum(accs) / len(accs) if accs else None,
         "final": accs[-1] if accs else None,
         "extra": {k: [r.get(k) for r in rows] for k in extra_metrics},
+        # the last round's client losses (train-tdcl, train-ndcr, ...): how close alignment got
+        "last-round": {k: v for k, v in (trained[-1] if trained else {}).items()
+                       if k.startswith("train-") and isinstance(v, (int, float))},
         "train-seconds-per-round": _mean([r.get("train-seconds") for r in trained]),
         "extract-seconds-first-round": trained[0].get("extract-seconds") if trained else None,
         "round-seconds": _mean([r.get("round-seconds") for r in trained]),

@@ -1,0 +1,165 @@
+"""Which diffusion targets should FedDifRC align to? Chosen by training, not by argument.
+
+FedAvg against FedDifRC with each candidate target setting (reduction x alignment head), on the
+same partitions, seeds and budget (Fashion-MNIST private half, 10 clients, 5 per round, Dirichlet
+alpha 0.1, the offline teacher), through the real Flower apps (benchmarks/accuracy.py runs each).
+
+    A = mean-pool + shared PCA (signed targets)         B = the authors' spatial-norm (>= 0)
+    Bc = spatial-norm minus the federated mean target   heads: none | linear | mlp
+
+    nice -n 5 .venv/bin/python benchmarks/target_choice.py            # 3 seeds, ~1 h on 2 cores
+    nice -n 5 .venv/bin/python benchmarks/target_choice.py --seeds 7  # one seed first
+
+Resumable (finished runs are recorded in <out>/results.json). Writes <out>/choice.md and
+<out>/choice.json: best / mean test accuracy over rounds (mean +/- sd over seeds), the per-seed
+paired difference to FedAvg, and the last round's TDCL / NDCR losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import accuracy  # noqa: E402
+
+# tag -> (method, run-config overrides); the order is the table's.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedavg": ("fedavg", {}),
+    "A-none": ("feddifrc", {"reduction": "mean-pool", "align-head": "none"}),
+    "A-linear": ("feddifrc", {"reduction": "mean-pool", "align-head": "linear"}),
+    "A-mlp": ("feddifrc", {"reduction": "mean-pool", "align-head": "mlp"}),
+    "B-none": ("feddifrc", {"reduction": "spatial-norm", "align-head": "none"}),
+    "B-mlp": ("feddifrc", {"reduction": "spatial-norm", "align-head": "mlp"}),
+    "Bc-mlp": ("feddifrc", {"reduction": "spatial-norm-centred", "align-head": "mlp"}),
+}
+# The accuracy benchmark's CPU budget with 3 local epochs: clients train one at a time with both
+# cores (torch-threads 2; a bookkeeping key, not part of the run hash). ~2 min per run plus the
+# first extraction of each seed's representations (mean-pool one pass, spatial-norm two).
+BUDGET: dict[str, Any] = {**accuracy.CPU_BUDGET, "local-epochs": 3, "torch-threads": 2}
+ALPHA = 0.1
+
+
+def plan(seeds: Sequence[int], variants: Sequence[str]) -> list[accuracy.RunSpec]:
+    """Seeds outermost: a partial table holds whole seeds."""
+    specs = []
+    for seed in seeds:
+        for tag in variants:
+            method, overrides = VARIANTS[tag]
+            specs += accuracy.plan_runs([method], [ALPHA], [seed], BUDGET, overrides,
+                                        "" if tag == "fedavg" else tag)
+    return specs
+
+
+def summarize(records: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> dict[str, Any]:
+    by_tag: dict[str, dict[int, Mapping[str, Any]]] = {}
+    for r in records:
+        by_tag.setdefault(r.get("tag") or "fedavg", {})[int(r["seed"])] = r
+    base = by_tag.get("fedavg", {})
+    out: dict[str, Any] = {}
+    for tag in variants:
+        runs = by_tag.get(tag, {})
+        if not runs:
+            continue
+        seeds = sorted(runs)
+        row: dict[str, Any] = {"seeds": seeds}
+        for key in ("best", "mean"):
+            values = [100 * runs[s][key] for s in seeds]
+            row[key] = _mean_sd(values)
+            row[f"{key}-per-seed"] = values
+            paired = [100 * (runs[s][key] - base[s][key]) for s in seeds if s in base]
+            row[f"{key}-vs-fedavg"] = _mean_sd(paired) if tag != "fedavg" and paired else None
+        for loss in ("train-tdcl", "train-ndcr"):
+            last = [runs[s].get("last-round", {}).get(loss) for s in seeds]
+            last = [v for v in last if isinstance(v, (int, float))]
+            row[loss] = sum(last) / len(last) if last else None
+        out[tag] = row
+    return out
+
+
+def markdown(summary: Mapping[str, Any]) -> str:
+    lines = [
+        f"FedAvg vs FedDifRC target settings, Fashion-MNIST private half, alpha {ALPHA:g}, "
+        f"budget {json.dumps({k: BUDGET[k] for k in ('train-samples', 'local-epochs', 'num-rounds', 'model')})}.",
+        "Test accuracy (%) over rounds: mean ± sd over seeds; Δ = paired difference to FedAvg "
+        "(same seed), mean ± sd; last-round TDCL (chance 2.30) and NDCR (2 - 2 cos).",
+        "",
+        "| setting | best | mean | Δ best | Δ mean | best per seed | TDCL | NDCR | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for tag, r in summary.items():
+        per_seed = " / ".join(f"{v:.1f}" for v in r["best-per-seed"])
+        cells = [_fmt(r["best"]), _fmt(r["mean"]), _fmt(r["best-vs-fedavg"], signed=True),
+                 _fmt(r["mean-vs-fedavg"], signed=True), per_seed,
+                 "-" if r["train-tdcl"] is None else f"{r['train-tdcl']:.2f}",
+                 "-" if r["train-ndcr"] is None else f"{r['train-ndcr']:.2f}",
+                 ",".join(map(str, r["seeds"]))]
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return (m, sd)
+
+
+def _fmt(pair: tuple[float, float] | None, signed: bool = False) -> str:
+    if pair is None:
+        return "-"
+    return f"{pair[0]:+.2f} ± {pair[1]:.2f}" if signed else f"{pair[0]:.2f} ± {pair[1]:.2f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "target_choice")
+    p.add_argument("--seeds", default="7,8,9")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated tags")
+    p.add_argument("--cpus-per-client", type=float, default=2.0)
+    p.add_argument("--run-timeout", type=float, default=3600.0)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    store = accuracy.ResultsStore(out / "results.json")
+    launch_args = argparse.Namespace(engine="inprocess", clients=10, gpus_per_client=0.0,
+                                     cpus_per_client=args.cpus_per_client,
+                                     run_timeout=args.run_timeout)
+    failed = []
+    for spec in plan([int(s) for s in args.seeds.split(",")], variants):
+        if store.done(spec) or args.report_only:
+            continue
+        try:
+            folder = accuracy.launch(spec, out, launch_args)
+        except Exception as err:  # one failed run must not stop the others
+            print(f"ERROR: {err}", file=sys.stderr, flush=True)
+            failed.append(spec.key)
+            continue
+        store.add(accuracy.read_run(spec, folder))
+        _report(store, out, variants)
+    print(_report(store, out, variants))
+    return 1 if failed else 0
+
+
+def _report(store: accuracy.ResultsStore, out: Path, variants: Sequence[str]) -> str:
+    store.reload()
+    summary = summarize(list(store.records.values()), variants)
+    (out / "choice.json").write_text(json.dumps(summary, indent=1) + "\n")
+    text = markdown(summary)
+    (out / "choice.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
