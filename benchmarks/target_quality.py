@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--up-blocks", default="0,1,2")
     p.add_argument("--tau", type=float, default=0.04)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: none)")
+    p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "target_quality",
+                   help="feature cache: each setting's targets are extracted once")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     started = time.time()

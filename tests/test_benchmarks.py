@@ -135,3 +135,33 @@ def test_stores_sharing_one_file_keep_each_others_records(tmp_path):
         store.add(accuracy.read_run(spec, tmp_path / spec.run_name))
     keys = sorted(accuracy.ResultsStore(tmp_path / "results.json").records)
     assert keys == ["fedavg/alpha=0.1/seed=7", "moon/alpha=0.1/seed=7"]
+
+
+def test_target_choice_plans_every_variant_on_one_budget_and_pairs_by_seed():
+    import target_choice
+
+    specs = target_choice.plan([7, 8], ["fedavg", "A-linear", "Bc-mlp"])
+    assert [s.key for s in specs] == [
+        "fedavg/alpha=0.1/seed=7", "feddifrc+A-linear/alpha=0.1/seed=7",
+        "feddifrc+Bc-mlp/alpha=0.1/seed=7", "fedavg/alpha=0.1/seed=8",
+        "feddifrc+A-linear/alpha=0.1/seed=8", "feddifrc+Bc-mlp/alpha=0.1/seed=8"]
+    budget = set(target_choice.BUDGET) - set(accuracy.FREE_KEYS)
+    assert all(s.overrides[k] == specs[0].overrides[k] for s in specs for k in budget)
+    bc = specs[2].overrides
+    assert bc["reduction"] == "spatial-norm-centred" and bc["align-head"] == "mlp"
+    assert "reduction" not in specs[0].overrides  # FedAvg reads no diffusion key
+
+    def record(tag, seed, best, mean, tdcl=None):
+        return {"tag": "" if tag == "fedavg" else tag, "seed": seed, "best": best, "mean": mean,
+                "last-round": {} if tdcl is None else {"train-tdcl": tdcl, "train-ndcr": 1.0}}
+
+    records = [record("fedavg", 7, 0.50, 0.40), record("fedavg", 8, 0.60, 0.45),
+               record("A-linear", 7, 0.55, 0.42, 2.0), record("A-linear", 8, 0.59, 0.50, 1.0)]
+    summary = target_choice.summarize(records, ["fedavg", "A-linear", "Bc-mlp"])
+    assert list(summary) == ["fedavg", "A-linear"]  # variants without runs are left out
+    row = summary["A-linear"]
+    assert row["best-vs-fedavg"] == pytest.approx((2.0, 4.2426406871), abs=1e-6)  # +5, -1
+    assert row["mean-vs-fedavg"][0] == pytest.approx(3.5) and row["train-tdcl"] == 1.5
+    assert summary["fedavg"]["best-vs-fedavg"] is None
+    text = target_choice.markdown(summary)
+    assert "| A-linear | 57.00 ± 2.83 | 46.00 ± 5.66 | +2.00 ± 4.24 |" in text

@@ -150,3 +150,12 @@ def test_label_free_settings_that_would_learn_nothing_are_refused(changes, match
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_flower(changes)
     assert RunConfig.from_flower({**changes, "algorithm": "fedavg"}).algorithm == "fedavg"
+
+
+def test_reduction_and_head_choices_and_pool_grid_only_for_mean_pool():
+    cfg = RunConfig(reduction="spatial-norm-centred", align_head="mlp")
+    assert cfg.reduction == "spatial-norm-centred" and cfg.align_head == "mlp"
+    with pytest.raises(ConfigError, match="pool-grid=2 applies to reduction 'mean-pool' only"):
+        RunConfig(reduction="spatial-norm", pool_grid=2)
+    with pytest.raises(ConfigError, match="'reduction' must be one of"):
+        RunConfig.from_flower({"reduction": "max-pool"})
