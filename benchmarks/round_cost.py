@@ -64,22 +64,22 @@ def measure(diffusion_model: str, repeats: int, partition: int, alpha: float, se
         cfg_dif, cfg_avg = build_configs(diffusion_model, alpha, seed, tmp, extra)
         node = NodeConfig(partition_id=partition, num_partitions=10)
 
-        # 1. extraction, cold (into an empty cache) and warm (a fresh session reads the cache)
+        # 1. extraction, cold (into an empty cache) and warm (a fresh session reads the cache);
+        #    the shared projection from this client's statistics (timing does not depend on it)
         session = federation.ClientSession(cfg_dif, node)
+        model = federation.build_global_model(cfg_dif, *session.shape)
         t0 = time.perf_counter()
-        reps = session.representations()
+        stats = proj.arrays_to_stats(session.projection_stats())
+        bases = proj.shared_bases(cfg_dif.projection, model.feature_dim, [s.dim for s in stats],
+                                  cfg_dif.seed, stats)
+        reps = session.representations(bases)
         cold = time.perf_counter() - t0
         warm_session = federation.ClientSession(cfg_dif, node)
         t0 = time.perf_counter()
-        warm_reps = warm_session.representations()
+        warm_reps = warm_session.representations(bases)
         warm = time.perf_counter() - t0
         if not warm_reps.from_cache:
             raise RuntimeError("the second extraction did not come from the feature cache")
-
-        # 2. the shared projection: PCA of this client's statistics (timing does not depend on it)
-        model = federation.build_global_model(cfg_dif, *session.shape)
-        stats = reps.pca_stats()
-        bases = proj.pca_bases(stats, proj.split_feature_dim(model.feature_dim, len(stats)))
         projection = proj.bases_to_arrays(bases)
         global_state = federation.model_state(model)
         avg_session = federation.ClientSession(cfg_avg, node)
