@@ -135,9 +135,10 @@ def test_a_new_run_reusing_a_run_name_never_touches_the_old_runs_moon_models(tmp
     """MOON keeps each client's previous local model on disk; a second run under the same
     run-name (in another output-dir, resume=false) gets its own store, the first run's files stay
     byte-identical and the second run's round 1 has no previous model to read."""
-    first = tiny(tmp_path, cache_dir, algorithm="moon", fraction_train=1.0, num_rounds=2)
+    own_cache = tmp_path / "cache"  # not the module's cache: other MOON tests write stores there
+    first = tiny(tmp_path, own_cache, algorithm="moon", fraction_train=1.0, num_rounds=2)
     run_server(LoopbackGrid(client_app, 3), first)
-    stores = cache_dir / "local-models"
+    stores = own_cache / "local-models"
     old = {p: p.read_bytes() for p in stores.glob("run-*/*.safetensors")}
     assert old and len({p.parent for p in old}) == 1
     second = first.replace(output_dir=str(tmp_path / "other-runs"), num_rounds=1)
