@@ -2,7 +2,7 @@
 
 The same client (partition 0 of 10, Dirichlet alpha 0.1, the accuracy benchmark's CPU budget), the
 same data, the same global model, in ONE process: the client code path of the ClientApp
-(`federation.ClientSession.train`) is called for both algorithms, interleaved (ABBA order so that
+(`ClientSession.train`) is called for both algorithms, interleaved (ABBA order so that
 drifting machine load hits both alike), and the median of the per-pair time ratios is reported.
 Two times per round:
 - `train`: the local training loop (`train_local`, what FedDifRC adds per step: alignment features,
@@ -55,9 +55,10 @@ def measure(diffusion_model: str, repeats: int, partition: int, alpha: float, se
             extra: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from feddifrc_core import federation
     from feddifrc_core import projection as proj
+    from feddifrc_core.client_session import ClientSession
     from feddifrc_core.config import NodeConfig
+    from feddifrc_core.run_setup import build_global_model, model_state
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="round-cost-") as tmp:
@@ -65,11 +66,11 @@ def measure(diffusion_model: str, repeats: int, partition: int, alpha: float, se
         node = NodeConfig(partition_id=partition, num_partitions=10)
 
         # 1. extraction, cold (into an empty cache) and warm (a fresh session reads the cache)
-        session = federation.ClientSession(cfg_dif, node)
+        session = ClientSession(cfg_dif, node)
         t0 = time.perf_counter()
         reps = session.representations()
         cold = time.perf_counter() - t0
-        warm_session = federation.ClientSession(cfg_dif, node)
+        warm_session = ClientSession(cfg_dif, node)
         t0 = time.perf_counter()
         warm_reps = warm_session.representations()
         warm = time.perf_counter() - t0
@@ -77,12 +78,12 @@ def measure(diffusion_model: str, repeats: int, partition: int, alpha: float, se
             raise RuntimeError("the second extraction did not come from the feature cache")
 
         # 2. the shared projection: PCA of this client's statistics (timing does not depend on it)
-        model = federation.build_global_model(cfg_dif, *session.shape)
+        model = build_global_model(cfg_dif, *session.shape)
         stats = reps.pca_stats()
         bases = proj.pca_bases(stats, proj.split_feature_dim(model.feature_dim, len(stats)))
         projection = proj.bases_to_arrays(bases)
-        global_state = federation.model_state(model)
-        avg_session = federation.ClientSession(cfg_avg, node)
+        global_state = model_state(model)
+        avg_session = ClientSession(cfg_avg, node)
 
         # 3. interleaved rounds, ABBA: the same global model and round seed for both algorithms
         def one(sess: Any, server_round: int) -> tuple[float, float, float]:

@@ -8,15 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from feddifrc_core import projection
+from feddifrc_core.client_session import ClientSession
 from feddifrc_core.config import NodeConfig, RunConfig
-from feddifrc_core.federation import (
-    CentralEvaluator,
-    ClientSession,
-    build_global_model,
-    model_state,
-)
+from feddifrc_core.evaluation import CentralEvaluator, extract_features
 from feddifrc_core.probe import knn_accuracy, linear_probe_accuracy
-from feddifrc_core.training import extract_features
+from feddifrc_core.run_setup import build_global_model, model_state
 
 
 def _cfg(tmp_path: Path, algorithm: str, **changes: object) -> RunConfig:
@@ -55,10 +52,16 @@ def test_label_free_client_session_never_reads_labels(tmp_path, algorithm):
     node = NodeConfig(partition_id=0, num_partitions=2)
     session = ClientSession(cfg, node)  # not .get(): the process cache must not keep this one
     session.data = LabelFreeData(session.data)  # type: ignore[assignment]
+    model = build_global_model(cfg, *session.shape)
+    bases = None
     if cfg.uses_diffusion:
         assert sum(s.count for s in session.representations().pca_stats()) > 0
         assert session.projection_stats()
-    update = session.train(model_state(build_global_model(cfg, *session.shape)), 1, "run")
+        # the server's set-up stage, for this one client: its statistics -> the shared bases
+        stats = projection.arrays_to_stats(session.projection_stats())
+        bases = projection.bases_to_arrays(projection.shared_bases(
+            cfg.projection, model.feature_dim, [st.dim for st in stats], cfg.seed, stats))
+    update = session.train(model_state(model), 1, "run", bases)
     assert update.num_examples == len(session.data) > 0
     assert np.isfinite(update.metrics["train-loss"]) and "train-ce" not in update.metrics
     assert "train-accuracy" not in update.metrics  # nothing to count without labels
