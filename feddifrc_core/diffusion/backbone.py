@@ -13,9 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from feddifrc_core.diffusion import sd
-from feddifrc_core.diffusion.teacher_backbone import load_teacher_backbone
-from feddifrc_core.diffusion.tiny import ensure_tiny_sd
+from feddifrc_core.diffusion import sd, teacher_backbone, tiny
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +92,12 @@ def _load(
     spec: str, device: torch.device, dtype: torch.dtype, revision: str, cache_dir: str | None
 ) -> DiffusionBackbone:
     if spec == TINY_SD:
-        return sd.load_sd_backbone(str(ensure_tiny_sd(cache_dir)), device, dtype, kind=TINY_SD)
+        return sd.load_sd_backbone(str(tiny.ensure_tiny_sd(cache_dir)), device, dtype, kind=TINY_SD)
     if spec == SD21_RANDOM:
         return sd.random_sd21_backbone(device, dtype)
     if spec == OFFLINE_TEACHER or spec.startswith(OFFLINE_TEACHER + ":"):
         path_or_name = spec.partition(":")[2] or OFFLINE_TEACHER
-        return load_teacher_backbone(path_or_name, device, dtype)
+        return teacher_backbone.load_teacher_backbone(path_or_name, device, dtype)
     return sd.load_sd_backbone(spec, device, dtype, revision=revision)
 
 
