@@ -51,6 +51,7 @@ demo: venv data
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: venv data lint
 	$(VENV)/bin/pytest -q

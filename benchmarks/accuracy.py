@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from feddifrc_core.algorithms import Algorithm, algorithm_names, get_algorithm
+
 try:  # Python >= 3.11
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: flwr depends on tomli
@@ -46,20 +48,30 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "accuracy"
 RESULTS_FORMAT = 1
 
 # --- what is compared ----------------------------------------------------------------------------
-# Method name -> run-config overrides. Only the keys a method reads are set, so a change of the
-# diffusion settings never invalidates the baselines' recorded runs.
-METHODS: dict[str, dict[str, Any]] = {
-    "fedavg": {"algorithm": "fedavg"},
-    "fedprox": {"algorithm": "fedprox"},
-    "moon": {"algorithm": "moon"},
-    "feddifrc": {"algorithm": "feddifrc"},
+# Method name -> run-config overrides: every registered algorithm (feddifrc_core/algorithms/) plus
+# FedDifRC's ablations. Only the keys a method reads are set, so a change of the diffusion settings
+# never invalidates the baselines' recorded runs.
+ABLATIONS: dict[str, dict[str, Any]] = {
     "feddifrc-tdcl": {"algorithm": "feddifrc", "lambda-ndcr": 0.0},
     "feddifrc-ndcr": {"algorithm": "feddifrc", "lambda-tdcl": 0.0},
-    "feddifrc-ssl": {"algorithm": "feddifrc-ssl"},
-    "simclr": {"algorithm": "simclr"},
 }
-SUPERVISED = ("fedavg", "fedprox", "moon", "feddifrc", "feddifrc-tdcl", "feddifrc-ndcr")
-SELF_SUPERVISED = ("feddifrc-ssl", "simclr")
+METHODS: dict[str, dict[str, Any]] = {
+    **{name: {"algorithm": name} for name in algorithm_names()}, **ABLATIONS}
+
+
+def _algorithm(method: str) -> type[Algorithm]:
+    return get_algorithm(str(METHODS[method]["algorithm"]))
+
+
+def _methods(labels: bool) -> tuple[str, ...]:
+    """Baselines first, then the methods aligned to diffusion targets (the paper's table order)."""
+    chosen = [m for m in METHODS if _algorithm(m).needs_labels == labels]
+    return (*(m for m in chosen if not _algorithm(m).needs_targets),
+            *(m for m in chosen if _algorithm(m).needs_targets))
+
+
+SUPERVISED = _methods(labels=True)  # fedavg, fedprox, moon, feddifrc, feddifrc-tdcl, feddifrc-ndcr
+SELF_SUPERVISED = _methods(labels=False)[::-1]  # feddifrc-ssl, simclr
 RANDOM_INIT = "random-init"  # SSL table row: round 0 (the seeded initial encoder) of an SSL run
 
 # The federation and data every run shares (both budgets).
@@ -113,11 +125,6 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "extraction-batch-size": 64,
     "projection": "federated-pca",
 }
-METHOD_KEYS = {
-    "fedprox": ("proximal-mu",),
-    "moon": ("moon-mu", "moon-temperature"),
-    "simclr": ("simclr-temperature",),
-}
 DIFFUSION_KEYS = ("diffusion-model", "diffusion-timestep", "up-blocks", "diffusion-image-size",
                   "extraction-batch-size", "ensemble-size", "projection", "lambda-tdcl",
                   "lambda-ndcr", "tau", "ndcr-loss", "neg-num", "align-head", "diffusion-dtype", "reduction", "pool-grid",
@@ -127,8 +134,17 @@ FREE_KEYS = ("output-dir", "run-name", "resume", "cache-dir", "device", "torch-t
              "eval-batch-size", "extraction-batch-size", "round-timeout")
 
 
+# Keys an algorithm declares as its own (`Algorithm.settings`): set only for the methods that read them.
+OWNED_KEYS = {s.replace("_", "-") for name in algorithm_names() for s in get_algorithm(name).settings}
+
+
 def uses_diffusion(method: str) -> bool:
-    return str(METHODS[method]["algorithm"]).startswith("feddifrc")
+    return _algorithm(method).needs_targets
+
+
+def method_keys(method: str) -> set[str]:
+    """The run-config keys this method's algorithm declares as its own."""
+    return {s.replace("_", "-") for s in _algorithm(method).settings}
 
 
 def teacher_recommendation(model: str) -> dict[str, Any]:
@@ -203,8 +219,8 @@ def plan_runs(methods: Sequence[str], alphas: Sequence[float], seeds: Sequence[i
                     model = str(extra.get("diffusion-model", DIFFUSION_DEFAULTS["diffusion-model"]))
                     cfg.update({**DIFFUSION_DEFAULTS, **teacher_recommendation(model)})
                 for key, value in extra.items():
-                    applies = (key not in DIFFUSION_KEYS or uses_diffusion(method)) and all(
-                        key not in keys or m == method for m, keys in METHOD_KEYS.items())
+                    applies = ((key not in DIFFUSION_KEYS or uses_diffusion(method))
+                               and (key not in OWNED_KEYS or key in method_keys(method)))
                     if applies:
                         cfg[key] = value
                 specs.append(RunSpec(method, float(alpha), int(seed), cfg, tag))
@@ -370,7 +386,7 @@ def table_markdown(records: Sequence[Mapping[str, Any]], ssl: bool = False) -> s
              head, "|---" * (1 + 2 * len(alphas)) + "|---|"]
     if ssl:
         init = {a: [r["initial-accuracy"] for (lab, al), rs in groups.items() if al == a
-                    and lab == "feddifrc-ssl" for r in rs if r.get("initial-accuracy") is not None]
+                    and lab == SELF_SUPERVISED[0] for r in rs if r.get("initial-accuracy") is not None]
                 for a in alphas}
         if any(init.values()):
             cells = " | ".join(f"{_fmt(init[a])} | {_fmt(init[a])}" for a in alphas)

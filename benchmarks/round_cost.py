@@ -2,7 +2,7 @@
 
 The same client (partition 0 of 10, Dirichlet alpha 0.1, the accuracy benchmark's CPU budget), the
 same data, the same global model, in ONE process: the client code path of the ClientApp
-(`federation.ClientSession.train`) is called for both algorithms, interleaved (ABBA order so that
+(`ClientSession.train`) is called for both algorithms, interleaved (ABBA order so that
 drifting machine load hits both alike), and the median of the per-pair time ratios is reported.
 Two times per round:
 - `train`: the local training loop (`train_local`, what FedDifRC adds per step: alignment features,
@@ -55,9 +55,10 @@ def measure(diffusion_model: str, repeats: int, partition: int, alpha: float, se
             extra: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from feddifrc_core import federation
     from feddifrc_core import projection as proj
+    from feddifrc_core.client_session import ClientSession
     from feddifrc_core.config import NodeConfig
+    from feddifrc_core.run_setup import build_global_model, model_state
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="round-cost-") as tmp:
@@ -66,23 +67,23 @@ def measure(diffusion_model: str, repeats: int, partition: int, alpha: float, se
 
         # 1. extraction, cold (into an empty cache) and warm (a fresh session reads the cache);
         #    the shared projection from this client's statistics (timing does not depend on it)
-        session = federation.ClientSession(cfg_dif, node)
-        model = federation.build_global_model(cfg_dif, *session.shape)
+        session = ClientSession(cfg_dif, node)
+        model = build_global_model(cfg_dif, *session.shape)
         t0 = time.perf_counter()
         stats = proj.arrays_to_stats(session.projection_stats())
         bases = proj.shared_bases(cfg_dif.projection, model.feature_dim, [s.dim for s in stats],
                                   cfg_dif.seed, stats)
         reps = session.representations(bases)
         cold = time.perf_counter() - t0
-        warm_session = federation.ClientSession(cfg_dif, node)
+        warm_session = ClientSession(cfg_dif, node)
         t0 = time.perf_counter()
         warm_reps = warm_session.representations(bases)
         warm = time.perf_counter() - t0
         if not warm_reps.from_cache:
             raise RuntimeError("the second extraction did not come from the feature cache")
         projection = proj.bases_to_arrays(bases)
-        global_state = federation.model_state(model)
-        avg_session = federation.ClientSession(cfg_avg, node)
+        global_state = model_state(model)
+        avg_session = ClientSession(cfg_avg, node)
 
         # 3. interleaved rounds, ABBA: the same global model and round seed for both algorithms
         def one(sess: Any, server_round: int) -> tuple[float, float, float]:

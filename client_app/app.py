@@ -17,8 +17,10 @@ from typing import cast
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from feddifrc_core import federation
+from client_app.records import from_flower_arrays, to_flower_arrays
+from feddifrc_core.client_session import ClientSession
 from feddifrc_core.config import NodeConfig, RunConfig
+from feddifrc_core.run_setup import build_global_model
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +38,25 @@ def node_info(msg: Message, context: Context) -> Message:
 def projection_stats(msg: Message, context: Context) -> Message:
     cfg, node = _configs(msg, context)
     t0 = time.perf_counter()
-    client = federation.ClientSession.get(cfg, node)
+    client = ClientSession.get(cfg, node)
     client.check_class_names(msg.content.config_records["config"].get("class-names"))
     stats = client.projection_stats()
     metrics = MetricRecord({"num-examples": client.num_examples,
                             "extract-seconds": time.perf_counter() - t0})
-    return Message(RecordDict({"arrays": ArrayRecord(federation.to_flower_arrays(stats)),
+    return Message(RecordDict({"arrays": ArrayRecord(to_flower_arrays(stats)),
                                "metrics": metrics}), reply_to=msg)
 
 
 @app.query("target_sum")
 def target_sum(msg: Message, context: Context) -> Message:
     cfg, node = _configs(msg, context)
-    client = federation.ClientSession.get(cfg, node)
+    client = ClientSession.get(cfg, node)
     client.check_class_names(msg.content.config_records["config"].get("class-names"))
-    projection = federation.from_flower_arrays(msg.content.array_records["projection"])
-    feature_dim = federation.build_global_model(cfg, *client.shape).feature_dim
+    projection = from_flower_arrays(msg.content.array_records["projection"])
+    feature_dim = build_global_model(cfg, *client.shape).feature_dim
     sums = client.target_sum(projection, feature_dim)
     metrics = MetricRecord({"num-examples": client.num_examples})
-    return Message(RecordDict({"arrays": ArrayRecord(federation.to_flower_arrays(sums)),
+    return Message(RecordDict({"arrays": ArrayRecord(to_flower_arrays(sums)),
                                "metrics": metrics}), reply_to=msg)
 
 
@@ -64,16 +66,16 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     server_round, run_name = cast(int, config["server-round"]), str(config["run-name"])
     run_key = str(config.get("run-key", ""))
-    global_state = federation.from_flower_arrays(msg.content.array_records["arrays"])
+    global_state = from_flower_arrays(msg.content.array_records["arrays"])
     bases = msg.content.array_records.get("projection")
-    projection = federation.from_flower_arrays(bases) if bases is not None else None
+    projection = from_flower_arrays(bases) if bases is not None else None
 
-    client = federation.ClientSession.get(cfg, node)
+    client = ClientSession.get(cfg, node)
     client.check_class_names(config.get("class-names"))
     result = client.train(global_state, server_round, run_name, projection, run_key)
 
     metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})
-    return Message(RecordDict({"arrays": ArrayRecord(federation.to_flower_arrays(result.state)),
+    return Message(RecordDict({"arrays": ArrayRecord(to_flower_arrays(result.state)),
                                "metrics": metrics}), reply_to=msg)
 
 

@@ -8,16 +8,20 @@ values and must list exactly the same keys (kebab-case of the field names).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "tiny-imagenet", "image-folder", "digits")
-ALGORITHMS = ("fedavg", "fedprox", "moon", "feddifrc", "feddifrc-ssl", "simclr")
-SSL_ALGORITHMS = ("feddifrc-ssl", "simclr")
-DIFFUSION_ALGORITHMS = ("feddifrc", "feddifrc-ssl")
+import torch
+
+from feddifrc_core import paths
+from feddifrc_core.algorithms import Algorithm, algorithm_names, get_algorithm
+from feddifrc_core.datasets import DATASET_NAMES
+from feddifrc_core.losses import NDCR_KINDS
+from feddifrc_core.models import MODEL_NAMES
+from feddifrc_core.partition import METHODS as PARTITION_METHODS
+from feddifrc_core.projection import PROJECTIONS
 
 
 class ConfigError(ValueError):
@@ -47,17 +51,17 @@ class RunConfig:
     device: str = _opt("auto")  # auto | cpu | cuda | cuda:N; a node's `device` overrides it
     torch_threads: int = _opt(0, lo=0)  # 0 = torch default; simulation sets it per client
     # --- data -------------------------------------------------------------------------------
-    dataset: str = _opt("cifar10", choices=DATASETS)  # paper's headline data set
+    dataset: str = _opt("cifar10", choices=DATASET_NAMES)  # paper's headline data set
     data_path: str = _opt("")  # "" -> the data set's standard location; a node's `data-path` overrides
     data_subset: str = _opt("all", choices=("all", "private"))  # private = half not seen by the teacher
     train_samples: int = _opt(0, lo=0)  # 0 = all; a seeded subsample keeps CPU demos short
     test_samples: int = _opt(0, lo=0)  # 0 = whole test set
-    partition: str = _opt("dirichlet-reference", choices=("dirichlet-reference", "flwr-dirichlet", "iid"))
+    partition: str = _opt("dirichlet-reference", choices=PARTITION_METHODS)
     dirichlet_alpha: float = _opt(0.05, lo=0.0, lo_open=True)  # README example of the reference code
     imb_factor: float = _opt(1.0, lo=0.0, hi=1.0, lo_open=True)  # 1 = balanced; reference example 0.1
     augment: bool = _opt(True)  # pad+crop (+flip where it suits the data)
     # --- local model and optimiser ------------------------------------------------------------
-    model: str = _opt("resnet10", choices=("resnet10", "small-cnn"))  # paper backbone for CIFAR
+    model: str = _opt("resnet10", choices=MODEL_NAMES)  # paper backbone for CIFAR
     model_width: int = _opt(64, lo=1)  # ResNet-10 base width 64 -> 512-d features
     # The reference aligns the post-ReLU features z directly ("none"); "linear" / "mlp" add a
     # shared head (D -> D, or D -> D -> D with a ReLU as in SimCLR/REPA) on which the alignment
@@ -69,14 +73,14 @@ class RunConfig:
     momentum: float = _opt(0.9, lo=0.0, hi=1.0)  # paper: 0.9
     weight_decay: float = _opt(1e-5, lo=0.0)  # paper: 1e-5 on CIFAR-10
     # --- algorithm ----------------------------------------------------------------------------
-    algorithm: str = _opt("feddifrc", choices=ALGORITHMS)
+    algorithm: str = _opt("feddifrc", choices=algorithm_names())  # algorithms/, one file each
     proximal_mu: float = _opt(0.01, lo=0.0)  # FedProx proximal weight
     moon_mu: float = _opt(1.0, lo=0.0)  # MOON contrastive weight
     moon_temperature: float = _opt(0.5, lo=0.0, lo_open=True)  # MOON paper temperature
     lambda_tdcl: float = _opt(1.0, lo=0.0)  # reference weight of TDCL; 0 switches it off
     lambda_ndcr: float = _opt(1.0, lo=0.0)  # reference weight of NDCR; 0 switches it off
     tau: float = _opt(0.04, lo=0.0, lo_open=True)  # reference InfoNCE temperature
-    ndcr_loss: str = _opt("l2", choices=("l2", "kl", "l2-raw"))  # project decision (METHOD.md)
+    ndcr_loss: str = _opt("l2", choices=NDCR_KINDS)  # project decision (METHOD.md)
     neg_num: int = _opt(10, lo=1)  # reference: 10 negative class prompts per sample
     # --- diffusion representations -------------------------------------------------------------
     diffusion_model: str = _opt("stabilityai/stable-diffusion-2-1")  # or a folder, offline-teacher, tiny-sd
@@ -94,7 +98,7 @@ class RunConfig:
     reduction: str = _opt("mean-pool", choices=("mean-pool", "spatial-norm", "spatial-norm-centred"))
     extraction_batch_size: int = _opt(16, lo=1)  # images per UNet call (x prompts)
     diffusion_dtype: str = _opt("auto", choices=("auto", "float32", "float16", "bfloat16"))
-    projection: str = _opt("federated-pca", choices=("federated-pca", "random"))  # shared basis
+    projection: str = _opt("federated-pca", choices=PROJECTIONS)  # shared basis
     prompt_template: str = _opt("a photo of a {}")  # paper prompt
     cache_dir: str = _opt("")  # "" -> $FEDDIFRC_CACHE_DIR or ~/.cache/feddifrc
     # --- self-supervised variant ---------------------------------------------------------------
@@ -124,19 +128,23 @@ class RunConfig:
         return _parse_up_blocks(self.up_blocks)
 
     @property
+    def algorithm_class(self) -> type[Algorithm]:
+        """The registered class of `algorithm` (its flags and local-training hooks)."""
+        return get_algorithm(self.algorithm)
+
+    @property
     def uses_diffusion(self) -> bool:
-        return self.algorithm in DIFFUSION_ALGORITHMS
+        return self.algorithm_class.needs_targets
 
     @property
     def is_self_supervised(self) -> bool:
-        return self.algorithm in SSL_ALGORITHMS
+        return not self.algorithm_class.needs_labels
 
     def resolved_output_dir(self) -> Path:
-        return Path(self.output_dir or os.environ.get("FEDDIFRC_RUNS_DIR") or "runs").expanduser()
+        return paths.runs_dir(self.output_dir)
 
     def resolved_cache_dir(self) -> Path:
-        default = Path("~/.cache/feddifrc").expanduser()
-        return Path(self.cache_dir or os.environ.get("FEDDIFRC_CACHE_DIR") or default).expanduser()
+        return paths.cache_dir(self.cache_dir)
 
     def __post_init__(self) -> None:
         _parse_up_blocks(self.up_blocks)
@@ -155,12 +163,9 @@ class RunConfig:
                 f"({self.min_train_nodes})"
             )
         # Caught here, on the server, instead of in every ClientApp of round 1.
-        if self.algorithm == "simclr" and not self.augment:
-            raise ConfigError("algorithm 'simclr' contrasts two random augmentations of each image; "
-                              "with augment=false both views are identical: set augment=true")
-        if self.algorithm == "feddifrc-ssl" and self.lambda_tdcl == 0 and self.lambda_ndcr == 0:
-            raise ConfigError("algorithm 'feddifrc-ssl' has no cross-entropy: lambda-tdcl and "
-                              "lambda-ndcr cannot both be 0")
+        problem = self.algorithm_class.config_problem(self)
+        if problem:
+            raise ConfigError(problem)
 
 
 @dataclass(frozen=True)
@@ -186,8 +191,6 @@ class NodeConfig:
 
 def resolve_device(requested: str) -> str:
     """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else is checked and returned."""
-    import torch
-
     if requested in ("", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
@@ -235,7 +238,10 @@ def _coerce(key: str, value: Any, expected: type, what: str, coerce_strings: boo
     return value
 
 
-def _from_mapping(cls: type, raw: Mapping[str, Any], *, what: str, coerce_strings: bool = False) -> Any:
+C = TypeVar("C", RunConfig, NodeConfig)
+
+
+def _from_mapping(cls: type[C], raw: Mapping[str, Any], *, what: str, coerce_strings: bool = False) -> C:
     fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:

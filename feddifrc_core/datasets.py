@@ -27,12 +27,14 @@ import urllib.error
 import urllib.request
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from feddifrc_core import paths
 
 DATASET_NAMES = (
     "fashion-mnist",
@@ -209,7 +211,8 @@ _DERIVED: weakref.WeakKeyDictionary[ImageDataset, dict[tuple, tuple[ImageDataset
 )
 
 
-def _derived(ds: ImageDataset, key: tuple, make) -> tuple[ImageDataset, np.ndarray]:
+def _derived(ds: ImageDataset, key: tuple[object, ...],
+             make: Callable[[], tuple[ImageDataset, np.ndarray]]) -> tuple[ImageDataset, np.ndarray]:
     with _CACHE_LOCK:
         per_ds = _DERIVED.setdefault(ds, {})
         if key not in per_ds:
@@ -284,14 +287,6 @@ def _frozen_subset(ds: ImageDataset, indices: np.ndarray) -> tuple[ImageDataset,
 def clean_class_name(name: str) -> str:
     """Prompt-ready class name: underscores -> spaces, single spaces."""
     return " ".join(name.replace("_", " ").split())
-
-
-def default_data_dir() -> Path:
-    """$FEDDIFRC_DATA_DIR, else <$FEDDIFRC_CACHE_DIR or ~/.cache/feddifrc>/data."""
-    if os.environ.get("FEDDIFRC_DATA_DIR"):
-        return Path(os.environ["FEDDIFRC_DATA_DIR"]).expanduser()
-    cache = os.environ.get("FEDDIFRC_CACHE_DIR") or "~/.cache/feddifrc"
-    return Path(cache).expanduser() / "data"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,7 +372,7 @@ def _load_mnist_like(name: str, split: str, root: Path | None) -> ImageDataset:
     else:
         folders = [
             Path(FASHION_MNIST_DIR if name == "fashion-mnist" else MNIST_DIR),
-            default_data_dir() / name,
+            paths.data_dir() / name,
         ]
     # 2. first folder with both files wins
     images = labels = None
@@ -436,7 +431,7 @@ def _cifar_files(name: str, split: str) -> list[str]:
 
 def _find_cifar(name: str, root: Path | None) -> tuple[Path | None, list[Path]]:
     folder_name = _CIFAR[name][2]
-    base = root if root is not None else default_data_dir()
+    base = root if root is not None else paths.data_dir()
     candidates = [base / folder_name, base]
     for folder in candidates:
         if all(
@@ -462,7 +457,7 @@ def _load_cifar(name: str, split: str, root: Path | None, download: bool) -> Ima
     # 1. find the batch folder; download it when missing and allowed
     folder, looked = _find_cifar(name, root)
     if folder is None:
-        dest = root if root is not None else default_data_dir()
+        dest = root if root is not None else paths.data_dir()
         where = ", ".join(str(p) for p in looked)
         if not download:
             raise DatasetNotFoundError(
@@ -591,7 +586,7 @@ def _is_image(path: Path) -> bool:
 
 def _load_tiny_imagenet(split: str, root: Path | None) -> ImageDataset:
     # 1. locate tiny-imagenet-200 (the folder with wnids.txt)
-    base = root if root is not None else default_data_dir()
+    base = root if root is not None else paths.data_dir()
     candidates = [base / "tiny-imagenet-200", base]
     folder = next((c for c in candidates if (c / "wnids.txt").is_file()), None)
     if folder is None:

@@ -138,7 +138,8 @@ def _fixed_signs(components: np.ndarray) -> np.ndarray:
     idx = np.abs(components).argmax(axis=0)
     signs = np.sign(components[idx, np.arange(components.shape[1])])
     signs[signs == 0] = 1.0
-    return components * signs
+    oriented: np.ndarray = components * signs
+    return oriented
 
 
 def _pad_columns(components: np.ndarray, out_dim: int) -> np.ndarray:

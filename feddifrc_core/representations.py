@@ -39,7 +39,12 @@ from feddifrc_core.checkpoint import CheckpointError, load_checkpoint, save_chec
 from feddifrc_core.config import RunConfig
 from feddifrc_core.diffusion.backbone import DiffusionBackbone, load_backbone, resolve_dtype
 from feddifrc_core.diffusion.extractor import DiffusionFeatureExtractor
-from feddifrc_core.diffusion.reduction import BlockReduction, PositionStats, SpatialNorm
+from feddifrc_core.diffusion.reduction import (
+    BlockReduction,
+    PositionStats,
+    SpatialNorm,
+    basis_sha256,
+)
 from feddifrc_core.feature_cache import FeatureCache, fingerprint_sha256, tensor_sha256
 from feddifrc_core.projection import (
     Basis,
@@ -184,8 +189,6 @@ class ClientRepresentations:
                 f"build them with split_feature_dim({feature_dim}, {len(bases)})"
             )
         if self.projected:
-            from feddifrc_core.diffusion.reduction import basis_sha256
-
             if tuple(basis_sha256(b) for b in bases) != self.bases_sha256:
                 raise ValueError(
                     "these spatial-norm representations were projected with other bases than the "

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Array names of the spatial-norm-centred set-up (client <-> server): each client's target count and
+# sum, and the federated mean target the server sends back with the bases.
+TARGET_COUNT, TARGET_SUM, TARGET_OFFSET = "target-count", "target-sum", "target-offset"
+
 
 @dataclass(frozen=True)
 class DiffusionTargets:

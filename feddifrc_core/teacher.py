@@ -612,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         images, labels = _read_idx_fallback(
             args.data_root or "/usr/share/datasets/fashion-mnist", args.raw_idx
         )
-        names, desc = FMNIST_CLASSES, f"SMOKE TEST: first {args.raw_idx} raw training images"
+        names: tuple[str, ...] = FMNIST_CLASSES
+        desc = f"SMOKE TEST: first {args.raw_idx} raw training images"
     else:
         images, labels, names, desc = load_public_split(args.data_root)
     meta = {

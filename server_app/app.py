@@ -13,10 +13,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from client_app.records import from_flower_arrays, to_flower_arrays
 from feddifrc_core import checkpoint as ckpt
-from feddifrc_core import federation
 from feddifrc_core.config import RunConfig
+from feddifrc_core.evaluation import CentralEvaluator
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
+from feddifrc_core.run_setup import model_state, set_torch_threads
 from server_app.strategy import FedDifRCStrategy
 
 # Old checkpoints are pruned to bound disk use (ResNet-10: ~20 MB each); resume needs only the last.
@@ -42,7 +44,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     """The whole run on the server side; returns the summary. Raises when a round fails."""
     started = time.time()
-    federation.set_torch_threads(cfg.torch_threads)
+    set_torch_threads(cfg.torch_threads)
     if cfg.resume and not cfg.run_name:
         raise ValueError("resume=true needs the run-name of the run to continue (run-name=\"...\")")
     run_name = cfg.run_name or default_run_name(cfg)
@@ -58,8 +60,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         folder.path, run_name)
 
     # 2. test data and the global model (seeded initialisation; restored when resuming)
-    evaluator = federation.CentralEvaluator(cfg)
-    state = federation.model_state(evaluator.model)  # seeded initialisation
+    evaluator = CentralEvaluator(cfg)
+    state = model_state(evaluator.model)  # seeded initialisation
     # Names the clients' per-run files (MOON's previous models): a new run that reuses a run-name
     # gets a fresh key, a resumed run keeps its own ("" = checkpoints from before the key existed).
     run_key = str(resumed.meta.get("run-key", "")) if resumed else secrets.token_hex(6)
@@ -85,12 +87,12 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     for server_round in range(first_round, cfg.num_rounds + 1):
         t0 = time.time()
         messages = strategy.configure_train(
-            server_round, ArrayRecord(federation.to_flower_arrays(state)), ConfigRecord(), grid)
+            server_round, ArrayRecord(to_flower_arrays(state)), ConfigRecord(), grid)
         replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
         arrays, client_metrics = strategy.aggregate_train(server_round, replies)
         if arrays is None or client_metrics is None:  # aggregate_train raises before this
             raise RuntimeError(f"round {server_round}: no aggregate")
-        state = federation.from_flower_arrays(arrays)
+        state = from_flower_arrays(arrays)
         row: dict[str, Any] = {"round": server_round, **_prefixed(dict(client_metrics))}
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
             row.update(evaluator(state))

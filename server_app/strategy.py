@@ -22,16 +22,11 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from client_app.records import from_flower_arrays, to_flower_arrays
+from feddifrc_core import projection
+from feddifrc_core.aggregation import sample_partitions, weighted_average
 from feddifrc_core.config import RunConfig
-from feddifrc_core.federation import (
-    TARGET_COUNT,
-    TARGET_OFFSET,
-    TARGET_SUM,
-    from_flower_arrays,
-    sample_partitions,
-    to_flower_arrays,
-    weighted_average,
-)
+from feddifrc_core.targets import TARGET_COUNT, TARGET_OFFSET, TARGET_SUM
 
 # Message types and record keys shared with client_app/app.py.
 QUERY_NODE_INFO = f"{MessageType.QUERY}.node_info"
@@ -106,8 +101,6 @@ class FedDifRCStrategy(FedAvg):
         """The shared basis: merge every client's sufficient statistics (exact), build the
         federated-PCA or mean-centred random bases; for spatial-norm-centred also merge the
         clients' target sums into the mean target that every client subtracts."""
-        from feddifrc_core import projection
-
         record = RecordDict({RUN_CONFIG: ConfigRecord(self.cfg.to_flower()),
                              CONFIG: ConfigRecord({"run-name": self.run_name,
                                                    **self._class_names_entry()})})

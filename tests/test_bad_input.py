@@ -25,7 +25,7 @@ from loopback_grid import LoopbackGrid
 from PIL import Image
 
 from client_app.app import app as client_app
-from feddifrc_core import federation
+from feddifrc_core import client_session, evaluation, run_setup
 from feddifrc_core.config import ConfigError, NodeConfig, RunConfig
 from feddifrc_core.datasets import DatasetFormatError, DatasetNotFoundError, clear_dataset_cache
 from server_app.app import make_server_app, run_server
@@ -111,7 +111,7 @@ def test_more_clients_than_samples_names_the_fix(tmp_path):
     with pytest.raises(
         ValueError, match=r"num_clients=50 is more than the 20 samples.*train-samples=0"
     ):
-        federation.ClientSession(cfg, NodeConfig(partition_id=0, num_partitions=50))
+        client_session.ClientSession(cfg, NodeConfig(partition_id=0, num_partitions=50))
 
 
 @pytest.mark.parametrize("partition", ["dirichlet-reference", "flwr-dirichlet"])
@@ -119,7 +119,7 @@ def test_tiny_alpha_with_two_classes_cannot_give_every_client_data(tmp_path, par
     cfg = tiny(tmp_path, partition=partition, dirichlet_alpha=1e-3)
     labels = np.arange(200) % 2  # 2 classes, 10 clients: most clients would get nothing
     with pytest.raises(ValueError, match=r"(?i)increase dirichlet-alpha"):
-        federation.client_indices(cfg, labels, 2, partition_id=0, num_partitions=10)
+        run_setup.client_indices(cfg, labels, 2, partition_id=0, num_partitions=10)
 
 
 # --- missing data sets ----------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def test_missing_data_set_on_the_server_names_the_path_and_the_fix(tmp_path):
     empty.mkdir()
     cfg = tiny(tmp_path, dataset="fashion-mnist", data_path=str(empty))
     with pytest.raises(DatasetNotFoundError) as info:
-        federation.CentralEvaluator(cfg)
+        evaluation.CentralEvaluator(cfg)
     message = str(info.value)
     assert str(empty) in message and ("data-path" in message or "make data" in message), message
 
@@ -139,7 +139,7 @@ def test_missing_data_path_on_a_node_names_the_path(tmp_path):
     )
     node = NodeConfig(partition_id=0, num_partitions=2, data_path=str(tmp_path / "typo"))
     with pytest.raises(DatasetNotFoundError, match=r"typo.*Expected layout"):
-        federation.ClientSession(cfg, node)
+        client_session.ClientSession(cfg, node)
 
 
 # --- a diffusion model that cannot be loaded offline ----------------------------------------------
@@ -154,7 +154,7 @@ def test_unloadable_model_id_fails_the_client_naming_the_offline_choices(tmp_pat
         diffusion_image_size=0,
         neg_num=3,
     )
-    client = federation.ClientSession(cfg, NodeConfig(partition_id=0, num_partitions=2))
+    client = client_session.ClientSession(cfg, NodeConfig(partition_id=0, num_partitions=2))
     with pytest.raises(RuntimeError, match="offline-teacher") as info:
         client.projection_stats()
     assert "no-such-org/no-such-model" in str(info.value)
@@ -167,7 +167,7 @@ def test_image_folder_test_class_unknown_to_train_names_the_fix(tmp_path):
     with pytest.raises(
         DatasetFormatError, match=r"dgo has no counterpart.*same class folder name under train/"
     ):
-        federation.CentralEvaluator(cfg)
+        evaluation.CentralEvaluator(cfg)
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,7 @@ def test_align_head_is_a_linear_map_on_the_features_and_absent_by_default():
 
 def test_every_party_builds_the_align_head_when_the_run_asks_for_it():
     from feddifrc_core.config import RunConfig
-    from feddifrc_core.federation import build_global_model
+    from feddifrc_core.run_setup import build_global_model
 
     cfg = RunConfig(model="small-cnn", model_width=4)
     plain = build_global_model(cfg, 1, 10, 28)

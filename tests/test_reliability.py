@@ -332,7 +332,7 @@ def test_twenty_clients_one_round_keep_per_process_state_bounded(tmp_path):
     from loopback_grid import LoopbackGrid
 
     from client_app.app import app as client_app
-    from feddifrc_core import federation
+    from feddifrc_core.client_session import ClientSession
     from feddifrc_core.config import RunConfig
     from server_app.app import run_server
 
@@ -357,12 +357,12 @@ def test_twenty_clients_one_round_keep_per_process_state_bounded(tmp_path):
         algorithm="fedavg",
         cache_dir=str(tmp_path / "cache"),
     )
-    federation.ClientSession._sessions.clear()
+    ClientSession._sessions.clear()
     summary = run_server(LoopbackGrid(client_app, 20), cfg)
     assert summary["rounds"] == 1
     rows = [json.loads(x) for x in (tmp_path / "runs/run/metrics.jsonl").read_text().splitlines()]
     assert len(rows[-1]["clients"].split()) == 10 and rows[-1]["failures"] == 0
-    sessions = federation.ClientSession._sessions
+    sessions = ClientSession._sessions
     assert len(sessions._items) <= sessions.max_items < 20
 
 

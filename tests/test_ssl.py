@@ -9,15 +9,11 @@ import numpy as np
 import pytest
 
 from feddifrc_core import projection
+from feddifrc_core.client_session import ClientSession
 from feddifrc_core.config import NodeConfig, RunConfig
-from feddifrc_core.federation import (
-    CentralEvaluator,
-    ClientSession,
-    build_global_model,
-    model_state,
-)
+from feddifrc_core.evaluation import CentralEvaluator, extract_features
 from feddifrc_core.probe import knn_accuracy, linear_probe_accuracy
-from feddifrc_core.training import extract_features
+from feddifrc_core.run_setup import build_global_model, model_state
 
 
 def _cfg(tmp_path: Path, algorithm: str, **changes: object) -> RunConfig:

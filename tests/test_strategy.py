@@ -9,16 +9,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from loopback_grid import LoopbackGrid
 
+from client_app.records import to_flower_arrays
 from feddifrc_core import projection
+from feddifrc_core.aggregation import sample_partitions, weighted_average
 from feddifrc_core.config import RunConfig
-from feddifrc_core.federation import (
-    build_global_model,
-    load_state,
-    model_state,
-    sample_partitions,
-    to_flower_arrays,
-    weighted_average,
-)
+from feddifrc_core.run_setup import build_global_model, load_state, model_state
 from server_app.strategy import FedDifRCStrategy, RoundFailedError
 
 NUM_NODES = 4

@@ -8,12 +8,12 @@ and the project's pixel-space offline teacher (`teacher_backbone.py`, MiniLM tex
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from feddifrc_core.diffusion import sd, teacher_backbone, tiny
 
 logger = logging.getLogger(__name__)
 
@@ -91,26 +91,14 @@ def clear_backbone_cache() -> None:
 def _load(
     spec: str, device: torch.device, dtype: torch.dtype, revision: str, cache_dir: str | None
 ) -> DiffusionBackbone:
-    from feddifrc_core.diffusion import sd
-
     if spec == TINY_SD:
-        from feddifrc_core.diffusion.tiny import ensure_tiny_sd
-
-        return sd.load_sd_backbone(str(ensure_tiny_sd(cache_dir)), device, dtype, kind=TINY_SD)
+        return sd.load_sd_backbone(str(tiny.ensure_tiny_sd(cache_dir)), device, dtype, kind=TINY_SD)
     if spec == SD21_RANDOM:
         return sd.random_sd21_backbone(device, dtype)
     if spec == OFFLINE_TEACHER or spec.startswith(OFFLINE_TEACHER + ":"):
-        # Imported lazily: the teacher module is optional for SD users and vice versa.
-        from feddifrc_core.diffusion.teacher_backbone import load_teacher_backbone
-
         path_or_name = spec.partition(":")[2] or OFFLINE_TEACHER
-        return load_teacher_backbone(path_or_name, device, dtype)
+        return teacher_backbone.load_teacher_backbone(path_or_name, device, dtype)
     return sd.load_sd_backbone(spec, device, dtype, revision=revision)
-
-
-def default_cache_dir() -> Path:
-    """$FEDDIFRC_CACHE_DIR or ~/.cache/feddifrc (the same rule as RunConfig.resolved_cache_dir)."""
-    return Path(os.environ.get("FEDDIFRC_CACHE_DIR") or "~/.cache/feddifrc").expanduser()
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:

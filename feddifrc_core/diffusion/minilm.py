@@ -69,7 +69,8 @@ def encode_texts(
         return_tensors="pt",
     ).to(device)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.last_hidden_state.to(dtype)  # [P, L, 384]
+    hidden: torch.Tensor = out.last_hidden_state.to(dtype)  # [P, L, 384]
+    return hidden
 
 
 def token_count(text: str) -> int:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from feddifrc_core import paths
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SD_MODEL = "stabilityai/stable-diffusion-2-1"
@@ -46,7 +48,8 @@ class VaeEncoder(nn.Module):
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         mean = moments.chunk(2, dim=1)[0]  # [B, c, h, w]
-        return (mean - self.shift_factor) * self.scaling_factor
+        latents: torch.Tensor = (mean - self.shift_factor) * self.scaling_factor
+        return latents
 
 
 class StableDiffusionBackbone:
@@ -85,7 +88,8 @@ class StableDiffusionBackbone:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"`pixels` must be [B, 3, H, W] in [-1, 1], got {tuple(pixels.shape)}")
-        return self.vae_encoder(pixels.to(self.device, self.dtype))  # [B, 4, H/8, W/8]
+        latents: torch.Tensor = self.vae_encoder(pixels.to(self.device, self.dtype))  # [B, 4, h, w]
+        return latents
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -303,8 +307,6 @@ def random_sd21_backbone(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from feddifrc_core.diffusion.backbone import default_cache_dir
-    from feddifrc_core.diffusion.tokenizer import load_clip_tokenizer
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD21_UNET_CONFIG)
@@ -315,7 +317,9 @@ def random_sd21_backbone(
     modules: tuple[Any, ...] = (unet, vae_encoder, text_encoder)
     for index, module in enumerate(modules):
         seeded_init(module, seed * 10 + index)
-    tokenizer = load_clip_tokenizer(tokenizer_dir or default_cache_dir() / "clip-tokenizer")
+    from feddifrc_core.diffusion.tokenizer import load_clip_tokenizer  # heavy: transformers
+
+    tokenizer = load_clip_tokenizer(tokenizer_dir or paths.cache_dir() / "clip-tokenizer")
     configs = json.dumps([SD21_UNET_CONFIG, SD21_VAE_CONFIG, SD21_TEXT_CONFIG], sort_keys=True)
     identity = {
         "kind": "sd21-random",

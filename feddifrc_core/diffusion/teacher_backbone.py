@@ -98,7 +98,7 @@ def resolve_teacher_path(path_or_name: str) -> Path:
 
 def read_teacher_info(folder: Path) -> dict[str, Any]:
     """teacher.json, checked for completeness."""
-    info = json.loads((Path(folder) / TEACHER_JSON).read_text())
+    info: dict[str, Any] = json.loads((Path(folder) / TEACHER_JSON).read_text())
     missing = [k for k in REQUIRED_KEYS if k not in info]
     if missing or info.get("kind") != OFFLINE_TEACHER:
         raise ValueError(

@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from feddifrc_core import paths
+from feddifrc_core.diffusion.sd import SD_SCHEDULER_CONFIG
+
 logger = logging.getLogger(__name__)
 
 TINY_SD_VERSION = "v2"  # bump when the configs below change, so stale folders are not reused
@@ -71,13 +74,7 @@ TINY_TEXT_CONFIG: dict[str, Any] = {
 
 
 def tiny_sd_dir(cache_dir: str | Path | None = None) -> Path:
-    from feddifrc_core.diffusion.backbone import default_cache_dir
-
-    return (
-        Path(cache_dir or default_cache_dir()).expanduser()
-        / "models"
-        / f"tiny-sd-{TINY_SD_VERSION}"
-    )
+    return paths.cache_dir(cache_dir or "") / "models" / f"tiny-sd-{TINY_SD_VERSION}"
 
 
 def ensure_tiny_sd(cache_dir: str | Path | None = None) -> Path:
@@ -110,8 +107,6 @@ def build_tiny_sd(out_dir: str | Path, seed: int = TINY_SD_SEED) -> None:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from feddifrc_core.diffusion.sd import SD_SCHEDULER_CONFIG
-    from feddifrc_core.diffusion.tokenizer import load_clip_tokenizer
 
     out = Path(out_dir)
     with torch.random.fork_rng(devices=[]):
@@ -119,6 +114,8 @@ def build_tiny_sd(out_dir: str | Path, seed: int = TINY_SD_SEED) -> None:
         unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    from feddifrc_core.diffusion.tokenizer import load_clip_tokenizer  # heavy: transformers
+
     tokenizer = load_clip_tokenizer(out / ".tokenizer-src")
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -130,5 +127,5 @@ def build_tiny_sd(out_dir: str | Path, seed: int = TINY_SD_SEED) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
+    pipe.save_pretrained(out, safe_serialization=True)
     shutil.rmtree(out / ".tokenizer-src", ignore_errors=True)

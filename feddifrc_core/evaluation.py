@@ -1,0 +1,127 @@
+"""Evaluation of a model: test loss and accuracy, penultimate features, and the server's central
+evaluation of each global model (accuracy, or linear probe + kNN for label-free algorithms)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from feddifrc_core.config import RunConfig, resolve_device
+from feddifrc_core.datasets import subsample
+from feddifrc_core.probe import knn_accuracy, linear_probe_accuracy
+from feddifrc_core.run_setup import (
+    build_global_model,
+    load_state,
+    load_test_set,
+    load_train_set,
+    make_transforms,
+)
+from feddifrc_core.training import EvalTransform, check_images, check_labels, scale_only
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean cross-entropy
+    accuracy: float
+    num_examples: int
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str,
+    transform: EvalTransform | None = None,
+) -> EvalResult:
+    """Mean cross-entropy and accuracy of `model` (eval mode, no grad); restores the train mode."""
+    device = torch.device(device)
+    n = check_images(images)
+    check_labels(labels, n, "evaluate")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+    transform = transform or scale_only
+    was_training = model.training
+    model.to(device).eval()
+    loss_sum = torch.zeros((), device=device)  # float32: MPS has no float64
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for start in range(0, n, batch_size):
+        x = transform(images[start:start + batch_size].to(device))  # [B, C, H, W]
+        y = labels[start:start + batch_size].to(device)  # [B]
+        _, logits = model(x)  # [B, C]
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(dim=1) == y).sum()
+    model.train(was_training)
+    return EvalResult(loss=float(loss_sum) / n, accuracy=float(correct) / n, num_examples=n)
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str,
+    transform: EvalTransform | None = None,
+) -> torch.Tensor:
+    """Penultimate features [N, D] (float32, CPU) of `model` in eval mode, for probes and kNN."""
+    device = torch.device(device)
+    n = check_images(images)
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+    transform = transform or scale_only
+    was_training = model.training
+    model.to(device).eval()
+    out = []
+    for start in range(0, n, batch_size):
+        feats, _ = model(transform(images[start:start + batch_size].to(device)))  # [B, D]
+        out.append(feats.float().cpu())
+    model.train(was_training)
+    return torch.cat(out)  # [N, D]
+
+
+class CentralEvaluator:
+    """The server's test-set evaluation of a global model state.
+
+    Supervised algorithms: cross-entropy and accuracy of the model's own classifier. Label-free
+    algorithms (feddifrc-ssl, simclr) never train the classifier head, so the encoder is judged
+    by its frozen features instead: a linear probe and a weighted kNN, both fitted on a labelled
+    subset of the training pool (`probe-train-samples`, stratified, seeded) and scored on the test
+    set. `test-accuracy` is then the linear-probe accuracy, so summaries and benchmarks read one key.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(resolve_device(cfg.device))
+        self.test = load_test_set(cfg)
+        pool = load_train_set(cfg)
+        _, self.transform = make_transforms(cfg, pool.images)
+        self.model = build_global_model(cfg, pool.channels, pool.num_classes, pool.image_size)
+        # Labels of the probe subset are read on the server only, never sent to a client.
+        self.probe_train = (subsample(pool, cfg.probe_train_samples, cfg.seed)[0]
+                            if cfg.is_self_supervised else None)
+
+    def __call__(self, state: Mapping[str, np.ndarray]) -> dict[str, float]:
+        load_state(self.model, state)
+        if self.probe_train is not None:
+            return self._probe()
+        result = evaluate(self.model, self.test.images, self.test.labels, self.cfg.eval_batch_size,
+                          self.device, transform=self.transform)
+        return {"test-loss": result.loss, "test-accuracy": result.accuracy}
+
+    def _probe(self) -> dict[str, float]:
+        """Linear-probe and kNN test accuracy of the frozen penultimate features."""
+        assert self.probe_train is not None  # set in __init__ for label-free algorithms
+        probe, bs, dev = self.probe_train, self.cfg.eval_batch_size, self.device
+        train_feats = extract_features(self.model, probe.images, bs, dev, self.transform)  # [P, D]
+        test_feats = extract_features(self.model, self.test.images, bs, dev, self.transform)  # [M, D]
+        linear = linear_probe_accuracy(train_feats, probe.labels, test_feats, self.test.labels,
+                                       seed=self.cfg.seed)
+        knn = knn_accuracy(train_feats, probe.labels, test_feats, self.test.labels)
+        return {"test-accuracy": float(linear), "test-probe-accuracy": float(linear),
+                "test-knn-accuracy": float(knn), "probe-train-examples": len(probe)}

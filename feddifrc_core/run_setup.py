@@ -1,0 +1,92 @@
+"""What every party builds from the run config: the data pools, this client's partition, the
+transforms, the seeded global model, and model state as numpy arrays (the wire format)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from feddifrc_core.algorithms import TrainTransform
+from feddifrc_core.config import RunConfig
+from feddifrc_core.datasets import ImageDataset, load_dataset, select_subset, subsample
+from feddifrc_core.models import build_model
+from feddifrc_core.partition import build_partitions
+from feddifrc_core.training import EvalTransform
+from feddifrc_core.transforms import TrainAugment
+
+
+def set_torch_threads(threads: int) -> None:
+    """Limit intra-op threads (0 = torch default); many clients share few cores in simulation."""
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def _data_root(cfg: RunConfig, data_path: str = "") -> str | None:
+    return (data_path or cfg.data_path) or None
+
+
+def load_train_pool(cfg: RunConfig, data_path: str = "") -> tuple[ImageDataset, np.ndarray]:
+    """The clients' training pool (the chosen subset, optionally a seeded stratified subsample)
+    and each pool row's index in the full training split.
+
+    Every client computes the same pool and partition from the seed, so no index lists travel.
+    """
+    ds = load_dataset(cfg.dataset, "train", _data_root(cfg, data_path))  # memoised per process
+    ds, subset_rows = select_subset(ds, cfg.data_subset)
+    ds, sample_rows = subsample(ds, cfg.train_samples, cfg.seed)
+    return ds, subset_rows[sample_rows]
+
+
+def load_train_set(cfg: RunConfig, data_path: str = "") -> ImageDataset:
+    return load_train_pool(cfg, data_path)[0]
+
+
+def load_test_set(cfg: RunConfig, data_path: str = "") -> ImageDataset:
+    ds = load_dataset(cfg.dataset, "test", _data_root(cfg, data_path))
+    ds, _ = subsample(ds, cfg.test_samples, cfg.seed)
+    return ds
+
+
+def client_indices(cfg: RunConfig, labels: np.ndarray, num_classes: int, partition_id: int,
+                   num_partitions: int) -> np.ndarray:
+    """This client's rows of the training pool (recomputed identically on every node)."""
+    parts = build_partitions(labels, num_partitions, cfg.partition, cfg.dirichlet_alpha, cfg.seed,
+                             imb_factor=cfg.imb_factor, num_classes=num_classes)
+    return parts[partition_id]
+
+
+def make_transforms(cfg: RunConfig, train_images: torch.Tensor
+                    ) -> tuple[TrainTransform, EvalTransform]:
+    """(train transform, eval transform) for the run's data set; `augment=false` = normalise only."""
+    augment = TrainAugment.for_dataset(cfg.dataset, train_images)
+    if cfg.augment:
+        return augment, augment.eval
+    return (lambda images, generator=None: augment.eval(images)), augment.eval
+
+
+def build_global_model(cfg: RunConfig, channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """The model every party builds; initialised from the run seed so all runs start equal."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        # align-head linear/mlp adds the shared head the alignment losses act on (docs/method.md)
+        return build_model(cfg.model, channels, num_classes, cfg.model_width, image_size=image_size,
+                           align_head=cfg.align_head)
+
+
+def load_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Copy numpy arrays into `model` (strict: a server/client architecture mismatch is an error)."""
+    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the received arrays do not fit the local model ({err}). Server and clients must use "
+            "the same model, model-width and data set (class count, channels)"
+        ) from None
+
+
+def model_state(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
