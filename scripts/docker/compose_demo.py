@@ -42,7 +42,7 @@ LONG_RUNNING = ("superlink", "serverapp", "supernode-1", "clientapp-1", "superno
 ONE_SHOT = ("certs", "register")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # The demo: FedDifRC with the offline teacher on Fashion-MNIST, small enough for 2 cores.
-DEMO_RUN_CONFIG = ("num-rounds=3 fraction-train=1.0 min-train-nodes=2 min-available-nodes=2 "
+DEMO_RUN_CONFIG = ("fraction-train=1.0 min-train-nodes=2 min-available-nodes=2 "
                    "train-samples=1000 test-samples=1000 local-epochs=1 data-path='/data' "
                    "diffusion-model='offline-teacher'")
 
@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     dc: ComposeDeployment | None = None
     timings: dict[str, float] = {}
     try:
-        if not Path(args.data_dir, "train-images-idx3-ubyte.gz").is_file():
+        if not any(Path(args.data_dir, f).is_file()
+                   for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")):
             raise StepError(f"Fashion-MNIST is missing from {args.data_dir} (make data)",
                             EXIT_SETUP)
         t0 = time.monotonic()
