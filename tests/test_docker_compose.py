@@ -134,7 +134,7 @@ def test_compose_tls_deployment_runs_feddifrc_and_refuses_an_unregistered_node(i
             "--port", "9096", "--max-wait-time", "30", check=False, timeout=180)
         output = refused.stdout + refused.stderr
         assert refused.returncode != 0, output[-1500:]
-        assert "Failed to activate SuperNode" in output or "305" in output, output[-1500:]
+        assert "Failed to activate SuperNode" in output or "Exit Code: 305" in output, output[-1500:]
         nodes = cd.deploy.flwr_json(dc.dep(), ["supernode", "list", cd.CONNECTION])["nodes"]
         assert sorted(n["status"] for n in nodes) == ["online", "online"]  # still only those two
     finally:
