@@ -63,6 +63,14 @@ if ! docker info >/dev/null 2>&1; then
     say "(systemctl start docker, or as root: dockerd &) or join the 'docker' group."
     exit 3
   fi
+  # A daemon killed without its shutdown (e.g. the end of a CI job) leaves pid files behind, and
+  # dockerd refuses to start while such a pid belongs to any running process: drop stale ones.
+  for pidfile in /var/run/docker.pid /var/run/docker/containerd/containerd.pid; do
+    if [[ -f $pidfile ]]; then
+      comm=$(cat "/proc/$(cat "$pidfile")/comm" 2>/dev/null || true)
+      [[ $comm == dockerd || $comm == containerd ]] || rm -f "$pidfile"
+    fi
+  done
   say "starting dockerd (log: $state/dockerd.log) ..."
   # setsid: the daemon outlives this script (and make), in its own session.
   setsid dockerd --iptables=false --bridge=none >"$state/dockerd.log" 2>&1 </dev/null &
