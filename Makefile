@@ -118,3 +118,32 @@ benchmark-accuracy-ssl: venv data
 # Local training time per round, FedDifRC (cached representations) vs FedAvg, one client.
 benchmark-round-cost: venv data
 	nice -n 5 $(PY) benchmarks/round_cost.py $(BENCH_ARGS)
+
+# --- Docker compose (docs/deploy.md, section 5): images, the real compose deployment ------------
+# docker-setup: engine + compose v2 + daemon (installed/started where root on Debian);
+# docker-base: plus the offline Debian base image; docker-images: every image of the CPU compose
+# deployment (reused while Dockerfiles, pyproject.toml and wheels are unchanged);
+# docker-demo: TLS + SuperNode auth, 2 SuperNodes, FedDifRC with the offline teacher on
+# Fashion-MNIST (mounted read-only), status check, summary, `down -v` (also on failure/Ctrl-C).
+# Extra settings: make docker-demo DOCKER_DEMO_ARGS='--rounds 5 -c "local-epochs=2"'.
+DOCKER_DEMO_ARGS ?=
+.PHONY: docker-setup docker-base docker-images docker-demo docker-test docker-stop-daemon
+
+docker-setup: venv
+	bash scripts/docker/setup.sh
+
+docker-base: venv
+	bash scripts/docker/setup.sh --base
+
+docker-images: docker-base
+	bash scripts/docker/build.sh
+
+docker-demo: venv data
+	$(PY) scripts/docker/compose_demo.py --data-dir "$(FMNIST_DIR)" $(DOCKER_DEMO_ARGS)
+
+docker-test: venv
+	$(VENV)/bin/pytest -q tests/test_docker_compose.py
+
+# Stops the daemon only when scripts/docker/setup.sh started it (its pid file in .cache/docker).
+docker-stop-daemon:
+	bash scripts/docker/setup.sh --stop-daemon

@@ -22,7 +22,9 @@ print('\n'.join(d for d in deps if not d.startswith(('flwr', 'torch'))))" > requ
  && python -m pip install --no-cache-dir -r requirements.txt "torch==${TORCH_VERSION}" \
       "flwr[simulation]==${FLWR_VERSION}" \
  && python -m pip install --no-cache-dir --no-deps "open-clip-torch==3.3.0"
+# The offline diffusion teacher (weights are not part of the app bundle `flwr run` ships).
+COPY models/fmnist-teacher /opt/feddifrc/models/fmnist-teacher
 ENV HF_HOME=/hf-cache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false FLWR_TELEMETRY_ENABLED=0 \
-    FEDDIFRC_CACHE_DIR=/cache
+    FEDDIFRC_MODELS_DIR=/opt/feddifrc/models FEDDIFRC_CACHE_DIR=/cache
 USER app
 ENTRYPOINT ["flower-superexec"]

@@ -1,5 +1,6 @@
 """docker/: the compose files and Dockerfiles parse, agree with each other and with the project,
-and every service's exact command line works as a local process (there is no Docker engine here).
+and every service's exact command line works as a local process (no Docker engine needed;
+tests/test_docker_compose.py runs the same files in real containers).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def test_tls_overlay_orders_certs_register_and_authenticated_nodes(tmp_path):
     assert "--insecure" not in _argv(model, "serverapp", tmp_path)
     # The overlay keeps the base volumes (merge by target) and adds the certificates.
     targets = {v.split(":")[1] for v in model["services"]["superlink"]["volumes"]}
-    assert targets == {"/state", "/certs"}
+    assert targets == {"/app", "/certs"}
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@
 #   supernodes/snI, snI.pub   one ECDSA P-384 key pair per SuperNode (I = 1..NUM_NODES), OpenSSH format
 #                             as `flwr supernode register` expects.
 # Existing files are kept (re-running adds missing node keys only); set FORCE=1 to make everything anew.
+# CERTS_OWNER=uid:gid (as root) hands every file to that user at the end, e.g. 49999:49999 for the
+# Flower container images, whose processes run as `app` and must read their keys.
 # Everything is written in a temporary folder first and moved into place, so a kill leaves no half files.
 set -euo pipefail
 
@@ -71,3 +73,6 @@ for ((i = 1; i <= num_nodes; i++)); do
   fi
 done
 echo "make_certs.sh: $num_nodes SuperNode key pairs in $out_dir/supernodes"
+if [[ -n ${CERTS_OWNER:-} && $(id -u) == 0 ]]; then
+  chown -R "$CERTS_OWNER" "$out_dir"
+fi
