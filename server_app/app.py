@@ -16,6 +16,8 @@ from feddifrc_core import checkpoint as ckpt
 from feddifrc_core import federation
 from feddifrc_core.config import RunConfig
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
+from server_app.ray_workers import replace_dead_ray_workers
+from server_app.run_lock import RunFolderLock
 from server_app.strategy import FedDifRCStrategy
 
 # Old checkpoints are pruned to bound disk use (ResNet-10: ~20 MB each); resume needs only the last.
@@ -33,19 +35,37 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_flower({**context.run_config, **(overrides or {})})
+        replace_dead_ray_workers()  # simulation: a killed ClientApp worker costs one round only
         run_server(grid, cfg)
 
     return app
 
 
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
-    """The whole run on the server side; returns the summary. Raises when a round fails."""
+    """The whole run on the server side; returns the summary. Raises when a round fails.
+
+    The run folder is locked for the whole run (a second writer is refused at once); a run that
+    fails before its first checkpoint removes the folder it created, so no empty folders remain.
+    """
     started = time.time()
     federation.set_torch_threads(cfg.torch_threads)
     if cfg.resume and not cfg.run_name:
         raise ValueError("resume=true needs the run-name of the run to continue (run-name=\"...\")")
     run_name = cfg.run_name or default_run_name(cfg)
+    lock = RunFolderLock(cfg.resolved_output_dir() / run_name).acquire()
+    try:
+        summary = _run(grid, cfg, run_name, started)
+    except BaseException:
+        set_up_failed = lock.created and not any(lock.folder.glob("checkpoints/round-*"))
+        if set_up_failed:
+            log(INFO, "removing the run folder %s: the run failed during set-up", lock.folder)
+        lock.release(remove_folder=set_up_failed)
+        raise
+    lock.release()
+    return summary
 
+
+def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str, Any]:
     # 1. run folder, and the last complete checkpoint when resuming
     folder = RunFolder.open(cfg, run_name)
     resumed = ckpt.latest_checkpoint(folder.checkpoints) if cfg.resume else None
