@@ -24,16 +24,17 @@ from typing import Any
 
 from flwr.common import log
 
-_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
+_SIMULATION_ENGINE = "flwr.server.superlink.fleet.vce.vce_api"
 _MARK = "_feddifrc_replaces_dead_actors"
 
 
 def replace_dead_ray_workers() -> bool:
-    """Install the wrapper once per process; True when the Ray backend is in use here."""
-    module = sys.modules.get(_BACKEND_MODULE)  # imported by the simulation engine, never by us
-    if module is None:
+    """Install the wrapper once per process; True when this process runs Flower's simulation
+    engine (whose thread imports the Ray backend lazily, possibly after this call)."""
+    if _SIMULATION_ENGINE not in sys.modules:  # deployment: no Ray here
         return False
-    backend_cls = module.RayBackend
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend as backend_cls
+
     if getattr(backend_cls.process_message, _MARK, False):
         return True
     import ray
