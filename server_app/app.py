@@ -45,7 +45,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     """The whole run on the server side; returns the summary. Raises when a round fails.
 
     The run folder is locked for the whole run (a second writer is refused at once); a run that
-    fails before its first checkpoint removes the folder it created, so no empty folders remain.
+    fails before its first round completes removes the folder it created (no empty folders remain).
     """
     started = time.time()
     federation.set_torch_threads(cfg.torch_threads)
@@ -56,7 +56,10 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     try:
         summary = _run(grid, cfg, run_name, started)
     except BaseException:
-        set_up_failed = lock.created and not any(lock.folder.glob("checkpoints/round-*"))
+        # Nothing worth keeping before round 1: the round-0 checkpoint is the seeded initial model.
+        initial = ckpt.checkpoint_path(lock.folder / "checkpoints", 0)
+        set_up_failed = lock.created and all(
+            p == initial for p in lock.folder.glob("checkpoints/round-*.safetensors"))
         if set_up_failed:
             log(INFO, "removing the run folder %s: the run failed during set-up", lock.folder)
         lock.release(remove_folder=set_up_failed)

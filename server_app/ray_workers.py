@@ -28,10 +28,15 @@ _SIMULATION_ENGINE = "flwr.server.superlink.fleet.vce.vce_api"
 _MARK = "_feddifrc_replaces_dead_actors"
 
 
+def in_simulation() -> bool:
+    """True in the process that runs Flower's simulation engine (the ServerApp's process)."""
+    return _SIMULATION_ENGINE in sys.modules
+
+
 def replace_dead_ray_workers() -> bool:
     """Install the wrapper once per process; True when this process runs Flower's simulation
     engine (whose thread imports the Ray backend lazily, possibly after this call)."""
-    if _SIMULATION_ENGINE not in sys.modules:  # deployment: no Ray here
+    if not in_simulation():  # deployment: no Ray here
         return False
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend as backend_cls
 

@@ -167,6 +167,17 @@ class FedDifRCStrategy(FedAvg):
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+        from server_app.ray_workers import in_simulation
+
+        if in_simulation():  # every simulated node exists from the start: never wait for more
+            nodes = _simulated_nodes(grid)
+            if len(nodes) < self.min_available_nodes:
+                raise RoundFailedError(
+                    f"the simulation has {len(nodes)} SuperNode(s) but min-available-nodes is "
+                    f"{self.min_available_nodes}: the run would wait forever. Simulate more nodes "
+                    f"(flwr run . --federation-config \"num-supernodes={self.min_available_nodes}\""
+                    ", or run_simulation.py --supernodes N), or lower min-available-nodes and "
+                    "min-train-nodes.")
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         return sorted(all_nodes)
 
@@ -214,6 +225,22 @@ class FedDifRCStrategy(FedAvg):
             f"{self.min_train_nodes}. Failures: {'; '.join(group_failures(failures)) or 'none reported'}. "
             "Fix the client error above, raise round-timeout, or lower min-train-nodes."
         )
+
+
+def _simulated_nodes(grid: Grid, timeout: float = 60.0) -> list[int]:
+    """The simulation engine registers all its nodes in one go, in a thread that may start just
+    after the ServerApp: wait for the first ones, then until the count stops changing."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    nodes: list[int] = []
+    while time.monotonic() < deadline:
+        now = sorted(grid.get_node_ids())
+        if now and now == nodes:
+            return now
+        nodes = now
+        time.sleep(0.5)
+    return nodes
 
 
 def group_failures(failures: list[str]) -> list[str]:
