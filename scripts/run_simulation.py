@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of the same environment
 CONNECTION = "feddifrc-sim"
+FAILED_LOG = "superlink-last-failed-run.log"  # beside the per-run homes, which are removed
 
 
 def main() -> int:
@@ -98,8 +99,9 @@ def main() -> int:
             _flwr_stop(env, active["run-id"])
         _stop(superlink)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-        if status == 0:  # a failed run keeps its SuperLink log (the error message names it)
-            shutil.rmtree(home, ignore_errors=True)
+        if status != 0 and log_file.is_file():  # keep the log that the error message names
+            log_file.replace(home.parent / FAILED_LOG)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _die_with_parent(parent: int):  # noqa: ANN202 - a preexec_fn
@@ -168,7 +170,7 @@ def _run(args: argparse.Namespace, overrides: dict[str, object], env: dict[str, 
     folder = next((m.group(1) for line in lines if (m := re.search(r"Run folder: (\S+)", line))), None)
     if status != "finished:completed":
         print(f"\nERROR: Flower run {run_id} ended with status {status!r}. "
-              f"{failure_hint(lines)} (SuperLink log: {home / 'superlink.log'}).", file=sys.stderr)
+              f"{failure_hint(lines)} (SuperLink log: {home.parent / FAILED_LOG}).", file=sys.stderr)
         return 1
     print(f"\nRun {run_id} completed.")
     if folder:
@@ -326,12 +328,14 @@ def _wait_for_port(port: int, process: subprocess.Popen, log_file: Path, timeout
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"ERROR: flower-superlink exited with code {process.returncode}; see {log_file}")
+            raise SystemExit(f"ERROR: flower-superlink exited with code {process.returncode}; see "
+                             f"{log_file.parent.parent / FAILED_LOG}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.3)
-    raise SystemExit(f"ERROR: flower-superlink did not open port {port} within {timeout:.0f} s; see {log_file}")
+    raise SystemExit(f"ERROR: flower-superlink did not open port {port} within {timeout:.0f} s; "
+                     f"see {log_file.parent.parent / FAILED_LOG}")
 
 
 def _flwr_stop(env: dict[str, str], run_id: int) -> None:

@@ -16,7 +16,7 @@ from feddifrc_core import checkpoint as ckpt
 from feddifrc_core import federation
 from feddifrc_core.config import RunConfig
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
-from server_app.ray_workers import replace_dead_ray_workers
+from server_app.ray_workers import exit_with_parent, replace_dead_ray_workers
 from server_app.run_lock import RunFolderLock
 from server_app.strategy import FedDifRCStrategy
 
@@ -36,6 +36,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_flower({**context.run_config, **(overrides or {})})
         replace_dead_ray_workers()  # simulation: a killed ClientApp worker costs one round only
+        exit_with_parent()  # simulation: no orphaned run when the launching processes die
         run_server(grid, cfg)
 
     return app

@@ -1,4 +1,5 @@
-"""Simulation only: a ClientApp worker (Ray actor) that dies is replaced, not reused.
+"""Simulation only: a ClientApp worker (Ray actor) that dies is replaced, not reused; the
+simulation process ends when the process that launched it is gone.
 
 The defect, in flwr 1.39 (`flwr/server/superlink/fleet/vce/backend/raybackend.py`,
 `RayBackend.process_message`): when the actor running a message dies (SIGKILL, the kernel's or
@@ -18,8 +19,12 @@ simulation, so installing the wrapper from the ServerApp is enough; deployment h
 
 from __future__ import annotations
 
+import os
 import sys
-from logging import WARNING
+import threading
+import time
+from logging import ERROR, WARNING
+from pathlib import Path
 from typing import Any
 
 from flwr.common import log
@@ -77,3 +82,51 @@ def _replace_actor(pool: Any, actor_id: str | None) -> None:
         pool.pool.append(pool.create_actor_fn())
         log(WARNING, "ClientApp worker %s died; replaced it with a new worker (the message it ran "
             "is reported as failed, later messages run on the new worker)", actor_id[:12])
+
+
+def exit_with_parent(poll_seconds: float = 1.0) -> bool:
+    """Simulation: end this process (ServerApp + Ray backend) when its parent is gone.
+
+    Flower's `--parent-pid` monitor in `flwr-simulation` raises SIGINT when its SuperExec dies,
+    but the process then waits for the simulation engine's worker threads and stays alive (seen
+    with flwr 1.39: after `kill -9` of the launching script, `flwr-simulation` and Ray's raylet
+    were still running a minute later). Ray's own processes share this process's fate, so ending
+    it ends them too.
+    """
+    if not in_simulation():
+        return False
+    parent = os.getppid()
+    if parent == 1:  # in-process simulation started by a daemon-like parent: nothing to watch
+        return False
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        log(ERROR, "the process that started this simulation (PID %d) is gone; stopping the "
+            "ServerApp and its ClientApp workers", parent)
+        for pid in _descendants(os.getpid()):  # Ray's raylet, agents and workers
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="feddifrc-parent-watch", daemon=True).start()
+    return True
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc; Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
