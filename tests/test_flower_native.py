@@ -62,6 +62,14 @@ def _kill_all(pids: list[int]) -> None:
             pass
 
 
+def _is_our_superlink(cmdline: Path, home: Path) -> bool:
+    try:
+        args = cmdline.read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return any(a.endswith("flower-superlink") for a in args) and any(str(home) in a for a in args)
+
+
 def _toml(values: dict) -> str:
     return "".join(f"{k} = {json.dumps(v) if isinstance(v, str) else v}\n" for k, v in values.items())
 
@@ -97,9 +105,8 @@ def test_plain_flwr_run_in_the_activated_environment(tmp_path):
         summary = next((tmp_path / "runs").glob("*/summary.json"))
         assert json.loads(summary.read_text())["rounds"] == 1
     finally:  # the local SuperLink keeps running after `flwr run`: stop the one we started
-        ours = [int(line.split()[0]) for line in subprocess.run(
-            ["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
-            if "flower-superlink" in line and str(home) in line]
+        ours = [int(cmd.parent.name) for cmd in Path("/proc").glob("[0-9]*/cmdline")
+                if _is_our_superlink(cmd, home)]
         _kill_all([pid for superlink in ours for pid in _tree(superlink)])
 
 
