@@ -214,9 +214,9 @@ class RunFolder:
 
     # --- internals ---------------------------------------------------------------------------------
     def _write_tables(self) -> None:
-        columns: list[str] = ["round"]
-        for row in self.rows:
-            columns += [k for k in row if k not in columns]
+        # A fixed order (round, then by name): a resumed run, whose rows come back from the
+        # checkpoint with their keys in another order, keeps the same header.
+        columns = ["round", *sorted({k for row in self.rows for k in row} - {"round"})]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

@@ -4,12 +4,17 @@
     .venv/bin/python scripts/run_simulation.py [--supernodes 10] [--cpus-per-client 1]
         [-c "key=value ..." | -c conf/file.toml] ...
 
-Why a script and not a bare `flwr run .`:
+Plain `flwr run . --stream` works too (README, docs/running.md). This script is the convenience
+on top of it:
+- it checks the settings before anything starts (unknown keys, wrong types and ranges, fewer
+  SuperNodes than min-available-nodes, malformed -c text or TOML files): one message, at once;
 - `flwr run` exits 0 even when the run fails; this script asks `flwr ls` for the run's status
   and exits 1 unless it is `finished:completed`;
 - `flwr run` starts a local SuperLink on fixed ports and leaves it running; this script starts
   its own SuperLink on free ports (several runs can share a machine), with runtime dependency
-  installation disabled (else uv pulls a CUDA torch), and stops it at the end;
+  installation disabled (else uv installs the dependencies again for every run), and stops it
+  and everything below it at the end, also when the script itself is killed (parent-death
+  signal); it removes the Flower home and Ray session folders it made;
 - the installed copy of the app is not a git checkout, so the git revision travels in
   $FEDDIFRC_GIT_SHA.
 """
@@ -17,24 +22,24 @@ Why a script and not a bare `flwr run .`:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import tomllib
 from pathlib import Path
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, installed with flwr
-    import tomli as tomllib  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of the same environment
 CONNECTION = "feddifrc-sim"
+FAILED_LOG = "superlink-last-failed-run.log"  # beside the per-run homes, which are removed
 
 
 def main() -> int:
@@ -47,13 +52,19 @@ def main() -> int:
                         help="run-config overrides, 'k=v k2=v2' or a TOML file (repeatable)")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before giving up")
     args = parser.parse_args()
+    # 0. the settings, checked before anything starts
+    overrides = merge_run_config(args.run_config)
+    check_run_config(overrides, args.supernodes)
 
     # 1. environment: a private Flower home per invocation, offline, no dependency installation
     port = _free_port()
     home = Path(os.environ.get("FLWR_HOME") or ROOT / ".flwr-home") / f"sim-{port}"
     home.mkdir(parents=True, exist_ok=True)
+    # Ray's session folders (logs, object spill) of this run only; removed at the end. A short
+    # path: Ray's socket paths inside must stay below the 107-byte limit of Unix sockets.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="feddifrc-ray-"))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or _git_sha(),
            "FEDDIFRC_RUNS_DIR": os.environ.get("FEDDIFRC_RUNS_DIR") or str(ROOT / "runs"),
@@ -74,19 +85,45 @@ def main() -> int:
         [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
          "--host", "127.0.0.1", "--port", str(port),  # Runtime and Control API (HTTP)
          "--disable-runtime-dependency-installation", "--log-file", str(log_file)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=_die_with_parent(os.getpid()))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     active: dict[str, int] = {}  # the submitted run while it is not finished
+    status = 1
     try:
         _wait_for_port(port, superlink, log_file)
-        return _run(args, env, home, active)
+        status = _run(args, overrides, env, home, active)
+        return status
     finally:
         if "run-id" in active:  # interrupted mid-run: let Flower stop the run cleanly first
             _flwr_stop(env, active["run-id"])
         _stop(superlink)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        if status != 0 and log_file.is_file():  # keep the log that the error message names
+            log_file.replace(home.parent / FAILED_LOG)
+        shutil.rmtree(home, ignore_errors=True)
 
 
-def _run(args: argparse.Namespace, env: dict[str, str], home: Path, active: dict[str, int]) -> int:
+def _die_with_parent(parent: int):  # noqa: ANN202 - a preexec_fn
+    """SIGTERM the child when this script dies, however it dies (Linux PR_SET_PDEATHSIG).
+
+    The SuperLink's own children follow it: SuperExec and the simulation process watch their
+    parent's PID (Flower's `--parent-pid`) and stop with it, and Ray's workers with the simulation.
+    """
+    def preexec() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: the finally-block cleanup only
+            return
+        if os.getppid() != parent:  # the script died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _run(args: argparse.Namespace, overrides: dict[str, object], env: dict[str, str], home: Path,
+         active: dict[str, int]) -> int:
     flwr = str(BIN / "flwr")
     # 3. submit the run
     federation = (f"num-supernodes={args.supernodes} "
@@ -94,12 +131,10 @@ def _run(args: argparse.Namespace, env: dict[str, str], home: Path, active: dict
                   f"client-resources-num-gpus={_number(args.gpus_per_client)}")
     cmd = [flwr, "run", str(_stage_app(home)), CONNECTION, "--format", "json",
            "--federation-config", federation]
-    if args.run_config:
-        overrides = home / "run-config.toml"
-        merged = merge_run_config(args.run_config)
-        check_run_config_keys(merged)  # the SuperLink only answers "Invalid run configuration"
-        overrides.write_text(_to_toml(merged))
-        cmd += ["--run-config", str(overrides)]
+    if overrides:
+        overrides_file = home / "run-config.toml"
+        overrides_file.write_text(_to_toml(overrides))
+        cmd += ["--run-config", str(overrides_file)]
     submitted = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     run_id = _run_id(submitted.stdout)
     if submitted.returncode != 0 or run_id is None:
@@ -113,7 +148,8 @@ def _run(args: argparse.Namespace, env: dict[str, str], home: Path, active: dict
     # 4. follow the logs until the run ends; keep the lines to find the run folder
     lines: list[str] = []
     stream = subprocess.Popen([flwr, "log", str(run_id), CONNECTION, "--stream"], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=_die_with_parent(os.getpid()))
     try:
         deadline = time.time() + args.timeout
         assert stream.stdout is not None
@@ -133,8 +169,8 @@ def _run(args: argparse.Namespace, env: dict[str, str], home: Path, active: dict
     active.pop("run-id")  # finished: nothing to stop
     folder = next((m.group(1) for line in lines if (m := re.search(r"Run folder: (\S+)", line))), None)
     if status != "finished:completed":
-        print(f"\nERROR: Flower run {run_id} ended with status {status!r}. The ServerApp's error is in "
-              f"the log above (SuperLink log: {home / 'superlink.log'}).", file=sys.stderr)
+        print(f"\nERROR: Flower run {run_id} ended with status {status!r}. "
+              f"{failure_hint(lines)} (SuperLink log: {home.parent / FAILED_LOG}).", file=sys.stderr)
         return 1
     print(f"\nRun {run_id} completed.")
     if folder:
@@ -166,11 +202,15 @@ def _stage_app(home: Path) -> Path:
     return app
 
 
+_PAIR = r"([A-Za-z0-9_-]+)=('[^']*'|\"[^\"]*\"|[^\s'\"]+)"
+
+
 def merge_run_config(items: list[str]) -> dict[str, object]:
     """Merge -c arguments in order: TOML files and 'k=v k2=v2' strings (later ones win).
 
     `flwr run` takes one TOML file or key-value strings, never both; merging here lets settings
     files stack (conf/paper-cifar10.toml + conf/paper-cifar10-fedavg.toml + a one-off change).
+    Text that is neither is an error naming it, never silently dropped.
     """
     merged: dict[str, object] = {}
     for item in items:
@@ -178,15 +218,53 @@ def merge_run_config(items: list[str]) -> dict[str, object]:
             path = Path(item).expanduser()
             if not path.is_file():
                 raise SystemExit(f"ERROR: run-config file {item} does not exist")
-            merged.update(tomllib.loads(path.read_text()))
-        else:  # the same syntax as flwr: values are TOML literals, strings quoted
-            pairs = re.findall(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)", item)
             try:
-                merged.update(tomllib.loads("\n".join(f"{k} = {v}" for k, v in pairs)))
+                merged.update(tomllib.loads(path.read_text()))
             except tomllib.TOMLDecodeError as err:
-                raise SystemExit(f"ERROR: cannot parse run-config {item!r} ({err}); write strings "
-                                 "in quotes, e.g. -c \"algorithm='moon' num-rounds=3\"") from None
+                raise SystemExit(f"ERROR: run-config file {item} is not valid TOML: {err}") from None
+            continue
+        if not re.fullmatch(rf"\s*{_PAIR}(\s+{_PAIR})*\s*", item):
+            hint = (f"; did you mean the file {item}.toml?" if Path(f"{item}.toml").is_file() else
+                    "; a settings file must end in .toml" if "=" not in item else
+                    "; write key=value without spaces around '=', strings in quotes")
+            raise SystemExit(f"ERROR: cannot read -c {item!r}: expected key=value pairs (e.g. "
+                             f"-c \"algorithm='moon' num-rounds=3\") or a .toml file{hint}")
+        pairs = re.findall(_PAIR, item)  # values are TOML literals, as for `flwr run`
+        try:
+            merged.update(tomllib.loads("\n".join(f"{k} = {v}" for k, v in pairs)))
+        except tomllib.TOMLDecodeError as err:
+            raise SystemExit(f"ERROR: cannot parse run-config {item!r} ({err}); write strings "
+                             "in quotes, e.g. -c \"algorithm='moon' num-rounds=3\"") from None
     return merged
+
+
+def check_run_config(overrides: dict[str, object], supernodes: int) -> None:
+    """Everything the ServerApp would refuse, said before a SuperLink starts: unknown keys (with
+    the closest known ones), wrong types and ranges, and too few SuperNodes for the run."""
+    sys.path.insert(0, str(ROOT))
+    from feddifrc_core.config import ConfigError, RunConfig
+
+    check_run_config_keys(overrides)  # the SuperLink only answers "Invalid run configuration"
+    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    try:
+        cfg = RunConfig.from_flower({**defaults, **overrides})
+    except ConfigError as err:
+        raise SystemExit(f"ERROR: {err}") from None
+    if supernodes < cfg.min_available_nodes:
+        raise SystemExit(
+            f"ERROR: --supernodes {supernodes} is below min-available-nodes "
+            f"({cfg.min_available_nodes}): the run would wait for nodes forever. Use "
+            f"--supernodes {cfg.min_available_nodes} or more, or lower min-available-nodes and "
+            "min-train-nodes (-c \"min-available-nodes=1 min-train-nodes=1\").")
+
+
+def failure_hint(lines: list[str]) -> str:
+    """Where the user finds why the run failed: the ServerApp's error in the streamed log, or,
+    when the log shows none, that the ServerApp process ended without one (killed, OOM)."""
+    if any(re.search(r"ERROR|Traceback|Error:", line) for line in lines):
+        return "The ServerApp's error is in the log above"
+    return ("The log shows no error: the ServerApp process ended without reporting one (killed, "
+            "e.g. by the out-of-memory killer or `kill`?)")
 
 
 def _to_toml(values: dict[str, object]) -> str:
@@ -250,12 +328,14 @@ def _wait_for_port(port: int, process: subprocess.Popen, log_file: Path, timeout
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"ERROR: flower-superlink exited with code {process.returncode}; see {log_file}")
+            raise SystemExit(f"ERROR: flower-superlink exited with code {process.returncode}; see "
+                             f"{log_file.parent.parent / FAILED_LOG}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.3)
-    raise SystemExit(f"ERROR: flower-superlink did not open port {port} within {timeout:.0f} s; see {log_file}")
+    raise SystemExit(f"ERROR: flower-superlink did not open port {port} within {timeout:.0f} s; "
+                     f"see {log_file.parent.parent / FAILED_LOG}")
 
 
 def _flwr_stop(env: dict[str, str], run_id: int) -> None:

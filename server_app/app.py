@@ -19,6 +19,8 @@ from feddifrc_core.config import RunConfig
 from feddifrc_core.evaluation import CentralEvaluator
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
 from feddifrc_core.run_setup import model_state, set_torch_threads
+from server_app.ray_workers import exit_with_parent, replace_dead_ray_workers
+from server_app.run_lock import RunFolderLock
 from server_app.strategy import FedDifRCStrategy
 
 # Old checkpoints are pruned to bound disk use (ResNet-10: ~20 MB each); resume needs only the last.
@@ -36,19 +38,41 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_flower({**context.run_config, **(overrides or {})})
+        replace_dead_ray_workers()  # simulation: a killed ClientApp worker costs one round only
+        exit_with_parent()  # simulation: no orphaned run when the launching processes die
         run_server(grid, cfg)
 
     return app
 
 
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
-    """The whole run on the server side; returns the summary. Raises when a round fails."""
+    """The whole run on the server side; returns the summary. Raises when a round fails.
+
+    The run folder is locked for the whole run (a second writer is refused at once); a run that
+    fails before its first round completes removes the folder it created (no empty folders remain).
+    """
     started = time.time()
     set_torch_threads(cfg.torch_threads)
     if cfg.resume and not cfg.run_name:
         raise ValueError("resume=true needs the run-name of the run to continue (run-name=\"...\")")
     run_name = cfg.run_name or default_run_name(cfg)
+    lock = RunFolderLock(cfg.resolved_output_dir() / run_name).acquire()
+    try:
+        summary = _run(grid, cfg, run_name, started)
+    except BaseException:
+        # Nothing worth keeping before round 1: the round-0 checkpoint is the seeded initial model.
+        initial = ckpt.checkpoint_path(lock.folder / "checkpoints", 0)
+        set_up_failed = lock.created and all(
+            p == initial for p in lock.folder.glob("checkpoints/round-*.safetensors"))
+        if set_up_failed:
+            log(INFO, "removing the run folder %s: the run failed during set-up", lock.folder)
+        lock.release(remove_folder=set_up_failed)
+        raise
+    lock.release()
+    return summary
 
+
+def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str, Any]:
     # 1. run folder, and the last complete checkpoint when resuming
     folder = RunFolder.open(cfg, run_name)
     resumed = ckpt.latest_checkpoint(folder.checkpoints) if cfg.resume else None

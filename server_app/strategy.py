@@ -68,6 +68,7 @@ class FedDifRCStrategy(FedAvg):
         self.node_partitions: dict[int, int] = {}  # node id -> partition id (this connection)
         self.projection: dict[str, np.ndarray] = {}  # shared bases; empty = none
         self.last_report = RoundReport()
+        self._sent: list[Message] = []  # the last train messages (their ids match the replies)
         # The server's class names travel with every request: a node whose data set names its
         # classes differently (same count, other order or names) is refused, not silently trained.
         self.class_names = tuple(class_names)
@@ -79,7 +80,7 @@ class FedDifRCStrategy(FedAvg):
     def discover_nodes(self, grid: Grid) -> dict[int, int]:
         """Ask every connected node for its partition id (query.node_info)."""
         node_ids = self._wait_for_nodes(grid)
-        replies = self._query(grid, node_ids, QUERY_NODE_INFO, RecordDict())
+        sent, replies = self._query(grid, node_ids, QUERY_NODE_INFO, RecordDict())
         mapping: dict[int, int] = {}
         for msg in replies:
             if not msg.has_error():
@@ -87,7 +88,7 @@ class FedDifRCStrategy(FedAvg):
                 mapping[msg.metadata.src_node_id] = cast(int, info["partition-id"])
         self.node_partitions = mapping
         self._require("node discovery", len(mapping), len(node_ids),
-                      self._describe_failures(replies, node_ids))
+                      self._describe_failures(replies, sent))
         duplicates = len(mapping) - len(set(mapping.values()))
         if duplicates:
             raise RoundFailedError(
@@ -142,7 +143,10 @@ class FedDifRCStrategy(FedAvg):
                              RUN_CONFIG: ConfigRecord(self.cfg.to_flower())})
         if self.projection:
             record[PROJECTION] = ArrayRecord(to_flower_arrays(self.projection))
-        return self._construct_messages(record, [by_partition[p] for p in partitions], MessageType.TRAIN)
+        # Kept: the grid gives them their ids on sending; error replies are matched by those ids.
+        self._sent = list(self._construct_messages(record, [by_partition[p] for p in partitions],
+                                                   MessageType.TRAIN))
+        return self._sent
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -152,8 +156,7 @@ class FedDifRCStrategy(FedAvg):
         ok = self._ordered_ok(replies)
         report = self.last_report
         report.succeeded = [self.node_partitions[m.metadata.src_node_id] for m in ok]
-        by_partition = {p: n for n, p in self.node_partitions.items()}
-        report.failures = self._describe_failures(replies, [by_partition[p] for p in report.sampled])
+        report.failures = self._describe_failures(replies, self._sent)
         self._require(f"round {server_round}", len(ok), len(report.sampled), report.failures)
 
         weights = [cast(float, m.content.metric_records[METRICS]["num-examples"]) for m in ok]
@@ -172,6 +175,17 @@ class FedDifRCStrategy(FedAvg):
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+        from server_app.ray_workers import in_simulation
+
+        if in_simulation():  # every simulated node exists from the start: never wait for more
+            nodes = _simulated_nodes(grid)
+            if len(nodes) < self.min_available_nodes:
+                raise RoundFailedError(
+                    f"the simulation has {len(nodes)} SuperNode(s) but min-available-nodes is "
+                    f"{self.min_available_nodes}: the run would wait forever. Simulate more nodes "
+                    f"(flwr run . --federation-config \"num-supernodes={self.min_available_nodes}\""
+                    ", or run_simulation.py --supernodes N), or lower min-available-nodes and "
+                    "min-train-nodes.")
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         return sorted(all_nodes)
 
@@ -179,35 +193,44 @@ class FedDifRCStrategy(FedAvg):
                    stage: str) -> list[Message]:
         """Send a set-up query to every known node; the successful replies in partition order."""
         node_ids = sorted(self.node_partitions, key=self.node_partitions.__getitem__)
-        replies = self._query(grid, node_ids, message_type, record)
+        sent, replies = self._query(grid, node_ids, message_type, record)
         ok = self._ordered_ok(replies)
-        self._require(stage, len(ok), len(node_ids), self._describe_failures(replies, node_ids))
+        self._require(stage, len(ok), len(node_ids), self._describe_failures(replies, sent))
         return ok
 
     def _query(self, grid: Grid, node_ids: list[int], message_type: str,
-               record: RecordDict) -> list[Message]:
-        messages = self._construct_messages(record, node_ids, message_type)
-        return list(grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+               record: RecordDict) -> tuple[list[Message], list[Message]]:
+        """(the messages sent, the replies)."""
+        messages = list(self._construct_messages(record, node_ids, message_type))
+        return messages, list(grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
 
     def _ordered_ok(self, replies: list[Message]) -> list[Message]:
         ok = [m for m in replies if not m.has_error()
               and m.metadata.src_node_id in self.node_partitions]
         return sorted(ok, key=lambda m: self.node_partitions[m.metadata.src_node_id])
 
-    def _describe_failures(self, replies: list[Message], sent_to: list[int]) -> list[str]:
-        """One line per failed node: its error, or no reply before round-timeout."""
-        failures = []
+    def _describe_failures(self, replies: list[Message], sent: list[Message]) -> list[str]:
+        """One entry per failed node: its error, or no reply before round-timeout.
+
+        A reply is matched to the node it was sent to by its reply-to id: when a node is gone,
+        the SuperLink answers in its place (source node 1), which is the same node's failure,
+        not a second one.
+        """
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        failed: dict[int, str] = {}
+        answered: set[int] = set()
         for msg in replies:
+            node = node_of.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            answered.add(node)
             if msg.has_error():
-                node = msg.metadata.src_node_id
-                part = self.node_partitions.get(node, "?")
                 reason = (msg.error.reason or "").strip().splitlines()
-                failures.append(f"partition {part} (node {node}): {reason[-1] if reason else 'error'}")
-        replied = {msg.metadata.src_node_id for msg in replies}
-        for node in sorted(set(sent_to) - replied, key=lambda n: self.node_partitions.get(n, -1)):
-            failures.append(f"partition {self.node_partitions.get(node, '?')} (node {node}): no reply "
-                            f"within round-timeout ({self.cfg.round_timeout:g} s)")
-        for line in failures:
+                failed[node] = reason[-1] if reason else f"error code {msg.error.code}"
+        for node in set(node_of.values()) - answered:
+            failed[node] = f"no reply within round-timeout ({self.cfg.round_timeout:g} s)"
+        order = sorted(failed, key=lambda n: (self.node_partitions.get(n, -1), n))
+        failures = [f"partition {self.node_partitions.get(n, '?')} (node {n}): {failed[n]}"
+                    for n in order]
+        for line in group_failures(failures):
             log(WARNING, "client failure: %s", line)
         return failures
 
@@ -216,9 +239,43 @@ class FedDifRCStrategy(FedAvg):
             return
         raise RoundFailedError(
             f"{stage}: only {ok} of {expected} clients replied successfully, min-train-nodes is "
-            f"{self.min_train_nodes}. Failures: {'; '.join(failures) or 'none reported'}. Fix the "
-            "client error above, raise round-timeout, or lower min-train-nodes."
+            f"{self.min_train_nodes}. Failures: {'; '.join(group_failures(failures)) or 'none reported'}. "
+            "Fix the client error above, raise round-timeout, or lower min-train-nodes."
         )
+
+
+def _simulated_nodes(grid: Grid, timeout: float = 60.0) -> list[int]:
+    """The simulation engine registers all its nodes in one go, in a thread that may start just
+    after the ServerApp: wait for the first ones, then until the count stops changing."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    nodes: list[int] = []
+    while time.monotonic() < deadline:
+        now = sorted(grid.get_node_ids())
+        if now and now == nodes:
+            return now
+        nodes = now
+        time.sleep(0.5)
+    return nodes
+
+
+def group_failures(failures: list[str]) -> list[str]:
+    """'partition P (node N): reason' lines, one per distinct reason with the clients it hit:
+    a set-up error that every client raises (too little data, a model that does not load) is
+    reported once, with the number of clients, instead of once per client."""
+    by_reason: dict[str, list[str]] = {}
+    for line in failures:
+        who, _, reason = line.partition(": ")
+        by_reason.setdefault(reason, []).append(who)
+    out = []
+    for reason, who in by_reason.items():
+        if len(who) == 1:
+            out.append(f"{who[0]}: {reason}")
+        else:
+            parts = ", ".join(w.split(" (")[0].removeprefix("partition ") for w in who)
+            out.append(f"{len(who)} clients (partitions {parts}): {reason}")
+    return out
 
 
 def aggregate_client_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:

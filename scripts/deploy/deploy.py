@@ -346,6 +346,27 @@ def write_connection(flwr_home: Path, name: str, address: str, root_cert: Path |
     os.replace(tmp, path)
 
 
+def tls_hint(dep: Deployment, name: str = CONNECTION) -> str:
+    """Why a TLS SuperLink is 'unavailable' to the CLI: flwr says only "Connection unavailable"
+    when the connection has no root certificate (or is insecure) and the SuperLink expects TLS."""
+    if not dep.secure:
+        return ""
+    import tomli
+
+    path = Path(dep.flwr_home) / "config.toml"
+    try:
+        entry = tomli.loads(path.read_text()).get("superlink", {}).get(name, {})
+    except (OSError, tomli.TOMLDecodeError):
+        entry = {}
+    ca = Path(dep.certs_dir) / "ca.crt"
+    if entry.get("insecure") or not entry.get("root-certificates"):
+        return (f"\nThe SuperLink expects TLS, but the connection [superlink.{name}] in {path} "
+                f"has {'insecure = true' if entry.get('insecure') else 'no root-certificates'}: "
+                f"set root-certificates = \"{ca}\" (the deployment's CA) and remove insecure.")
+    return (f"\nThe SuperLink expects TLS: check that root-certificates ({entry['root-certificates']}) "
+            f"is the deployment's CA ({ca}) and that the certificate names {dep.control_address}.")
+
+
 def flwr_cli(dep: Deployment, args: list[str], timeout: float = 120.0
              ) -> subprocess.CompletedProcess[str]:
     argv = hosts.wrap(dep.cli_netns, [str(flwr_bin_dir() / "flwr"), *args])
@@ -371,8 +392,8 @@ def flwr_json(dep: Deployment, args: list[str], timeout: float = 120.0) -> dict:
         message = str(out.get("error-message", out))
         if "unavailable" in message.lower():
             raise DeployError("SuperLink", f"Control API at {dep.control_address} is unreachable "
-                              f"(`flwr {args[0]} {args[1] if len(args) > 1 else ''}`): {message}",
-                              EXIT_SUPERLINK_UNREACHABLE)
+                              f"(`flwr {args[0]} {args[1] if len(args) > 1 else ''}`): {message}"
+                              f"{tls_hint(dep)}", EXIT_SUPERLINK_UNREACHABLE)
         raise DeployError("flwr CLI", f"`flwr {' '.join(args)}` failed: {message}", EXIT_RUN_FAILED)
     return out
 
@@ -622,7 +643,7 @@ def run_app(dep: Deployment, app: str, run_config: list[str], timeout: float,
         tail = "\n".join("    " + ln for ln in output.splitlines()[-15:])
         if "unavailable" in output.lower():
             raise DeployError("SuperLink", f"Control API at {dep.control_address} is unreachable; "
-                              f"`flwr run` said:\n{tail}", EXIT_SUPERLINK_UNREACHABLE)
+                              f"`flwr run` said:\n{tail}{tls_hint(dep)}", EXIT_SUPERLINK_UNREACHABLE)
         raise DeployError("flwr run", f"the run was not started (exit {proc.returncode}):\n{tail}",
                           EXIT_RUN_FAILED)
     run_id = int(found.group(1))
