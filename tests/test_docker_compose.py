@@ -110,7 +110,7 @@ def test_compose_tls_deployment_runs_feddifrc_and_refuses_an_unregistered_node(i
         hello = subprocess.run(
             ["openssl", "s_client", "-connect", f"127.0.0.1:{fleet_port}", "-CAfile",
              str(dc.certs_dir / "ca.crt"), "-servername", "localhost", "-alpn", "h2"],
-            input="", capture_output=True, text=True, timeout=30)
+            input="", capture_output=True, text=True, errors="replace", timeout=30)
         assert "Verify return code: 0 (ok)" in hello.stdout, hello.stdout[-800:]
 
         # 2. A 2-round FedDifRC run (tiny extractor) through the containers; status completed.
