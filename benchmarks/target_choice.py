@@ -77,6 +77,8 @@ def summarize(records: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> 
             row[f"{key}-per-seed"] = values
             paired = [100 * (runs[s][key] - base[s][key]) for s in seeds if s in base]
             row[f"{key}-vs-fedavg"] = _mean_sd(paired) if tag != "fedavg" and paired else None
+            row[f"{key}-vs-fedavg-ci95"] = (
+                t_interval(paired) if tag != "fedavg" and len(paired) > 1 else None)
         for loss in ("train-tdcl", "train-ndcr"):
             last = [runs[s].get("last-round", {}).get(loss) for s in seeds]
             last = [v for v in last if isinstance(v, (int, float))]
@@ -90,20 +92,36 @@ def markdown(summary: Mapping[str, Any]) -> str:
         f"FedAvg vs FedDifRC target settings, Fashion-MNIST private half, alpha {ALPHA:g}, "
         f"budget {json.dumps({k: BUDGET[k] for k in ('train-samples', 'local-epochs', 'num-rounds', 'model')})}.",
         "Test accuracy (%) over rounds: mean ± sd over seeds; Δ = paired difference to FedAvg "
-        "(same seed), mean ± sd; last-round TDCL (chance 2.30) and NDCR (2 - 2 cos).",
+        "(same seed), mean ± sd and its 95 % t-interval; last-round TDCL (chance 2.30) and NDCR "
+        "(2 - 2 cos).",
         "",
-        "| setting | best | mean | Δ best | Δ mean | best per seed | TDCL | NDCR | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | best | mean | Δ best | Δ best 95 % CI | Δ mean | Δ mean 95 % CI "
+        "| best per seed | TDCL | NDCR | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for tag, r in summary.items():
         per_seed = " / ".join(f"{v:.1f}" for v in r["best-per-seed"])
         cells = [_fmt(r["best"]), _fmt(r["mean"]), _fmt(r["best-vs-fedavg"], signed=True),
-                 _fmt(r["mean-vs-fedavg"], signed=True), per_seed,
+                 _ci(r.get("best-vs-fedavg-ci95")), _fmt(r["mean-vs-fedavg"], signed=True),
+                 _ci(r.get("mean-vs-fedavg-ci95")), per_seed,
                  "-" if r["train-tdcl"] is None else f"{r['train-tdcl']:.2f}",
                  "-" if r["train-ndcr"] is None else f"{r['train-ndcr']:.2f}",
                  ",".join(map(str, r["seeds"]))]
         lines.append(f"| {tag} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Two-sided t-interval of the mean of `values` (paired differences: n - 1 dof)."""
+    from scipy.stats import t
+
+    m, sd = _mean_sd(values)
+    half = float(t.ppf(0.5 + level / 2, len(values) - 1)) * sd / math.sqrt(len(values))
+    return (m - half, m + half)
+
+
+def _ci(pair: tuple[float, float] | None) -> str:
+    return "-" if pair is None else f"[{pair[0]:+.2f}, {pair[1]:+.2f}]"
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:

@@ -308,7 +308,7 @@ def _prepare(
         raise ValueError(
             f"`images` must be uint8 [N, C, H, W], got {images_t.dtype} {tuple(images_t.shape)}"
         )
-    ids = torch.as_tensor(np.asarray(sample_ids), dtype=torch.long).reshape(-1)
+    ids = torch.as_tensor(np.array(sample_ids, dtype=np.int64)).reshape(-1)  # a writable copy
     if len(ids) != n:
         raise ValueError(f"`sample_ids` must have one global index per image ({n}), got {len(ids)}")
     if settings.self_supervised:

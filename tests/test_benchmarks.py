@@ -164,4 +164,6 @@ def test_target_choice_plans_every_variant_on_one_budget_and_pairs_by_seed():
     assert row["mean-vs-fedavg"][0] == pytest.approx(3.5) and row["train-tdcl"] == 1.5
     assert summary["fedavg"]["best-vs-fedavg"] is None
     text = target_choice.markdown(summary)
-    assert "| A-linear | 57.00 ± 2.83 | 46.00 ± 5.66 | +2.00 ± 4.24 |" in text
+    # 95 % t-interval with 1 dof: 2 +/- 12.706 * 4.243 / sqrt(2)
+    assert row["best-vs-fedavg-ci95"] == pytest.approx((2 - 38.1186, 2 + 38.1186), abs=1e-3)
+    assert "| A-linear | 57.00 ± 2.83 | 46.00 ± 5.66 | +2.00 ± 4.24 | [-36.12, +40.12] |" in text
