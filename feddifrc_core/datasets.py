@@ -284,7 +284,7 @@ def _frozen_subset(ds: ImageDataset, indices: np.ndarray) -> tuple[ImageDataset,
     return ds.subset(indices), indices
 
 
-def clean_class_name(name: str) -> str:
+def tidy_class_name(name: str) -> str:
     """Prompt-ready class name: underscores -> spaces, single spaces."""
     return " ".join(name.replace("_", " ").split())
 
@@ -486,7 +486,7 @@ def _load_cifar(name: str, split: str, root: Path | None, download: bool) -> Ima
     if raw_names is None:
         raise DatasetFormatError(f"{folder / meta_file}: no '{names_key}' entry")
     names = tuple(
-        clean_class_name(n.decode() if isinstance(n, bytes) else str(n)) for n in raw_names
+        tidy_class_name(n.decode() if isinstance(n, bytes) else str(n)) for n in raw_names
     )
     return ImageDataset(
         torch.from_numpy(np.concatenate(xs)),  # [N, 3, 32, 32]
@@ -605,7 +605,7 @@ def _load_tiny_imagenet(split: str, root: Path | None) -> ImageDataset:
     if (folder / "words.txt").is_file():
         for line in (folder / "words.txt").read_text().splitlines():
             wnid, _, text = line.partition("\t")
-            words[wnid.strip()] = clean_class_name(text.split(",")[0])
+            words[wnid.strip()] = tidy_class_name(text.split(",")[0])
     names = tuple(words.get(w) or w for w in wnids)
     index = {w: i for i, w in enumerate(wnids)}
     # 3. files and labels of the split
@@ -697,7 +697,7 @@ def _load_image_folder(split: str, root: Path | None, image_size: int | None) ->
     return ImageDataset(
         torch.from_numpy(images),
         torch.tensor(labels, dtype=torch.int64),
-        tuple(clean_class_name(c) for c in classes),
+        tuple(tidy_class_name(c) for c in classes),
         "image-folder",
     )
 

@@ -23,7 +23,7 @@ _DATA_DIR = Path(__file__).resolve().parent / "data"
 _DIGIT = re.compile(r"^\s*(\d+)(\s*-\s*\w+)?\s*$")  # "7" or torchvision-style "7 - seven"
 
 
-def clean_class_name(name: str) -> str:
+def prompt_class_name(name: str) -> str:
     """Prompt text for a class name: underscores -> spaces; digits -> "handwritten number 7"."""
     match = _DIGIT.match(str(name))
     if match:
@@ -39,7 +39,7 @@ def class_prompts(class_names: Sequence[str], template: str = DEFAULT_TEMPLATE) 
         )
     if len(class_names) == 0:
         raise ValueError("`class_names` must not be empty")
-    return [template.format(clean_class_name(name)) for name in class_names]
+    return [template.format(prompt_class_name(name)) for name in class_names]
 
 
 def bundled_vocabularies() -> list[str]:

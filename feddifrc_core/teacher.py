@@ -149,7 +149,7 @@ def captions_for(class_names: tuple[str, ...] | list[str], template: str) -> lis
     return class_prompts(list(class_names), template) + [""]
 
 
-def to_model_pixels(images: torch.Tensor, image_size: int) -> torch.Tensor:
+def to_teacher_training_pixels(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 [N,C,h,w] -> float [-1,1] [N,C,S,S]; smaller images are padded with background (-1)."""
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(
@@ -275,7 +275,7 @@ def train_teacher(
     n, num_classes = images.shape[0], len(class_names)
     if n < cfg.batch_size:
         raise ValueError(f"Need at least `batch_size` = {cfg.batch_size} images, got {n}.")
-    pixels = to_model_pixels(images, cfg.image_size)  # [N, C, S, S]
+    pixels = to_teacher_training_pixels(images, cfg.image_size)  # [N, C, S, S]
     labels = labels.long()
     if context is None:
         context = encode_texts(

@@ -9,8 +9,8 @@ from feddifrc_core import prompts
 from feddifrc_core.prompts import (
     bundled_vocabularies,
     class_prompts,
-    clean_class_name,
     load_vocabulary,
+    prompt_class_name,
     sample_negatives,
 )
 
@@ -21,7 +21,7 @@ def test_class_prompts_clean_names() -> None:
         "a photo of a handwritten number 7",
         "a photo of a handwritten number 3",
     ]
-    assert clean_class_name("T-shirt/top") == "T-shirt/top"
+    assert prompt_class_name("T-shirt/top") == "T-shirt/top"
     with pytest.raises(ValueError, match="template"):
         class_prompts(["cat"], "a photo")
 
