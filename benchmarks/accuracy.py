@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from feddifrc_core.algorithms import Algorithm, algorithm_names, get_algorithm
+from feddifrc_core.provenance import git_revision
 
 try:  # Python >= 3.11
     import tomllib
@@ -247,7 +248,7 @@ def launch(spec: RunSpec, out: Path, args: argparse.Namespace) -> Path:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0",
-           "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or _git_sha()}
+           "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or git_revision()}
     if args.engine == "inprocess":
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(config_path),
                "--clients", str(args.clients), "--cpus-per-client", str(args.cpus_per_client),
@@ -610,15 +611,6 @@ def _toml(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
-def _git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + "-dirty"  # the shared tree always has someone's uncommitted work
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 
 from feddifrc_core.checkpoint import atomic_write_bytes, atomic_write_text
 from feddifrc_core.config import ConfigError, RunConfig
+from feddifrc_core.provenance import git_revision
 
 ACCURACY_KEY = "test-accuracy"
 # Label-free algorithms: test-accuracy is the linear probe's; the kNN accuracy is reported beside it.
@@ -38,25 +38,6 @@ KNN_KEY = "test-knn-accuracy"
 def default_run_name(cfg: RunConfig, now: float | None = None) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now if now is not None else time.time()))
     return f"{cfg.algorithm}-{cfg.dataset}-{stamp}"
-
-
-def git_revision(start: str | Path | None = None) -> str:
-    """The git commit of the code (+ '-dirty'), or 'unknown' outside a checkout.
-
-    `flwr run` executes an installed copy of the app that is not a git checkout, so launch scripts
-    pass the revision in $FEDDIFRC_GIT_SHA.
-    """
-    if os.environ.get("FEDDIFRC_GIT_SHA"):
-        return os.environ["FEDDIFRC_GIT_SHA"]
-    where = Path(start) if start is not None else Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty else "")
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], wall_seconds: float) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from feddifrc_core.diffusion.minilm import MINILM_DIM, MINILM_NAME, encode_texts
+from feddifrc_core.provenance import git_revision
 
 TEACHER_JSON = "teacher.json"
 CHECKPOINT = "checkpoint.pt"
@@ -405,19 +405,6 @@ def write_loss_curve(history: list[tuple[int, float, float]], out_dir: Path) -> 
     return float(smooth[-1]) if smooth else float("nan")
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def export_teacher(
     state: TrainState,
     cfg: TeacherConfig,
@@ -463,7 +450,7 @@ def export_teacher(
             "threads": torch.get_num_threads(),
             "final_loss_mean100": final_loss,
             "train_seconds": round(state.seconds, 1),
-            "git_sha": _git_sha(),
+            "git_sha": git_revision(),
         },
         **meta,
     }

@@ -36,6 +36,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from feddifrc_core.provenance import git_revision
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of the same environment
 CONNECTION = "feddifrc-sim"
@@ -66,7 +68,7 @@ def main() -> int:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or _git_sha(),
+           "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or git_revision(),
            "FEDDIFRC_RUNS_DIR": os.environ.get("FEDDIFRC_RUNS_DIR") or str(ROOT / "runs"),
            "FEDDIFRC_CACHE_DIR": os.environ.get("FEDDIFRC_CACHE_DIR") or str(ROOT / ".cache" / "feddifrc"),
            # The app bundle (FAB) carries only code: the offline teacher's weights stay here.
@@ -390,17 +392,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
-
-
-def _git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

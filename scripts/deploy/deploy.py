@@ -32,6 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hosts  # noqa: E402  (sibling module of this script)
 
+from feddifrc_core.provenance import git_revision  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 CERTS_SCRIPT = Path(__file__).resolve().parent / "make_certs.sh"
 CONNECTION = "feddifrc-deployment"
@@ -143,19 +145,10 @@ def child_env(flwr_home: str) -> dict[str, str]:
     )
     # The ServerApp runs from an installed copy of the app (no .git): its run folder records
     # the revision from here. Runs and caches default to the repository's folders.
-    env.setdefault("FEDDIFRC_GIT_SHA", _git_sha())
+    env.setdefault("FEDDIFRC_GIT_SHA", git_revision())
     env.setdefault("FEDDIFRC_RUNS_DIR", str(REPO / "runs"))
     env.setdefault("FEDDIFRC_CACHE_DIR", str(REPO / ".cache" / "feddifrc"))
     return env
-
-
-def _git_sha() -> str:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=REPO, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def node_config_string(values: dict[str, object]) -> str:
