@@ -99,7 +99,7 @@ def test_every_party_builds_the_align_head_when_the_run_asks_for_it():
     from feddifrc_core.config import RunConfig
     from feddifrc_core.run_setup import build_global_model
 
-    cfg = RunConfig(model="small-cnn", model_width=4)
+    cfg = RunConfig(model="small-cnn", model_width=4, align_head="none")
     plain = build_global_model(cfg, 1, 10, 28)
     headed = build_global_model(cfg.replace(align_head="linear"), 1, 10, 28)
     assert getattr(plain, "align_head", None) is None
