@@ -218,7 +218,8 @@ def plan_runs(methods: Sequence[str], alphas: Sequence[float], seeds: Sequence[i
                                        "dirichlet-alpha": float(alpha)}
                 if uses_diffusion(method):
                     model = str(extra.get("diffusion-model", DIFFUSION_DEFAULTS["diffusion-model"]))
-                    cfg.update({**DIFFUSION_DEFAULTS, **teacher_recommendation(model)})
+                    cfg.update({**DIFFUSION_DEFAULTS, **target_defaults(),
+                                **teacher_recommendation(model)})
                 for key, value in extra.items():
                     applies = ((key not in DIFFUSION_KEYS or uses_diffusion(method))
                                and (key not in OWNED_KEYS or key in method_keys(method)))
@@ -226,6 +227,14 @@ def plan_runs(methods: Sequence[str], alphas: Sequence[float], seeds: Sequence[i
                         cfg[key] = value
                 specs.append(RunSpec(method, float(alpha), int(seed), cfg, tag))
     return specs
+
+
+def target_defaults() -> dict[str, Any]:
+    """The run config's target settings (reduction, align-head), written into every diffusion
+    run's overrides: a change of these defaults changes the run's hash instead of silently
+    reusing runs recorded under the old default."""
+    defaults = pyproject_defaults()
+    return {key: defaults[key] for key in ("reduction", "align-head")}
 
 
 def pyproject_defaults() -> dict[str, Any]:

@@ -82,13 +82,15 @@ def measure(diffusion_model: str, repeats: int, partition: int, alpha: float, se
         if not warm_reps.from_cache:
             raise RuntimeError("the second extraction did not come from the feature cache")
         projection = proj.bases_to_arrays(bases)
-        global_state = model_state(model)
         avg_session = ClientSession(cfg_avg, node)
+        # the same seeded initial weights; only FedDifRC's model carries the alignment head
+        states = {id(warm_session): model_state(model),
+                  id(avg_session): model_state(build_global_model(cfg_avg, *session.shape))}
 
         # 3. interleaved rounds, ABBA: the same global model and round seed for both algorithms
         def one(sess: Any, server_round: int) -> tuple[float, float, float]:
             t, c = time.perf_counter(), time.process_time()
-            update = sess.train(global_state, server_round, "round-cost",
+            update = sess.train(states[id(sess)], server_round, "round-cost",
                                 projection if sess is warm_session else None)
             cpu = time.process_time() - c
             return update.metrics["train-seconds"], time.perf_counter() - t, cpu

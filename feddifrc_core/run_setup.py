@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from feddifrc_core.algorithms import TrainTransform
+from feddifrc_core.algorithms import TrainTransform, get_algorithm
 from feddifrc_core.config import RunConfig
 from feddifrc_core.datasets import ImageDataset, load_dataset, select_subset, subsample
 from feddifrc_core.models import build_model
@@ -71,9 +71,11 @@ def build_global_model(cfg: RunConfig, channels: int, num_classes: int, image_si
     """The model every party builds; initialised from the run seed so all runs start equal."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        # align-head linear/mlp adds the shared head the alignment losses act on (docs/method.md)
+        # align-head linear/mlp adds the shared head the alignment losses act on (docs/method.md);
+        # algorithms without diffusion targets have no alignment loss, so no head
+        head = cfg.align_head if get_algorithm(cfg.algorithm).needs_targets else "none"
         return build_model(cfg.model, channels, num_classes, cfg.model_width, image_size=image_size,
-                           align_head=cfg.align_head)
+                           align_head=head)
 
 
 def load_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:

@@ -149,6 +149,9 @@ def test_target_choice_plans_every_variant_on_one_budget_and_pairs_by_seed():
     assert all(s.overrides[k] == specs[0].overrides[k] for s in specs for k in budget)
     bc = specs[2].overrides
     assert bc["reduction"] == "spatial-norm-centred" and bc["align-head"] == "mlp"
+    # a plain FedDifRC run records the run config's target defaults (part of its hash)
+    plain = accuracy.plan_runs(["feddifrc"], [0.1], [7], accuracy.CPU_BUDGET, {})[0].overrides
+    assert {k: plain[k] for k in ("reduction", "align-head")} == accuracy.target_defaults()
     assert "reduction" not in specs[0].overrides  # FedAvg reads no diffusion key
 
     def record(tag, seed, best, mean, tdcl=None):

@@ -103,6 +103,10 @@ def test_every_party_builds_the_align_head_when_the_run_asks_for_it():
     plain = build_global_model(cfg, 1, 10, 28)
     headed = build_global_model(cfg.replace(align_head="linear"), 1, 10, 28)
     assert getattr(plain, "align_head", None) is None
+    # baselines have no alignment loss, so no head whatever align-head says
+    for baseline in ("fedavg", "fedprox", "moon", "simclr"):
+        model = build_global_model(cfg.replace(align_head="linear", algorithm=baseline), 1, 10, 28)
+        assert getattr(model, "align_head", None) is None
     assert headed.align_head.in_features == headed.feature_dim
     # seeded: server and every client start from the same weights
     again = build_global_model(cfg.replace(align_head="linear"), 1, 10, 28)
