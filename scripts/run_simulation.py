@@ -36,6 +36,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from feddifrc_core.processes import descendants
 from feddifrc_core.provenance import git_revision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -349,25 +350,9 @@ def _flwr_stop(env: dict[str, str], run_id: int) -> None:
         pass
 
 
-def _descendants(pid: int) -> list[int]:
-    """All processes below `pid`. The SuperLink starts its executor (and that one the ServerApp
-    and Ray) in new sessions, so killing the SuperLink's process group would orphan them."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        child, parent = (int(x) for x in line.split())
-        children.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _stop(process: subprocess.Popen) -> None:
     """Stop the SuperLink and every process it started (executor, ServerApp, Ray)."""
-    pids = [process.pid, *_descendants(process.pid)] if process.poll() is None else []
+    pids = [process.pid, *descendants(process.pid)] if process.poll() is None else []
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:

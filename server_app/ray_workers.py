@@ -24,10 +24,11 @@ import sys
 import threading
 import time
 from logging import ERROR, WARNING
-from pathlib import Path
 from typing import Any
 
 from flwr.common import log
+
+from feddifrc_core.processes import descendants
 
 _SIMULATION_ENGINE = "flwr.server.superlink.fleet.vce.vce_api"
 _MARK = "_feddifrc_replaces_dead_actors"
@@ -104,7 +105,7 @@ def exit_with_parent(poll_seconds: float = 1.0) -> bool:
             time.sleep(poll_seconds)
         log(ERROR, "the process that started this simulation (PID %d) is gone; stopping the "
             "ServerApp and its ClientApp workers", parent)
-        for pid in _descendants(os.getpid()):  # Ray's raylet, agents and workers
+        for pid in descendants(os.getpid()):  # Ray's raylet, agents and workers
             try:
                 os.kill(pid, 9)
             except OSError:
@@ -113,20 +114,3 @@ def exit_with_parent(poll_seconds: float = 1.0) -> bool:
 
     threading.Thread(target=watch, name="feddifrc-parent-watch", daemon=True).start()
     return True
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc; Linux)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found

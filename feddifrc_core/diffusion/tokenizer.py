@@ -15,11 +15,11 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from transformers import CLIPTokenizer
+
+from feddifrc_core.checkpoint import atomic_write_text
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MAX_LENGTH = 77  # CLIP's text position table
@@ -67,7 +67,7 @@ def write_clip_tokenizer_files(
 ) -> tuple[Path, Path]:
     """Write `vocab.json` and `merges.txt` (HF CLIP format) into `out_dir`; returns both paths.
 
-    Written atomically (temp file + os.replace) so concurrent processes never read a half file.
+    Written atomically (temp file + fsync + os.replace) so concurrent processes never read a half file.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,8 +87,8 @@ def write_clip_tokenizer_files(
         )
     vocab = {s: i for i, s in enumerate(symbols)}
     # 3. atomic writes
-    _atomic_write(vocab_path, json.dumps(vocab, ensure_ascii=False))
-    _atomic_write(merges_path, "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    atomic_write_text(vocab_path, json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(merges_path, "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return vocab_path, merges_path
 
 
@@ -97,14 +97,3 @@ def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
     vocab_path, merges_path = write_clip_tokenizer_files(folder)
     # Positional paths and model_max_length=77: see the module docstring.
     return CLIPTokenizer(str(vocab_path), str(merges_path), model_max_length=CLIP_MAX_LENGTH)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
