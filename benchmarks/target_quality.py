@@ -37,16 +37,16 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from feddifrc_core.client_extraction import (  # noqa: E402
+    extract_client_representations,
+    extract_position_stats,
+)
 from feddifrc_core.datasets import load_dataset, select_subset, subsample  # noqa: E402
 from feddifrc_core.diffusion.backbone import load_backbone  # noqa: E402
 from feddifrc_core.losses import tdcl_loss  # noqa: E402
 from feddifrc_core.probe import knn_accuracy, linear_probe_accuracy  # noqa: E402
 from feddifrc_core.projection import PROJECTIONS, merge_all, shared_bases  # noqa: E402
-from feddifrc_core.representations import (  # noqa: E402
-    RepresentationSettings,
-    extract_client_representations,
-    extract_position_stats,
-)
+from feddifrc_core.representations import RepresentationSettings  # noqa: E402
 from feddifrc_core.targets import DiffusionTargets  # noqa: E402
 
 REDUCTIONS = ("mean-pool", "spatial-norm", "spatial-norm-centred")

@@ -16,6 +16,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from feddifrc_core import client_extraction as extraction
 from feddifrc_core import representations as rep
 from feddifrc_core.caches import LocalModelStore, ProcessCache
 from feddifrc_core.config import NodeConfig, RunConfig, resolve_device
@@ -105,7 +106,7 @@ class ClientSession:
         key = tuple(basis_sha256(b) for b in bases or ()) if projected else ()
         if self._representations is None or self._representations[0] != key:
             backbone, data, settings = self._extraction_inputs()
-            reps = rep.extract_client_representations(
+            reps = extraction.extract_client_representations(
                 backbone, *data, settings, cache_dir=self.cache_dir / "representations",
                 progress=False, bases=bases if projected else None)
             self._representations = (key, reps)
@@ -117,7 +118,7 @@ class ClientSession:
         if self.cfg.reduction == "mean-pool":
             return stats_to_arrays(self.representations().pca_stats())
         backbone, data, settings = self._extraction_inputs()
-        return stats_to_arrays(rep.extract_position_stats(
+        return stats_to_arrays(extraction.extract_position_stats(
             backbone, *data, settings, cache_dir=self.cache_dir / "representations"))
 
     def target_sum(self, projection: Mapping[str, np.ndarray], feature_dim: int

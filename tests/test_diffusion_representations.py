@@ -5,15 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from feddifrc_core.client_extraction import extract_client_representations, extract_position_stats
 from feddifrc_core.config import RunConfig
 from feddifrc_core.diffusion import extractor as extractor_module
 from feddifrc_core.diffusion.backbone import load_backbone
 from feddifrc_core.projection import Basis, merge_all, pca_stats, shared_bases
-from feddifrc_core.representations import (
-    RepresentationSettings,
-    extract_client_representations,
-    extract_position_stats,
-)
+from feddifrc_core.representations import RepresentationSettings
 
 CLASSES = [str(i) for i in range(10)]
 

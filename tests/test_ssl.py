@@ -72,7 +72,7 @@ def test_label_free_client_session_never_reads_labels(tmp_path, algorithm):
     supervised = ClientSession(cfg.replace(algorithm="fedavg"), node)
     supervised.data = LabelFreeData(supervised.data)  # type: ignore[assignment]
     with pytest.raises(AssertionError, match="read its labels"):
-        supervised.train(model_state(build_global_model(cfg, *supervised.shape)), 1, "run")
+        supervised.train(model_state(build_global_model(supervised.cfg, *supervised.shape)), 1, "run")
 
 
 def test_server_scores_a_label_free_encoder_by_linear_probe_and_knn(tmp_path):
