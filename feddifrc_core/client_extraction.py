@@ -173,6 +173,8 @@ def _prepare(
                 null_cols, fingerprint)
 
 
+# The two passes take the same inputs on purpose (one client's data and settings): their
+# parameter lists are a deliberate repeat, both validated once by `_prepare`.
 def extract_position_stats(
     backbone: DiffusionBackbone,
     images: torch.Tensor | np.ndarray,
