@@ -20,7 +20,6 @@ from flwr.clientapp import ClientApp
 from client_app.records import from_flower_arrays, to_flower_arrays
 from feddifrc_core.client_session import ClientSession
 from feddifrc_core.config import NodeConfig, RunConfig
-from feddifrc_core.run_setup import build_global_model
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +52,7 @@ def target_sum(msg: Message, context: Context) -> Message:
     client = ClientSession.get(cfg, node)
     client.check_class_names(msg.content.config_records["config"].get("class-names"))
     projection = from_flower_arrays(msg.content.array_records["projection"])
-    feature_dim = build_global_model(cfg, *client.shape).feature_dim
-    sums = client.target_sum(projection, feature_dim)
+    sums = client.target_sum(projection)
     metrics = MetricRecord({"num-examples": client.num_examples})
     return Message(RecordDict({"arrays": ArrayRecord(to_flower_arrays(sums)),
                                "metrics": metrics}), reply_to=msg)

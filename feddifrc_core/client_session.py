@@ -121,10 +121,11 @@ class ClientSession:
         return stats_to_arrays(extraction.extract_position_stats(
             backbone, *data, settings, cache_dir=self.cache_dir / "representations"))
 
-    def target_sum(self, projection: Mapping[str, np.ndarray], feature_dim: int
-                   ) -> dict[str, np.ndarray]:
-        """Count and sum of this client's targets in the shared space (spatial-norm-centred)."""
+    def target_sum(self, projection: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Count and sum of this client's targets in the shared space (spatial-norm-centred);
+        the space's size is the bases' total output size."""
         bases = self._bases(projection)
+        feature_dim = sum(b.out_dim for b in bases)
         count, total = self.representations(bases).target_sum(bases, feature_dim)
         return {TARGET_COUNT: np.array([count], dtype=np.int64), TARGET_SUM: total}
 
