@@ -58,17 +58,14 @@ def quality(fit: DiffusionTargets, test: DiffusionTargets, fit_labels: torch.Ten
     pos, neg, null = test.positive, test.negatives, test.null  # [N, D], [N, K, D], [N, D]
     every = torch.cat([pos, null])  # the anchors' targets: TDCL positives and NDCR targets
     reachable = (every.clamp(min=0).norm(dim=1) / every.norm(dim=1).clamp(min=1e-12)).mean()
-    unit = F.normalize(null, dim=1)
-    gram = unit @ unit.T  # [N, N]
-    n = gram.shape[0]
-    cross = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
+    cross = cross_image_cos(null)
     true_other = torch.einsum("nd,nkd->nk", F.normalize(pos, dim=1), F.normalize(neg, dim=2)).mean()
     ideal = tdcl_loss(pos, pos, neg, tau)
     return {
         "probe": linear_probe_accuracy(fit.null, fit_labels, null, test_labels, seed=seed),
         "knn": knn_accuracy(fit.null, fit_labels, null, test_labels),
         "reachable-cos": float(reachable),
-        "cross-image-cos": float(cross),
+        "cross-image-cos": cross,
         "true-vs-other-cos": float(true_other),
         "tdcl-ideal": float(ideal),
         "tdcl-chance": math.log(1 + neg.shape[1]),
@@ -76,17 +73,22 @@ def quality(fit: DiffusionTargets, test: DiffusionTargets, fit_labels: torch.Ten
     }
 
 
+def cross_image_cos(x: torch.Tensor) -> float:
+    """Mean cosine between the rows of x [N, D] of two different images (diagonal left out)."""
+    unit = F.normalize(x, dim=1)
+    gram = unit @ unit.T  # [N, N]
+    n = gram.shape[0]
+    return float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))
+
+
 def pixel_row(fit_images: torch.Tensor, fit_labels: torch.Tensor, test_images: torch.Tensor,
               test_labels: torch.Tensor, seed: int) -> dict[str, float]:
     x_fit = fit_images.flatten(1).float() / 255
     x_test = test_images.flatten(1).float() / 255
-    unit = F.normalize(x_test, dim=1)
-    gram = unit @ unit.T
-    n = gram.shape[0]
     return {
         "probe": linear_probe_accuracy(x_fit, fit_labels, x_test, test_labels, seed=seed),
         "knn": knn_accuracy(x_fit, fit_labels, x_test, test_labels),
-        "cross-image-cos": float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1))),
+        "cross-image-cos": cross_image_cos(x_test),
     }
 
 

@@ -35,9 +35,7 @@ import torch
 
 from feddifrc_core.config import RunConfig
 from feddifrc_core.diffusion.backbone import DiffusionBackbone, load_backbone, resolve_dtype
-from feddifrc_core.diffusion.reduction import (
-    basis_sha256,
-)
+from feddifrc_core.diffusion.reduction import basis_sha256
 from feddifrc_core.projection import (
     Basis,
     PcaStats,

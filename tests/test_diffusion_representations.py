@@ -159,6 +159,18 @@ def test_settings_from_run_config() -> None:
 SPATIAL = RepresentationSettings(**{**SETTINGS.__dict__, "reduction": "spatial-norm"})
 
 
+def _spatial_set_up(backbone, images, labels, ids):
+    """One client's per-position statistics and the federated-PCA bases the server makes of them."""
+    stats = extract_position_stats(backbone, images, labels, ids, CLASSES, SPATIAL, None)
+    return stats, shared_bases("federated-pca", 64, [s.dim for s in stats], 0, merge_all([stats]))
+
+
+def _spatial_reps(backbone, images, labels, ids, bases, cache=None):
+    return extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SPATIAL, cache, progress=False, bases=bases
+    )
+
+
 def _raw_maps(backbone, images, ids, prompts: list[str]) -> list[torch.Tensor]:
     """Every kept block's full output map [N, P, C, h, w], computed without the extractor's
     reductions (same pixels, noise and timestep): the post-hoc reference."""
@@ -191,11 +203,8 @@ def _raw_maps(backbone, images, ids, prompts: list[str]) -> list[torch.Tensor]:
 def test_spatial_norm_federated_pca_and_targets_equal_a_direct_computation(backbone) -> None:
     images, labels, ids = _data(4)
     # federated: one client's statistics, merged, eigendecomposed, projected inside the hooks
-    stats = extract_position_stats(backbone, images, labels, ids, CLASSES, SPATIAL, None)
-    bases = shared_bases("federated-pca", 64, [s.dim for s in stats], 0, merge_all([stats]))
-    reps = extract_client_representations(
-        backbone, images, labels, ids, CLASSES, SPATIAL, None, progress=False, bases=bases
-    )
+    stats, bases = _spatial_set_up(backbone, images, labels, ids)
+    reps = _spatial_reps(backbone, images, labels, ids, bases)
     assert reps.projected and reps.block_channels == (32, 16, 16)
     # direct: full maps of all 11 prompts, numpy PCA over every position, projection, RMS
     maps = _raw_maps(backbone, images, ids, list(reps.prompts))
@@ -219,16 +228,11 @@ def test_spatial_norm_federated_pca_and_targets_equal_a_direct_computation(backb
 
 def test_spatial_norm_targets_do_not_depend_on_basis_signs(backbone) -> None:
     images, labels, ids = _data(3)
-    stats = extract_position_stats(backbone, images, labels, ids, CLASSES, SPATIAL, None)
-    bases = shared_bases("federated-pca", 64, [s.dim for s in stats], 0, merge_all([stats]))
+    _, bases = _spatial_set_up(backbone, images, labels, ids)
     signs = [torch.where(torch.rand(b.out_dim) < 0.5, -1.0, 1.0).double().numpy() for b in bases]
     flipped = [Basis(b.mean, b.components * s) for b, s in zip(bases, signs, strict=True)]
-    a = extract_client_representations(
-        backbone, images, labels, ids, CLASSES, SPATIAL, None, progress=False, bases=bases
-    ).targets(bases, 64)
-    b = extract_client_representations(
-        backbone, images, labels, ids, CLASSES, SPATIAL, None, progress=False, bases=flipped
-    ).targets(flipped, 64)
+    a = _spatial_reps(backbone, images, labels, ids, bases).targets(bases, 64)
+    b = _spatial_reps(backbone, images, labels, ids, flipped).targets(flipped, 64)
     for x, y in ((a.positive, b.positive), (a.negatives, b.negatives), (a.null, b.null)):
         assert torch.equal(x, y)
 
@@ -240,17 +244,11 @@ def test_spatial_norm_caches_per_basis_and_checks_the_bases(backbone, tmp_path: 
     assert all((a.outer == b.outer).all() for a, b in zip(stats, again, strict=True))
     assert len(list(tmp_path.glob("*-stats-*.safetensors"))) == 1
     bases = shared_bases("federated-pca", 64, [s.dim for s in stats], 0, merge_all([stats]))
-    first = extract_client_representations(
-        backbone, images, labels, ids, CLASSES, SPATIAL, tmp_path, progress=False, bases=bases
-    )
-    second = extract_client_representations(
-        backbone, images, labels, ids, CLASSES, SPATIAL, tmp_path, progress=False, bases=bases
-    )
+    first = _spatial_reps(backbone, images, labels, ids, bases, tmp_path)
+    second = _spatial_reps(backbone, images, labels, ids, bases, tmp_path)
     assert not first.from_cache and second.from_cache and second.cache_dir == first.cache_dir
     other = shared_bases("random", 64, [s.dim for s in stats], 3, merge_all([stats]))
-    third = extract_client_representations(
-        backbone, images, labels, ids, CLASSES, SPATIAL, tmp_path, progress=False, bases=other
-    )
+    third = _spatial_reps(backbone, images, labels, ids, other, tmp_path)
     assert not third.from_cache and third.cache_dir != first.cache_dir
     with pytest.raises(ValueError, match="other bases"):
         first.targets(other, 64)
@@ -264,11 +262,8 @@ def test_spatial_norm_caches_per_basis_and_checks_the_bases(backbone, tmp_path: 
 
 def test_spatial_norm_centred_offset_removes_the_mean_target(backbone) -> None:
     images, labels, ids = _data(6)
-    stats = extract_position_stats(backbone, images, labels, ids, CLASSES, SPATIAL, None)
-    bases = shared_bases("federated-pca", 64, [s.dim for s in stats], 0, merge_all([stats]))
-    reps = extract_client_representations(
-        backbone, images, labels, ids, CLASSES, SPATIAL, None, progress=False, bases=bases
-    )
+    _, bases = _spatial_set_up(backbone, images, labels, ids)
+    reps = _spatial_reps(backbone, images, labels, ids, bases)
     count, total = reps.target_sum(bases, 64)
     assert count == 6 * 11
     offset = total / count
