@@ -108,10 +108,14 @@ class DiffusionFeatureExtractor:
         self.pool_grid = int(pool_grid)
         channels = up_block_channels(backbone.unet)
         self.raw_channels = tuple(channels[b] for b in blocks)  # C_l of each kept block's map
-        # g x g average pooling keeps a coarse layout: C_l * g^2 values per block
-        self.block_channels = tuple(c * self.pool_grid**2 for c in self.raw_channels)
         # The kept-signal fraction is what makes timesteps comparable across schedules (METHOD.md).
         self.alpha_bar = float(backbone.scheduler.alphas_cumprod[self.timestep])
+
+    @property
+    def block_channels(self) -> tuple[int, ...]:
+        """Values per (image, prompt) of each kept block under the default mean pool: C_l * g^2
+        (g x g average pooling keeps a coarse layout)."""
+        return self.out_dims()
 
     def settings(self) -> dict[str, Any]:
         """What determines the features (beside the backbone and the data): for fingerprints."""
