@@ -41,12 +41,8 @@ from feddifrc_core.diffusion.teacher_backbone import (  # noqa: E402
 )
 from feddifrc_core.probe import knn_accuracy  # noqa: E402
 from feddifrc_core.prompts import class_prompts  # noqa: E402
-from feddifrc_core.teacher import (  # noqa: E402
-    build_unet,
-    config_from_info,
-    model_card,
-    recommendation,
-)
+from teacher.config import build_unet, config_from_info  # noqa: E402
+from teacher.export import model_card, recommendation  # noqa: E402
 
 BLOCK_SETS = ("0", "1", "2", "1,2", "0,1,2")  # globally pooled: what the extractor computes
 BLOCK_SETS_2X2 = ("1,2", "0,1,2")  # 2x2 pooled: only to show what global pooling discards

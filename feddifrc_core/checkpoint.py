@@ -87,11 +87,19 @@ def checkpoint_path(folder: str | Path, server_round: int) -> Path:
 def save_checkpoint(
     path: str | Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
 ) -> Path:
-    """Write one checkpoint atomically. `meta` must be JSON-serialisable and contain `round`."""
-    from safetensors.numpy import save
-
+    """Write one round's checkpoint atomically. `meta` must contain `round`."""
     if "round" not in meta:
         raise ValueError(f"checkpoint meta must contain 'round', got keys {sorted(meta)}")
+    return save_arrays(path, arrays, meta)
+
+
+def save_arrays(
+    path: str | Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+) -> Path:
+    """Write named arrays + a JSON-serialisable `meta` atomically, with the checksum that
+    `load_checkpoint` verifies (caches and the teacher's training state, which have no round)."""
+    from safetensors.numpy import save
+
     contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     meta_json = json.dumps(dict(meta), sort_keys=True)
     header = {"format": _FORMAT, "meta": meta_json, "sha256": _digest(contiguous, meta_json)}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from feddifrc_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from feddifrc_core.checkpoint import CheckpointError, load_checkpoint, save_arrays
 from feddifrc_core.diffusion.backbone import DiffusionBackbone
 from feddifrc_core.diffusion.extractor import DiffusionFeatureExtractor
 from feddifrc_core.diffusion.reduction import (
@@ -204,7 +204,7 @@ def extract_position_stats(
     stats = [a.stats for a in accumulators]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, stats_to_arrays(stats), {"round": 0, "fingerprint": key})
+        save_arrays(path, stats_to_arrays(stats), {"fingerprint": key})
     logger.info("position statistics of %d images in %.1fs", len(job.ids), time.perf_counter() - t0)
     return stats
 

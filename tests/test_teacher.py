@@ -19,13 +19,8 @@ from feddifrc_core.diffusion.teacher_backbone import (
     read_teacher_info,
     resolve_teacher_path,
 )
-from feddifrc_core.teacher import (
-    TeacherConfig,
-    build_scheduler,
-    build_unet,
-    config_from_info,
-    train_teacher,
-)
+from teacher.config import TeacherConfig, build_scheduler, build_unet, config_from_info
+from teacher.training import CHECKPOINT, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "fmnist-teacher"
@@ -85,7 +80,7 @@ def test_training_resumes_from_checkpoint_exactly(tmp_path: Path):
         work_dir=tmp_path,
         time_budget_s=0.0,
     )  # stops (and saves) after 1 step
-    assert part.step == 1 and (tmp_path / "checkpoint.pt").exists()
+    assert part.step == 1 and (tmp_path / CHECKPOINT).exists()
     rest = train_teacher(
         images, labels, ("l", "r"), cfg, context=ctx, progress=False, work_dir=tmp_path
     )
