@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import accuracy_report as report
 
 from feddifrc_core.algorithms import Algorithm, algorithm_names, get_algorithm
 from feddifrc_core.provenance import git_revision
@@ -270,7 +271,7 @@ def launch(spec: RunSpec, out: Path, args: argparse.Namespace) -> Path:
                "--gpus-per-client", str(args.gpus_per_client), "-c", str(toml_path)]
     print(f"[{time.strftime('%H:%M:%S')}] {spec.key}: running ({'resuming' if has_checkpoint else 'new'}"
           f", log {log_path.relative_to(out)})", flush=True)
-    with open(log_path, "a", encoding="utf-8") as log:
+    with open(log_path, "a", encoding="utf-8") as log, LoadSampler() as load:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                               timeout=args.run_timeout)
     if proc.returncode != 0 or not (folder / "summary.json").is_file():
@@ -278,7 +279,51 @@ def launch(spec: RunSpec, out: Path, args: argparse.Namespace) -> Path:
         raise RuntimeError(f"{spec.key} failed (exit {proc.returncode}); last lines of {log_path}:\n"
                            f"{tail}")
     config_path.unlink(missing_ok=True)
+    _write_json(folder / LOAD_FILE, load.summary())
     return folder
+
+
+LOAD_FILE = "machine-load.json"
+
+
+class LoadSampler:
+    """The machine's 1-minute load average, sampled while a run is going on.
+
+    A run's timings (and, on a contended machine, its round timeouts) depend on what else ran
+    beside it: every record carries the load before the run and its mean and max during it.
+    """
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        import threading
+
+        self.every_s, self.samples = every_s, [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, Any]:
+        during = self.samples[1:] or self.samples
+        return {"cpus": os.cpu_count(), "load1-before": round(self.samples[0], 2),
+                "load1-mean": round(sum(during) / len(during), 2),
+                "load1-max": round(max(during), 2), "samples": len(during),
+                "sampled-every-s": self.every_s}
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
@@ -314,6 +359,8 @@ def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
         "extract-seconds-first-round": trained[0].get("extract-seconds") if trained else None,
         "round-seconds": _mean([r.get("round-seconds") for r in trained]),
         "wall-seconds": json.loads((folder / "summary.json").read_text()).get("wall-seconds"),
+        "machine-load": (json.loads((folder / LOAD_FILE).read_text())
+                         if (folder / LOAD_FILE).is_file() else None),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -356,123 +403,57 @@ class ResultsStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.reload()
             self.records[record["key"]] = record
-            payload = {"format": RESULTS_FORMAT, "runs": sorted(self.records.values(),
-                                                                 key=lambda r: r["key"])}
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(payload, indent=1) + "\n")
-            os.replace(tmp, self.path)
+            _write_json(self.path, {"format": RESULTS_FORMAT, "runs": sorted(
+                self.records.values(), key=lambda r: r["key"])})
 
 
-def _group(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, float], list[Mapping[str, Any]]]:
-    groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
-    for r in records:
-        label = f"{r['method']}+{r['tag']}" if r.get("tag") else r["method"]
-        groups.setdefault((label, float(r["alpha"])), []).append(r)
-    return groups
-
-
-def _fmt(values: Sequence[float]) -> str:
-    if not values:
-        return "-"
-    m = 100 * sum(values) / len(values)
-    if len(values) == 1:
-        return f"{m:.2f}"
-    sd = 100 * math.sqrt(sum((v - m / 100) ** 2 for v in values) / (len(values) - 1))
-    return f"{m:.2f} ± {sd:.2f}"
-
-
-def table_markdown(records: Sequence[Mapping[str, Any]], ssl: bool = False) -> str:
-    """Best / mean test accuracy (%) over rounds per method and alpha, averaged over seeds.
-
-    With `ssl`, rows are the SSL methods plus the random-init encoder (round 0 of the SSL runs)
-    and the metric is the server's linear-probe accuracy.
-    """
-    groups = _group(records)
-    alphas = sorted({a for _, a in groups})
-    labels = list(dict.fromkeys(label for label, _ in sorted(groups, key=lambda g: _order(g[0]))))
-    metric = "linear-probe accuracy" if ssl else "test accuracy"
-    head = "| method | " + " | ".join(f"α={a:g} best | α={a:g} mean" for a in alphas) + " | seeds |"
-    lines = [f"Global-model {metric} (%) over rounds, best and mean (mean ± sd over seeds).", "",
-             head, "|---" * (1 + 2 * len(alphas)) + "|---|"]
-    if ssl:
-        init = {a: [r["initial-accuracy"] for (lab, al), rs in groups.items() if al == a
-                    and lab == SELF_SUPERVISED[0] for r in rs if r.get("initial-accuracy") is not None]
-                for a in alphas}
-        if any(init.values()):
-            cells = " | ".join(f"{_fmt(init[a])} | {_fmt(init[a])}" for a in alphas)
-            lines.append(f"| {RANDOM_INIT} (round 0) | {cells} | same |")
-    for label in labels:
-        cells, seeds = [], set()
-        for a in alphas:
-            rs = groups.get((label, a), [])
-            seeds.update(int(r["seed"]) for r in rs)
-            cells.append(f"{_fmt([r['best'] for r in rs])} | {_fmt([r['mean'] for r in rs])}")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {','.join(map(str, sorted(seeds)))} |")
-    return "\n".join(lines) + "\n"
-
-
-def _order(label: str) -> tuple[int, str]:
-    base = label.split("+")[0]
-    order = (*SUPERVISED, *SELF_SUPERVISED)
-    return (order.index(base) if base in order else len(order), label)
-
-
-def plot_accuracy(records: Sequence[Mapping[str, Any]], path: Path, ssl: bool = False) -> None:
-    """Accuracy per round, one panel per alpha, one line per method (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = _group(records)
-    alphas = sorted({a for _, a in groups})
-    fig, axes = plt.subplots(1, max(1, len(alphas)), figsize=(6 * max(1, len(alphas)), 4.2),
-                             squeeze=False)
-    palette = plt.get_cmap("tab20").colors
-    labels = sorted({label for label, _ in groups}, key=_order)
-    colour = {label: palette[i % len(palette)] for i, label in enumerate(labels)}  # same in each panel
-    for ax, alpha in zip(axes[0], alphas, strict=False):
-        for (label, a), rs in sorted(groups.items(), key=lambda g: _order(g[0][0])):
-            if a != alpha:
-                continue
-            length = min(len(r["accuracy"]) for r in rs)
-            mean = [100 * sum(r["accuracy"][i] for r in rs) / len(rs) for i in range(length)]
-            ax.plot(rs[0]["rounds"][:length], mean, marker=".", color=colour[label],
-                    linestyle="--" if "+" in label else "-",  # dashed: a tagged variant
-                    label=f"{label} (n={len(rs)})")
-        ax.set_title(f"Fashion-MNIST private, Dirichlet α={alpha:g}")
-        ax.set_xlabel("round")
-        ax.set_ylabel("linear-probe accuracy (%)" if ssl else "global test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_reports(store: ResultsStore, out: Path, command: str) -> str:
-    """table.md (+ ssl_table.md) and the plots from every recorded run."""
+def write_reports(store: ResultsStore, out: Path, command: str,
+                  publish_to: Path | None = None) -> str:
+    """table.md (+ ssl_table.md), the plots and summary.json from every recorded run; with
+    `publish_to`, the same tables replace the marked blocks `accuracy:<folder>` and
+    `accuracy-ssl:<folder>` of that document (docs/results.md)."""
     store.reload()
     records = list(store.records.values())
     sup = [r for r in records if r["method"] in SUPERVISED]
     ssl = [r for r in records if r["method"] in SELF_SUPERVISED]
-    text = ""
+    text, summary = "", {}
     for subset, name, is_ssl in ((sup, "table", False), (ssl, "ssl_table", True)):
         if not subset:
             continue
-        table = table_markdown(subset, ssl=is_ssl)
+        baseline = SELF_SUPERVISED[-1] if is_ssl else SUPERVISED[0]  # simclr / fedavg
+        order = (*SELF_SUPERVISED, *SUPERVISED) if is_ssl else (*SUPERVISED, *SELF_SUPERVISED)
+        table = report.table_markdown(
+            subset, baseline, order, metric="linear-probe accuracy" if is_ssl else "test accuracy",
+            initial_row_of=SELF_SUPERVISED[0] if is_ssl else None)
+        target = SELF_SUPERVISED[0] if is_ssl else "feddifrc"
+        rivals = [m for m in order if m != target and not _algorithm(m).needs_targets]
+        table += "\n" + report.versus_markdown(subset, target, rivals)
         plain = [r for r in subset if not r.get("tag")] or subset  # variants may change budget keys
         budget = {k: v for k, v in plain[0]["run-config"].items()
                   if k in ("num-rounds", "train-samples", "test-samples", "model", "model-width",
-                           "local-epochs", "lr", "batch-size")}
-        body = (f"{table}\nBudget: {json.dumps(budget)}\nCommand: `{command}`\n"
-                f"Per-run configs: results.json (`run-config`).\n")
+                           "local-epochs", "lr", "batch-size", "fraction-train")}
+        loads = [r["machine-load"]["load1-mean"] for r in subset if r.get("machine-load")]
+        load_line = (f"Machine load (1-min average) during the runs: mean {sum(loads) / len(loads):.2f}"
+                     f", max {max(loads):.2f} over {len(loads)} runs (results.json: "
+                     "`machine-load`).\n" if loads else "")
+        plot = out / f"{'ssl_' if is_ssl else ''}accuracy.png"
+        body = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{command}`\n"
+                f"Per-run configs: results.json (`run-config`). Plot: `{plot.name}`.\n")
         (out / f"{name}.md").write_text(body)
-        plot_accuracy(subset, out / f"{'ssl_' if is_ssl else ''}accuracy.png", ssl=is_ssl)
+        report.plot_accuracy(subset, plot, order,
+                             "linear-probe accuracy (%)" if is_ssl else "global test accuracy (%)")
+        summary[name] = report.summarize(subset, baseline)
+        if publish_to is not None:
+            block = f"accuracy{'-ssl' if is_ssl else ''}:{out.name}"
+            report.publish(publish_to, block, body.replace(
+                f"Plot: `{plot.name}`", f"Plot: `{_relative(plot, publish_to.parent)}`"))
         text += body
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return text
+
+
+def _relative(path: Path, start: Path) -> str:
+    return os.path.relpath(path, start)
 
 
 # --- the in-process child (one simulation) ---------------------------------------------------------
@@ -544,6 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run-timeout", type=float, default=4 * 3600, help="seconds per run")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--report-only", action="store_true", help="rewrite table/plot from results.json")
+    p.add_argument("--publish", type=Path, default=None, metavar="DOC",
+                   help="also write the tables into DOC's marked blocks (e.g. docs/results.md)")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -591,10 +574,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             store.add(record)
             print(f"[{time.strftime('%H:%M:%S')}] {spec.key}: best {100 * record['best']:.2f}%, "
                   f"mean {100 * record['mean']:.2f}%, {record['wall-seconds']:.0f} s", flush=True)
-            write_reports(store, out, command)
+            write_reports(store, out, command, args.publish)
 
     # 3. reports over everything recorded in this folder
-    print(write_reports(store, out, command))
+    print(write_reports(store, out, command, args.publish))
     print(f"Results: {out}")
     if failed:
         print(f"{len(failed)} run(s) failed: {failed}; rerun the same command to retry them",

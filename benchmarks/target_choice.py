@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import accuracy  # noqa: E402
+from stats import fmt_interval as _ci  # noqa: E402
+from stats import fmt_mean_sd as _fmt  # noqa: E402
+from stats import mean_sd as _mean_sd  # noqa: E402
+from stats import t_interval  # noqa: E402
 
 # tag -> (method, run-config overrides); the order is the table's.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -109,31 +112,6 @@ def markdown(summary: Mapping[str, Any]) -> str:
                  ",".join(map(str, r["seeds"]))]
         lines.append(f"| {tag} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """Two-sided t-interval of the mean of `values` (paired differences: n - 1 dof)."""
-    from scipy.stats import t
-
-    m, sd = _mean_sd(values)
-    half = float(t.ppf(0.5 + level / 2, len(values) - 1)) * sd / math.sqrt(len(values))
-    return (m - half, m + half)
-
-
-def _ci(pair: tuple[float, float] | None) -> str:
-    return "-" if pair is None else f"[{pair[0]:+.2f}, {pair[1]:+.2f}]"
-
-
-def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return (m, sd)
-
-
-def _fmt(pair: tuple[float, float] | None, signed: bool = False) -> str:
-    if pair is None:
-        return "-"
-    return f"{pair[0]:+.2f} ± {pair[1]:.2f}" if signed else f"{pair[0]:.2f} ± {pair[1]:.2f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -77,8 +77,11 @@ def test_harness_records_runs_skips_them_on_rerun_and_writes_reports(tmp_path, m
     assert len(launched) == 2
 
     table = (tmp_path / "table.md").read_text()
-    assert "| fedavg | 50.00 | 40.00 | 7 |" in table  # best 0.5, mean of (0.3, 0.5, 0.4)
-    assert "| feddifrc | 70.00 | 56.67 | 7 |" in table
+    # best 0.5, mean of (0.3, 0.5, 0.4), last 5 = all 3 rounds; one seed: no interval
+    assert "| fedavg | 0.1 | 50.00 ± 0.00 | 40.00 ± 0.00 | 40.00 ± 0.00 | - | - | - | - | 7 |" in table
+    assert ("| feddifrc | 0.1 | 70.00 ± 0.00 | 56.67 ± 0.00 | 56.67 ± 0.00 | +20.00 ± 0.00 | - "
+            "| +16.67 ± 0.00 | - | 7 |") in table
+    assert "| 0.1 | fedavg | +20.00 ± 0.00 | - | +16.67 ± 0.00 | - | 7 |" in table  # versus table
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     record = json.loads((tmp_path / "results.json").read_text())["runs"][0]
     assert record["accuracy"] == [0.3, 0.5, 0.4] and record["initial-accuracy"] == 0.1
@@ -94,10 +97,47 @@ def test_ssl_table_has_the_random_init_row(tmp_path):
         spec = accuracy.plan_runs([method], [0.1], [7], accuracy.CPU_BUDGET, {})[0]
         _fake_run_folder(tmp_path / spec.run_name, accs)
         store.add(accuracy.read_run(spec, tmp_path / spec.run_name))
-    table = accuracy.table_markdown(list(store.records.values()), ssl=True)
+    accuracy.write_reports(store, tmp_path, "cmd")
+    table = (tmp_path / "ssl_table.md").read_text()
     lines = table.splitlines()
-    assert lines[4].startswith("| random-init (round 0) | 10.00 | 10.00 |")
-    assert "| feddifrc-ssl | 70.00 | 65.00 | 7 |" in table and "| simclr | 55.00 | 52.50 | 7 |" in table
+    assert "linear-probe accuracy" in lines[0] and "paired difference to simclr" in lines[0]
+    assert lines[4].startswith("| random-init (round 0) | 0.1 | 10.00 ± 0.00 |")
+    assert "| feddifrc-ssl | 0.1 | 70.00 ± 0.00 | 65.00 ± 0.00 | 65.00 ± 0.00 | +15.00 ± 0.00 |" in table
+    assert "| simclr | 0.1 | 55.00 ± 0.00 | 52.50 ± 0.00 |" in table
+    assert (tmp_path / "ssl_accuracy.png").is_file() and not (tmp_path / "table.md").exists()
+
+
+def test_report_pairs_seeds_gives_t_intervals_and_publishes_into_a_document(tmp_path):
+    import accuracy_report
+
+    store = accuracy.ResultsStore(tmp_path / "results.json")
+    curves = {("fedavg", 7): [0.3, 0.5], ("fedavg", 8): [0.4, 0.6], ("fedavg", 9): [0.45, 0.55],
+              ("feddifrc", 7): [0.4, 0.6], ("feddifrc", 8): [0.5, 0.7],  # seed 9 not run yet
+              ("moon", 7): [0.2, 0.3]}
+    for (method, seed), accs in curves.items():
+        spec = accuracy.plan_runs([method], [0.1], [seed], accuracy.CPU_BUDGET, {})[0]
+        _fake_run_folder(tmp_path / spec.run_name, accs)
+        store.add(accuracy.read_run(spec, tmp_path / spec.run_name))
+    rows = {r["label"]: r for r in accuracy_report.summarize(list(store.records.values()), "fedavg")}
+    vs = rows["feddifrc"]["best-vs-fedavg"]
+    assert vs["seeds"] == [7, 8] and vs["per-seed"] == pytest.approx([10.0, 10.0])
+    assert vs["ci95"] == pytest.approx((10.0, 10.0))  # identical differences: zero width
+    assert rows["fedavg"]["best"] == pytest.approx((55.0, 5.0))  # 50, 60, 55
+    assert "best-vs-fedavg" not in rows["fedavg"]
+    doc = tmp_path / "results.md"
+    doc.write_text("intro\n<!-- BEGIN accuracy:x -->\nold\n<!-- END accuracy:x -->\nafter\n")
+    accuracy_report.publish(doc, "accuracy:x", "| new table |\n")
+    assert doc.read_text() == ("intro\n<!-- BEGIN accuracy:x -->\n| new table |\n"
+                               "<!-- END accuracy:x -->\nafter\n")
+    with pytest.raises(ValueError, match="BEGIN accuracy:y"):
+        accuracy_report.publish(doc, "accuracy:y", "text")
+    text = accuracy_report.versus_markdown(list(store.records.values()), "feddifrc",
+                                           ["fedavg", "fedprox", "moon"])
+    assert "| 0.1 | fedavg | +10.00 ± 0.00 | [+10.00, +10.00] |" in text
+    assert "| 0.1 | moon | +30.00 ± 0.00 | - |" in text and "fedprox" not in text
+    accuracy_report.plot_accuracy(list(store.records.values()), tmp_path / "a.png",
+                                  accuracy.SUPERVISED)
+    assert (tmp_path / "a.png").stat().st_size > 1000
 
 
 def test_round_cost_on_a_micro_budget(fmnist_root, tmp_path):

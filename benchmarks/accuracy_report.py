@@ -1,0 +1,185 @@
+"""Tables and plots of the accuracy benchmark, written from its recorded runs (results.json).
+
+Per (method, alpha): best and mean accuracy over rounds (mean ± sd over seeds), the mean of the
+last 5 rounds (the budget check: a flattened curve has it within 2 points of the best), and the
+paired difference to a baseline method (same seed) with its 95 % t-interval. `publish` copies a
+generated table into a marked block of a document (docs/results.md), so no number is typed by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from stats import fmt_interval, fmt_mean_sd, mean_sd, paired_differences, t_interval
+
+LAST = 5  # rounds averaged by the "last 5" column
+Record = Mapping[str, Any]
+
+
+def label_of(record: Record) -> str:
+    return f"{record['method']}+{record['tag']}" if record.get("tag") else str(record["method"])
+
+
+def group(records: Sequence[Record]) -> dict[tuple[str, float], dict[int, Record]]:
+    """(label, alpha) -> seed -> record."""
+    groups: dict[tuple[str, float], dict[int, Record]] = {}
+    for r in records:
+        groups.setdefault((label_of(r), float(r["alpha"])), {})[int(r["seed"])] = r
+    return groups
+
+
+def last_mean(record: Record, n: int = LAST) -> float:
+    accs = record["accuracy"][-n:]
+    return float(sum(accs) / len(accs))
+
+
+def _percent(runs: Mapping[int, Record], key: str) -> dict[int, float]:
+    if key == "last":
+        return {s: 100 * last_mean(r) for s, r in runs.items()}
+    return {s: 100 * float(r[key]) for s, r in runs.items()}
+
+
+def versus(runs: Mapping[int, Record], base: Mapping[int, Record], key: str) -> dict[str, Any]:
+    """Paired difference (percentage points) of `key` between two methods' runs by seed."""
+    diffs = paired_differences(_percent(runs, key), _percent(base, key))
+    values = list(diffs.values())
+    return {"seeds": sorted(diffs), "per-seed": values,
+            "mean-sd": mean_sd(values) if values else None,
+            "ci95": t_interval(values) if len(values) > 1 else None}
+
+
+def summarize(records: Sequence[Record], baseline: str) -> list[dict[str, Any]]:
+    """One row per (label, alpha), with paired differences to `baseline` at the same alpha."""
+    groups = group(records)
+    rows = []
+    for (label, alpha), runs in groups.items():
+        base = groups.get((baseline, alpha), {})
+        row: dict[str, Any] = {"label": label, "alpha": alpha, "seeds": sorted(runs)}
+        for key in ("best", "mean", "last"):
+            row[key] = mean_sd(list(_percent(runs, key).values()))
+            if label != baseline and base:
+                row[f"{key}-vs-{baseline}"] = versus(runs, base, key)
+        rows.append(row)
+    return rows
+
+
+def table_markdown(records: Sequence[Record], baseline: str, order: Sequence[str],
+                   metric: str = "test accuracy", initial_row_of: str | None = None) -> str:
+    """The benchmark's table. `initial_row_of`: add round 0 of that method's runs as a row
+    (the self-supervised table's randomly initialised encoder)."""
+    rows = sorted(summarize(records, baseline), key=lambda r: (r["alpha"], _rank(r["label"], order)))
+    lines = [
+        f"Global-model {metric} (%): best and mean over rounds and mean of the last {LAST} rounds, "
+        f"mean ± sd over seeds; Δ = paired difference to {baseline} (same seed, percentage points), "
+        "mean ± sd and 95 % t-interval.",
+        "",
+        f"| method | α | best | mean | last {LAST} | Δ best | Δ best 95 % CI | Δ mean | "
+        "Δ mean 95 % CI | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    alphas = sorted({r["alpha"] for r in rows})
+    for alpha in alphas:
+        if initial_row_of is not None:
+            init = [100 * float(r["initial-accuracy"]) for (lab, a), runs in group(records).items()
+                    if lab == initial_row_of and a == alpha for r in runs.values()
+                    if r.get("initial-accuracy") is not None]
+            if init:
+                cell = fmt_mean_sd(mean_sd(init))
+                lines.append(f"| random-init (round 0) | {alpha:g} | {cell} | {cell} | {cell} "
+                             "| - | - | - | - | same |")
+        for r in (r for r in rows if r["alpha"] == alpha):
+            vs_best, vs_mean = r.get(f"best-vs-{baseline}"), r.get(f"mean-vs-{baseline}")
+            cells = [fmt_mean_sd(r["best"]), fmt_mean_sd(r["mean"]), fmt_mean_sd(r["last"]),
+                     fmt_mean_sd(vs_best["mean-sd"], signed=True) if vs_best else "-",
+                     fmt_interval(vs_best["ci95"]) if vs_best else "-",
+                     fmt_mean_sd(vs_mean["mean-sd"], signed=True) if vs_mean else "-",
+                     fmt_interval(vs_mean["ci95"]) if vs_mean else "-",
+                     ",".join(map(str, r["seeds"]))]
+            lines.append(f"| {r['label']} | {alpha:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def versus_markdown(records: Sequence[Record], method: str, baselines: Sequence[str]) -> str:
+    """`method` against each baseline (paired by seed), per alpha: the target's comparison."""
+    groups = group(records)
+    lines = [f"{method} minus each baseline (same seed; percentage points, mean ± sd and 95 % "
+             "t-interval).", "",
+             "| α | baseline | Δ best | Δ best 95 % CI | Δ mean | Δ mean 95 % CI | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for alpha in sorted({a for _, a in groups}):
+        runs = groups.get((method, alpha))
+        for baseline in baselines:
+            base = groups.get((baseline, alpha))
+            if not runs or not base:
+                continue
+            best, mean = versus(runs, base, "best"), versus(runs, base, "mean")
+            if not best["seeds"]:
+                continue
+            lines.append(f"| {alpha:g} | {baseline} | {fmt_mean_sd(best['mean-sd'], True)} | "
+                         f"{fmt_interval(best['ci95'])} | {fmt_mean_sd(mean['mean-sd'], True)} | "
+                         f"{fmt_interval(mean['ci95'])} | {','.join(map(str, best['seeds']))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(records: Sequence[Record], path: Path, order: Sequence[str],
+                  ylabel: str = "global test accuracy (%)") -> None:
+    """Accuracy per round, one panel per alpha: mean over seeds, band = ± 1 sd over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = group(records)
+    alphas = sorted({a for _, a in groups})
+    fig, axes = plt.subplots(1, max(1, len(alphas)), figsize=(6.5 * max(1, len(alphas)), 4.4),
+                             squeeze=False)
+    palette = plt.get_cmap("tab10").colors
+    labels = sorted({label for label, _ in groups}, key=lambda lab: _rank(lab, order))
+    colour = {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+    for ax, alpha in zip(axes[0], alphas, strict=False):
+        for label in labels:
+            runs = list(groups.get((label, alpha), {}).values())
+            if not runs:
+                continue
+            length = min(len(r["accuracy"]) for r in runs)
+            acc = 100 * np.array([r["accuracy"][:length] for r in runs])  # [seeds, rounds]
+            x, mean = runs[0]["rounds"][:length], acc.mean(axis=0)
+            ax.plot(x, mean, color=colour[label], linestyle="--" if "+" in label else "-",
+                    label=f"{label} (n={len(runs)})")
+            if len(runs) > 1:
+                sd = acc.std(axis=0, ddof=1)
+                ax.fill_between(x, mean - sd, mean + sd, color=colour[label], alpha=0.15, lw=0)
+        ax.set_title(f"Fashion-MNIST private, Dirichlet α={alpha:g} (band: ± 1 sd over seeds)")
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def publish(document: Path, name: str, text: str) -> None:
+    """Replace the block between `<!-- BEGIN name -->` and `<!-- END name -->` in `document`."""
+    content = document.read_text()
+    pattern = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n).*?(<!-- END {re.escape(name)} -->)",
+                         re.DOTALL)
+    if not pattern.search(content):
+        raise ValueError(f"{document} has no block '<!-- BEGIN {name} -->' ... "
+                         f"'<!-- END {name} -->'; add the two marker lines where the table goes")
+    updated = pattern.sub(lambda m: m.group(1) + text.rstrip("\n") + "\n" + m.group(2), content)
+    tmp = document.with_name(f".{document.name}.{os.getpid()}.tmp")
+    tmp.write_text(updated)
+    os.replace(tmp, document)
+
+
+def _rank(label: str, order: Sequence[str]) -> tuple[int, str]:
+    base = label.split("+")[0]
+    return (order.index(base) if base in order else len(order), label)
