@@ -52,10 +52,11 @@ class Checkpoint:
 
 
 # --- atomic file writes ----------------------------------------------------------------------------
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` via a temporary file in the same folder + fsync + os.replace."""
+def write_atomically(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` via a temporary file in the same folder + fsync + os.replace, so a
+    reader sees the old or the new file. An OSError comes out as raised (errno intact), with the
+    temporary file removed: callers word the error for their users."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -63,16 +64,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise OSError(
-            f"could not write {path}: {err.strerror or err}. Check free disk space and that the "
-            f"folder {path.parent} is writable."
-        ) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """`write_atomically`, creating the folder; an OSError names the file and the likely fix."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_atomically(path, data)
+    except OSError as err:
+        raise OSError(
+            f"could not write {path}: {err.strerror or err}. Check free disk space and that the "
+            f"folder {path.parent} is writable."
+        ) from err
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

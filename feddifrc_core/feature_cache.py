@@ -21,9 +21,7 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,6 +31,8 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
+
+from feddifrc_core.checkpoint import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -346,18 +346,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes, action: str) -> None:
-    """Temp file in the same folder + fsync + os.replace: readers see the old or the new file."""
-    tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        write_atomically(path, data)
     except OSError as err:
         raise cache_io_error(action, path, err) from err
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)

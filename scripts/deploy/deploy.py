@@ -16,410 +16,58 @@ State (PIDs, logs, certificates) lives in --state-dir (default .cache/deploy).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import hosts  # noqa: E402  (sibling module of this script)
-
-from feddifrc_core.provenance import git_revision  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-CERTS_SCRIPT = Path(__file__).resolve().parent / "make_certs.sh"
-CONNECTION = "feddifrc-deployment"
-
-# Exit codes of this script (Flower's own codes, e.g. 305 for a refused SuperNode, pass through).
-EXIT_USAGE = 2
-EXIT_START_FAILED = 3
-EXIT_COMPONENT_DIED = 4
-EXIT_RUN_FAILED = 5
-EXIT_TIMEOUT = 6
-EXIT_SUPERLINK_UNREACHABLE = 7
-
-
-class DeployError(RuntimeError):
-    """A deployment step failed; `component` names the part that failed, `code` the exit code."""
-
-    def __init__(self, component: str, message: str, code: int) -> None:
-        super().__init__(f"{component}: {message}")
-        self.component = component
-        self.code = code
-
-
-@dataclass
-class Component:
-    """One long-running process of the deployment (a SuperLink, SuperNode or SuperExec)."""
-
-    name: str  # "superlink", "sn1", "sn1-superexec", ...
-    argv: list[str]
-    log: str
-    netns: str | None = None
-    pid: int = 0
-    index: int = 0  # SuperNode index (1-based); 0 for the SuperLink side
-
-    @property
-    def label(self) -> str:
-        """How messages name it: 'SuperLink', 'SuperNode sn2', 'SuperExec sn2-superexec'."""
-        if self.name == "superlink":
-            return "SuperLink"
-        return ("SuperExec " if self.name.endswith("superexec") else "SuperNode ") + self.name
-
-
-@dataclass
-class Deployment:
-    """Everything `up` decided; saved as JSON so later commands (run, down) find it."""
-
-    state_dir: str
-    flwr_home: str
-    num_nodes: int
-    secure: bool
-    hosts: str  # "loopback" | "netns"
-    isolation: str  # "subprocess" | "process"
-    fleet_address: str  # what SuperNodes dial
-    control_address: str  # what the `flwr` CLI dials (from cli_netns)
-    certs_dir: str
-    node_config: dict[str, str] = field(default_factory=dict)
-    namespaces: list[str] = field(default_factory=list)
-    cli_netns: str | None = None
-    components: list[Component] = field(default_factory=list)
-
-    def save(self) -> None:
-        path = Path(self.state_dir) / "deployment.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)  # atomic: a kill never leaves a half-written state file
-
-    @classmethod
-    def load(cls, state_dir: Path) -> Deployment:
-        path = state_dir / "deployment.json"
-        if not path.is_file():
-            raise DeployError("deployment", f"no deployment in {state_dir}; start one with `up`",
-                              EXIT_USAGE)
-        data = json.loads(path.read_text())
-        data["components"] = [Component(**c) for c in data["components"]]
-        return cls(**data)
-
-    def component(self, name: str) -> Component:
-        for comp in self.components:
-            if comp.name == name:
-                return comp
-        raise DeployError(name, f"no such component (have {[c.name for c in self.components]})",
-                          EXIT_USAGE)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command lines (pure): the same argv the docs and compose.yaml use.
-
-
-def flwr_bin_dir() -> Path:
-    """Folder with flower-superlink & co.; SuperLink/SuperNode spawn `flower-superexec` by name."""
-    venv = REPO / ".venv" / "bin"
-    if (venv / "flower-superlink").exists():
-        return venv
-    found = shutil.which("flower-superlink")
-    if found is None:
-        raise DeployError("flwr", "flower-superlink not found: run `make venv` first", EXIT_USAGE)
-    return Path(found).parent
-
-
-def child_env(flwr_home: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_HOME=flwr_home,
-        # A SuperLink otherwise runs `uv sync` per run, which pulls a multi-GB CUDA torch.
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
-        TOKENIZERS_PARALLELISM="false",
-        PATH=f"{flwr_bin_dir()}{os.pathsep}{env.get('PATH', '')}",
-    )
-    # The ServerApp runs from an installed copy of the app (no .git): its run folder records
-    # the revision from here. Runs and caches default to the repository's folders.
-    env.setdefault("FEDDIFRC_GIT_SHA", git_revision())
-    env.setdefault("FEDDIFRC_RUNS_DIR", str(REPO / "runs"))
-    env.setdefault("FEDDIFRC_CACHE_DIR", str(REPO / ".cache" / "feddifrc"))
-    return env
-
-
-def node_config_string(values: dict[str, object]) -> str:
-    """`--node-config` text: ints bare, strings TOML-quoted (paths may contain spaces)."""
-    parts = []
-    for key, value in values.items():
-        text = str(value) if isinstance(value, int) else json.dumps(str(value))
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
-
-
-def superlink_argv(fleet_address: str, control_host: str, control_port: int, certs: Path | None,
-                   isolation: str = "subprocess") -> list[str]:
-    argv = ["flower-superlink", "--fleet-api-address", fleet_address, "--host", control_host,
-            "--port", str(control_port), "--isolation", isolation,
-            "--disable-runtime-dependency-installation"]
-    if certs is None:
-        return [*argv, "--insecure"]
-    return [*argv, "--ssl-ca-certfile", str(certs / "ca.crt"),
-            "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
-            "--enable-supernode-auth"]
-
-
-def supernode_argv(superlink: str, runtime_port: int, node_config: str, certs: Path | None,
-                   auth_key: Path | None, isolation: str = "subprocess",
-                   max_wait_time: float = 60.0) -> list[str]:
-    # max-wait-time bounds how long a node keeps redialling an unreachable SuperLink.
-    argv = ["flower-supernode", "--superlink", superlink, "--port", str(runtime_port),
-            "--isolation", isolation, "--node-config", node_config,
-            "--max-wait-time", str(max_wait_time)]
-    if certs is None:
-        return [*argv, "--insecure"]
-    argv += ["--root-certificates", str(certs / "ca.crt")]
-    if auth_key is not None:
-        argv += ["--auth-supernode-private-key", str(auth_key)]
-    return argv
-
-
-def superexec_argv(runtime_address: str, root_cert: Path | None) -> list[str]:
-    argv = ["flower-superexec", "--runtime-api-address", runtime_address]
-    if root_cert is None:
-        return [*argv, "--insecure"]
-    return [*argv, "--root-certificates", str(root_cert)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie counts as dead)."""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-_CHILDREN: dict[int, subprocess.Popen] = {}
-
-
-def exit_code(pid: int) -> int | None:
-    """Exit status of a process this Python process started (None when unknown or running)."""
-    proc = _CHILDREN.get(pid)
-    return None if proc is None else proc.poll()
-
-
-def start(comp: Component, env: dict[str, str]) -> Component:
-    """Start `comp` in its own session (so stop() can end its children too); logs to comp.log."""
-    Path(comp.log).parent.mkdir(parents=True, exist_ok=True)
-    with open(comp.log, "ab") as log:
-        proc = subprocess.Popen(hosts.wrap(comp.netns, comp.argv), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=REPO, start_new_session=True)
-    _CHILDREN[proc.pid] = proc
-    comp.pid = proc.pid
-    return comp
-
-
-def stop(comp: Component, timeout: float = 10.0) -> None:
-    """SIGTERM the component's process group, then SIGKILL what is left after `timeout`."""
-    if comp.pid <= 0:
-        return
-    for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(comp.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            proc = _CHILDREN.get(comp.pid)
-            if proc is not None:
-                proc.poll()
-            if not pid_alive(comp.pid) and not _group_alive(comp.pid):
-                return
-            time.sleep(0.1)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # Zombies in the group still answer signal 0: look at the real states.
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
-def log_tail(comp: Component, lines: int = 15) -> str:
-    try:
-        text = Path(comp.log).read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return "(no log)"
-    return "\n".join("    " + line for line in text[-lines:])
-
-
-def flower_exit_code(comp: Component) -> int | None:
-    """Flower's own exit code ("Exit Code: 305") from the log; the process itself exits 1."""
-    found = re.findall(r"Exit Code: (\d+)", log_tail(comp, 60))
-    return int(found[-1]) if found else None
-
-
-def describe_death(comp: Component) -> str:
-    code = exit_code(comp.pid)
-    how = f"exited with code {code}" if code is not None else "is no longer running"
-    if (flower_code := flower_exit_code(comp)) is not None:
-        how += f" (Flower exit code {flower_code})"
-    return f"{comp.label} (pid {comp.pid}) {how}; last lines of {comp.log}:\n{log_tail(comp)}"
-
-
-def wait_for_log(comp: Component, needle: str, timeout: float, since: int = 0) -> None:
-    """Wait until `needle` appears in comp.log after byte `since`; fail if the process dies."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(comp.log, "rb") as fh:
-                fh.seek(since)
-                if needle.encode() in fh.read():
-                    return
-        except FileNotFoundError:
-            pass
-        if not pid_alive(comp.pid):
-            raise DeployError(comp.label, describe_death(comp), EXIT_START_FAILED)
-        time.sleep(0.2)
-    raise DeployError(comp.label, f"not ready after {timeout:.0f} s (waited for '{needle}'); "
-                      f"last lines of {comp.log}:\n{log_tail(comp)}", EXIT_START_FAILED)
-
-
-# ----------------------------------------------------------------------------------------------
-# The flwr CLI (Control API)
-
-
-def write_connection(flwr_home: Path, name: str, address: str, root_cert: Path | None) -> None:
-    """Add/replace [superlink.<name>] in $FLWR_HOME/config.toml, keeping every other entry."""
-    import tomli  # both are dependencies of flwr (tomllib needs Python 3.11)
-    import tomli_w
-
-    path = flwr_home / "config.toml"
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    if not path.is_file():  # flwr's own default first, so `flwr run .` keeps its local SuperLink
-        with warnings.catch_warnings():  # flwr.cli pulls in typer, which warns about click
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
-
-        path.write_text(DEFAULT_FLOWER_CONFIG_TOML)
-    config = tomli.loads(path.read_text())
-    superlinks = config.setdefault("superlink", {})
-    entry: dict[str, object] = {"address": address}
-    if root_cert is None:
-        entry["insecure"] = True
-    else:
-        entry["root-certificates"] = str(root_cert.resolve())
-    superlinks[name] = entry
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(config))
-    os.replace(tmp, path)
-
-
-def tls_hint(dep: Deployment, name: str = CONNECTION) -> str:
-    """Why a TLS SuperLink is 'unavailable' to the CLI: flwr says only "Connection unavailable"
-    when the connection has no root certificate (or is insecure) and the SuperLink expects TLS."""
-    if not dep.secure:
-        return ""
-    import tomli
-
-    path = Path(dep.flwr_home) / "config.toml"
-    try:
-        entry = tomli.loads(path.read_text()).get("superlink", {}).get(name, {})
-    except (OSError, tomli.TOMLDecodeError):
-        entry = {}
-    ca = Path(dep.certs_dir) / "ca.crt"
-    if entry.get("insecure") or not entry.get("root-certificates"):
-        return (f"\nThe SuperLink expects TLS, but the connection [superlink.{name}] in {path} "
-                f"has {'insecure = true' if entry.get('insecure') else 'no root-certificates'}: "
-                f"set root-certificates = \"{ca}\" (the deployment's CA) and remove insecure.")
-    return (f"\nThe SuperLink expects TLS: check that root-certificates ({entry['root-certificates']}) "
-            f"is the deployment's CA ({ca}) and that the certificate names {dep.control_address}.")
-
-
-def flwr_cli(dep: Deployment, args: list[str], timeout: float = 120.0
-             ) -> subprocess.CompletedProcess[str]:
-    argv = hosts.wrap(dep.cli_netns, [str(flwr_bin_dir() / "flwr"), *args])
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env=child_env(dep.flwr_home))
-    except subprocess.TimeoutExpired:
-        raise DeployError("flwr CLI", f"`flwr {' '.join(args)}` did not answer within "
-                          f"{timeout:.0f} s", EXIT_TIMEOUT) from None
-
-
-def flwr_json(dep: Deployment, args: list[str], timeout: float = 120.0) -> dict:
-    """Run a `flwr ... --format json` command; raise naming the SuperLink when it is unreachable."""
-    done = flwr_cli(dep, [*args, "--format", "json"], timeout)
-    try:
-        # flwr prints some lines before the JSON document (e.g. a created config).
-        out = json.loads(done.stdout[done.stdout.index("{"):])
-    except ValueError:
-        raise DeployError("flwr CLI", f"`flwr {' '.join(args)}` gave no JSON (exit "
-                          f"{done.returncode}): {done.stdout[-800:]}{done.stderr[-800:]}",
-                          EXIT_RUN_FAILED) from None
-    if not out.get("success", False):
-        message = str(out.get("error-message", out))
-        if "unavailable" in message.lower():
-            raise DeployError("SuperLink", f"Control API at {dep.control_address} is unreachable "
-                              f"(`flwr {args[0]} {args[1] if len(args) > 1 else ''}`): {message}"
-                              f"{tls_hint(dep)}", EXIT_SUPERLINK_UNREACHABLE)
-        raise DeployError("flwr CLI", f"`flwr {' '.join(args)}` failed: {message}", EXIT_RUN_FAILED)
-    return out
-
-
-def register_node(dep: Deployment, public_key: Path) -> str:
-    out = flwr_json(dep, ["supernode", "register", str(public_key), CONNECTION])
-    return str(out["node-id"])
-
-
-def wait_superlink_ready(dep: Deployment, link: Component, timeout: float) -> None:
-    wait_for_log(link, "Starting Fleet API", timeout)
-    deadline = time.monotonic() + timeout
-    while True:  # the Control API (HTTP) answers a little after the Fleet API starts
-        try:
-            flwr_json(dep, ["supernode", "list", CONNECTION], timeout=30)
-            return
-        except DeployError as err:
-            if not pid_alive(link.pid):
-                raise DeployError("SuperLink", describe_death(link), EXIT_START_FAILED) from err
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
+# Sibling modules of this script. Their names are re-exported here: `deploy.X` is the script's
+# interface for soak.py and the tests.
+import hosts  # noqa: E402
+from components import (  # noqa: E402, F401
+    EXIT_COMPONENT_DIED,
+    EXIT_RUN_FAILED,
+    EXIT_START_FAILED,
+    EXIT_SUPERLINK_UNREACHABLE,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    REPO,
+    Component,
+    DeployError,
+    Deployment,
+    describe_death,
+    exit_code,
+    flower_exit_code,
+    log_tail,
+    pid_alive,
+    start,
+    stop,
+    wait_for_log,
+)
+from flwr_commands import (  # noqa: E402, F401
+    CONNECTION,
+    child_env,
+    flwr_bin_dir,
+    flwr_cli,
+    flwr_json,
+    make_certs,
+    node_config_string,
+    register_node,
+    superexec_argv,
+    superlink_argv,
+    supernode_argv,
+    tls_hint,
+    wait_superlink_ready,
+    write_connection,
+)
 
 # ----------------------------------------------------------------------------------------------
 # up / down / nodes
-
-
-def make_certs(certs_dir: Path, num_nodes: int, sans: list[str]) -> None:
-    done = subprocess.run(["bash", str(CERTS_SCRIPT), str(certs_dir), str(num_nodes), *sans],
-                          capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise DeployError("certificates", done.stderr.strip() or done.stdout, EXIT_START_FAILED)
 
 
 def node_component(dep: Deployment, index: int, key: Path | None = None) -> list[Component]:
