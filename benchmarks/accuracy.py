@@ -38,6 +38,7 @@ from typing import Any
 import accuracy_report as report
 
 from feddifrc_core.algorithms import Algorithm, algorithm_names, get_algorithm
+from feddifrc_core.config import BOOKKEEPING_KEYS
 from feddifrc_core.provenance import git_revision
 
 try:  # Python >= 3.11
@@ -132,8 +133,7 @@ DIFFUSION_KEYS = ("diffusion-model", "diffusion-timestep", "up-blocks", "diffusi
                   "lambda-ndcr", "tau", "ndcr-loss", "neg-num", "align-head", "diffusion-dtype", "reduction", "pool-grid",
                   "prompt-template", "ssl-positive-prompt", "ssl-null-prompt", "ssl-vocabulary")
 # Bookkeeping keys that do not change what a run computes (not part of the hash).
-FREE_KEYS = ("output-dir", "run-name", "resume", "cache-dir", "device", "torch-threads",
-             "eval-batch-size", "extraction-batch-size", "round-timeout")
+FREE_KEYS = tuple(sorted(BOOKKEEPING_KEYS))
 
 
 # Keys an algorithm declares as its own (`Algorithm.settings`): set only for the methods that read them.

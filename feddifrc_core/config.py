@@ -23,6 +23,15 @@ from feddifrc_core.models import MODEL_NAMES
 from feddifrc_core.partition import METHODS as PARTITION_METHODS
 from feddifrc_core.projection import PROJECTIONS
 
+# Run-config keys that say where and how fast a run goes, not what it computes: changing one
+# keeps a run the same run (a resumed run may change them; benchmark records leave them out of
+# their configuration hash).
+BOOKKEEPING_KEYS = frozenset({
+    "output-dir", "run-name", "resume", "cache-dir", "data-path", "device", "torch-threads",
+    "eval-batch-size", "extraction-batch-size", "round-timeout"})
+# What a resumed run may change besides: more rounds, and the nodes it waits for.
+RESUMABLE_KEYS = BOOKKEEPING_KEYS | {"num-rounds", "min-available-nodes"}
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""

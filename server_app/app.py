@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client_app.records import from_flower_arrays, to_flower_arrays
 from feddifrc_core import checkpoint as ckpt
-from feddifrc_core.config import RunConfig
+from feddifrc_core.config import RESUMABLE_KEYS, RunConfig
 from feddifrc_core.evaluation import CentralEvaluator
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
 from feddifrc_core.run_setup import model_state, set_torch_threads
@@ -150,10 +150,8 @@ def _save(folder: RunFolder, cfg: RunConfig, run_name: str, server_round: int,
 
 def _check_same_run(cfg: RunConfig, saved: Mapping[str, Any]) -> None:
     """A resumed run may change only bookkeeping keys; anything else would not be the same run."""
-    free = {"resume", "num-rounds", "round-timeout", "output-dir", "device", "torch-threads",
-            "eval-batch-size", "data-path", "cache-dir", "min-available-nodes"}
     now = cfg.to_flower()
-    changed = sorted(k for k in now if k not in free and saved.get(k) != now[k])
+    changed = sorted(k for k in now if k not in RESUMABLE_KEYS and saved.get(k) != now[k])
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise ValueError(f"resume: the run config differs from the checkpoint's ({detail}); "
