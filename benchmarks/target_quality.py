@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--up-blocks", default="0,1,2")
     p.add_argument("--tau", type=float, default=0.04)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--reductions", default=",".join(REDUCTIONS), help="comma-separated")
+    p.add_argument("--pool-grids", default="1", help="mean-pool's g x g grids, comma-separated")
     p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "target_quality",
                    help="feature cache: each setting's targets are extracted once")
     args = p.parse_args(argv)
@@ -114,10 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     fit, fit_rows = subsample(train, args.fit_samples, args.seed)
     test, test_rows = subsample(load_dataset("fashion-mnist", "test"), args.test_samples, args.seed)
     backbone = load_backbone(args.diffusion_model, "cpu", torch.float32)
-    settings = {r: RepresentationSettings(
+    reductions = [r for r in args.reductions.split(",") if r]
+    unknown = sorted(set(reductions) - set(REDUCTIONS))
+    if unknown:
+        raise SystemExit(f"--reductions: unknown {unknown}; choose from {list(REDUCTIONS)}")
+    grids = [int(g) for g in args.pool_grids.split(",")]
+    # (reduction, grid) pairs: a pooling grid applies to mean-pool only
+    variants = [(r, g) for r in reductions for g in (grids if r == "mean-pool" else [1])]
+    settings = {v: RepresentationSettings(
         timestep=args.timestep, up_blocks=tuple(int(b) for b in args.up_blocks.split(",")),
         image_size=0, batch_size=64, seed=args.seed, dataset="fashion-mnist",
-        reduction=r) for r in REDUCTIONS}
+        reduction=v[0], pool_grid=v[1]) for v in variants}
     cache = args.cache_dir
     # test ids are offset so that their noise differs from the training images'
     fit_args = (fit.images, fit.labels, fit_rows, fit.class_names)
@@ -125,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, dict[str, float]] = {
         "raw pixels": pixel_row(fit.images, fit.labels, test.images, test.labels, args.seed)}
-    for reduction in REDUCTIONS:
-        s = settings[reduction]
+    for reduction, grid in variants:
+        s = settings[(reduction, grid)]
         # 2. the statistics for the shared basis, from the fit images
         if reduction == "mean-pool":
             fit_reps = extract_client_representations(backbone, *fit_args, s, cache, progress=False)
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 offset = total / count
             fit_t = fit_reps.targets(bases, args.feature_dim, offset)
             test_t = test_reps.targets(bases, args.feature_dim, offset)
-            name = f"{reduction} / {projection}"
+            name = f"{reduction}{f' {grid}x{grid}' if grid > 1 else ''} / {projection}"
             rows[name] = quality(fit_t, test_t, fit.labels, test.labels, args.tau, args.seed)
             print(f"{name}: {json.dumps({k: round(v, 3) for k, v in rows[name].items()})}",
                   flush=True)
