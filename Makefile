@@ -111,13 +111,14 @@ deploy-test: venv
 BENCH_ARGS ?=
 .PHONY: benchmark-accuracy benchmark-accuracy-ssl benchmark-round-cost
 
-# FedDifRC vs FedAvg/FedProx/MOON (+ ablations), Fashion-MNIST private split, CPU budget (~1 h).
+# FedDifRC vs FedAvg/FedProx/MOON (+ ablations), Fashion-MNIST private split, CPU budget: five
+# seeds, 55 runs of 4-6 min, resumable (rerun to continue); tables go into docs/results.md.
 benchmark-accuracy: venv data
-	nice -n 5 $(PY) benchmarks/accuracy.py $(BENCH_ARGS)
+	nice -n 5 $(PY) benchmarks/accuracy.py --suite five-seed --publish docs/results.md $(BENCH_ARGS)
 
 # Self-supervised entry: linear probe of feddifrc-ssl vs simclr vs the random-init encoder.
 benchmark-accuracy-ssl: venv data
-	nice -n 5 $(PY) benchmarks/accuracy.py --ssl $(BENCH_ARGS)
+	nice -n 5 $(PY) benchmarks/accuracy.py --suite ssl-three-seed --publish docs/results.md $(BENCH_ARGS)
 
 # Local training time per round, FedDifRC (cached representations) vs FedAvg, one client.
 benchmark-round-cost: venv data

@@ -1,8 +1,9 @@
 """Accuracy benchmark: FedDifRC against FedAvg, FedProx and MOON through the real Flower app.
 
-Every run is a full Flower simulation of the project's ServerApp + ClientApp (10 SuperNodes, 5
-sampled per round) on the Fashion-MNIST PRIVATE split (the half the offline teacher never saw),
-with the same partition, seeds and budget for every method. Methods (`--methods`):
+Every run is a full Flower simulation of the project's ServerApp + ClientApp (10 SuperNodes; all
+of them train each round in the CPU budget, 5 in the paper's) on the Fashion-MNIST PRIVATE split
+(the half the offline teacher never saw), with the same partition, seeds and budget for every
+method. Methods (`--methods`):
 
     fedavg, fedprox, moon                      baselines
     feddifrc                                   CE + TDCL + NDCR
@@ -10,8 +11,10 @@ with the same partition, seeds and budget for every method. Methods (`--methods`
     feddifrc-ssl, simclr                       self-supervised entry (`--ssl`): linear-probe accuracy;
                                                round 0 of a run is the randomly initialised encoder
 
-    nice -n 5 .venv/bin/python benchmarks/accuracy.py             # CPU budget (~1 h on 2 free cores)
-    nice -n 5 .venv/bin/python benchmarks/accuracy.py --ssl       # the self-supervised table
+    nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite five-seed --publish docs/results.md
+                                      # the five-seed table, in its run order (~4-6 min per run)
+    nice -n 5 .venv/bin/python benchmarks/accuracy.py --seeds 7   # every method, one seed
+    nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite ssl-three-seed   # self-supervised
     .venv/bin/python benchmarks/accuracy.py --paper --gpus-per-client 0.2   # paper budget, GPU
     .venv/bin/python benchmarks/accuracy.py --methods feddifrc --set tau=0.1 --tag tau0.1  # a knob
 
@@ -49,6 +52,7 @@ except ModuleNotFoundError:  # Python 3.10: flwr depends on tomli
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "accuracy"
 RESULTS_FORMAT = 1
+CPU_FOLDER = "cpu-v2"  # the CPU budget's records ("cpu": the earlier 15-round budget, kept)
 
 # --- what is compared ----------------------------------------------------------------------------
 # Method name -> run-config overrides: every registered algorithm (feddifrc_core/algorithms/) plus
@@ -92,18 +96,24 @@ COMMON: dict[str, Any] = {
     "eval-every": 1,
     "augment": True,
 }
-# CPU budget: the whole supervised table (6 methods x 2 alphas, one seed) in about an hour of
-# two free cores; a small CNN on a stratified 4k-image subsample, few local epochs.
+# CPU budget, chosen by measurement (benchmarks/results/budget, docs/results.md "Choice of the
+# budget"): FedAvg's curve at alpha 0.1 must have flattened (mean of its last 5 rounds within 2
+# points of its best). With 5 of 10 clients per round it swings by +-8 points even after 50 rounds
+# (client sampling under label skew), with 2 local epochs it peaks and then oscillates; all 10
+# clients with 1 local epoch on 6,000 images rise smoothly (last 5 within 1.6 of the best at 40).
+# Clients train one at a time on both cores (torch-threads: a bookkeeping key): ~4 min per run.
 CPU_BUDGET: dict[str, Any] = {
     **COMMON,
-    "num-rounds": 15,
-    "train-samples": 4000,
+    "fraction-train": 1.0,
+    "min-train-nodes": 10,
+    "num-rounds": 40,
+    "train-samples": 6000,
     "test-samples": 2000,
     "model": "small-cnn",
     "model-width": 32,
-    "local-epochs": 2,
+    "local-epochs": 1,
     "device": "cpu",
-    "torch-threads": 1,
+    "torch-threads": 2,
     "eval-batch-size": 1000,
     "probe-train-samples": 2000,
 }
@@ -172,6 +182,22 @@ def teacher_recommendation(model: str) -> dict[str, Any]:
     if "up_blocks" in rec:
         out["up-blocks"] = str(rec["up_blocks"])
     return out
+
+
+# Whole benchmarks, in the order their runs are worth having (a partial table is still useful):
+# name -> (seeds, phases of (methods, alphas, run-config overrides, tag)); seeds are outermost
+# within a phase, so the pairs of the first comparison complete first.
+Phase = tuple[tuple[str, ...], tuple[float, ...], dict[str, Any], str]
+SUITES: dict[str, tuple[tuple[int, ...], tuple[Phase, ...]]] = {
+    "five-seed": ((7, 8, 9, 10, 11), (
+        (("fedavg", "feddifrc"), (0.1,), {}, ""),  # the target's comparison first
+        (("fedprox", "moon"), (0.1,), {}, ""),
+        (("fedavg", "fedprox", "moon", "feddifrc"), (0.5,), {}, ""),
+        (("feddifrc-tdcl", "feddifrc-ndcr"), (0.1,), {}, ""),
+        (("feddifrc",), (0.1,), {"align-head": "none"}, "no-head"),  # the earlier default targets
+    )),
+    "ssl-three-seed": ((7, 8, 9), ((("feddifrc-ssl", "simclr"), (0.1,), {}, ""),)),
+}
 
 
 # --- one run -------------------------------------------------------------------------------------
@@ -427,7 +453,8 @@ def write_reports(store: ResultsStore, out: Path, command: str,
             initial_row_of=SELF_SUPERVISED[0] if is_ssl else None)
         target = SELF_SUPERVISED[0] if is_ssl else "feddifrc"
         rivals = [m for m in order if m != target and not _algorithm(m).needs_targets]
-        table += "\n" + report.versus_markdown(subset, target, rivals)
+        versus = report.versus_markdown(subset, target, rivals)
+        table += f"\n{versus}" if versus else ""
         plain = [r for r in subset if not r.get("tag")] or subset  # variants may change budget keys
         budget = {k: v for k, v in plain[0]["run-config"].items()
                   if k in ("num-rounds", "train-samples", "test-samples", "model", "model-width",
@@ -508,7 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"comma-separated (default: {','.join(SUPERVISED)}; with --ssl: "
                         f"{','.join(SELF_SUPERVISED)})")
     p.add_argument("--alphas", default="0.1,0.5", help="Dirichlet alphas (default 0.1,0.5)")
-    p.add_argument("--seeds", default="7", help="seeds (default 7, the reference seed)")
+    p.add_argument("--seeds", default=None, help="seeds (default 7, the reference seed; with "
+                   "--suite the suite's seeds)")
+    p.add_argument("--suite", choices=sorted(SUITES), default=None,
+                   help="a whole benchmark in its run order (instead of --methods/--alphas/--tag)")
     p.add_argument("--rounds", type=int, default=None, help="override num-rounds of the budget")
     p.add_argument("--paper", action="store_true", help="paper budget (ResNet-10, 50 rounds, GPU)")
     p.add_argument("--ssl", action="store_true", help="self-supervised table (linear probe)")
@@ -533,17 +563,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return child(args.child, args.clients, args.cpus_per_client, args.gpus_per_client)
 
     # 1. what to run
-    out = (args.out or DEFAULT_OUT / ("paper" if args.paper else "cpu")).resolve()
+    out = (args.out or DEFAULT_OUT / ("paper" if args.paper else CPU_FOLDER)).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    methods = [m.strip() for m in (args.methods or ",".join(
-        SELF_SUPERVISED if args.ssl else SUPERVISED)).split(",") if m.strip()]
-    alphas = [float(a) for a in args.alphas.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
     budget = dict(PAPER_BUDGET if args.paper else CPU_BUDGET)
     if args.rounds:
         budget["num-rounds"] = args.rounds
     extra = parse_set(args.set)
-    specs = plan_runs(methods, alphas, seeds, budget, extra, args.tag)
+    if args.suite:
+        if args.methods or args.tag:
+            raise SystemExit("--suite plans its own methods and tags: drop --methods/--tag")
+        suite_seeds, phases = SUITES[args.suite]
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(suite_seeds)
+        specs = [spec for methods, alphas, overrides, tag in phases
+                 for spec in plan_runs(methods, alphas, seeds, budget, {**extra, **overrides}, tag)]
+    else:
+        methods = [m.strip() for m in (args.methods or ",".join(
+            SELF_SUPERVISED if args.ssl else SUPERVISED)).split(",") if m.strip()]
+        alphas = [float(a) for a in args.alphas.split(",")]
+        seeds = [int(s) for s in (args.seeds or "7").split(",")]
+        specs = plan_runs(methods, alphas, seeds, budget, extra, args.tag)
     store = ResultsStore(out / "results.json")
     command = "nice -n 5 .venv/bin/python benchmarks/accuracy.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]))

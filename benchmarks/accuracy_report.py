@@ -122,7 +122,7 @@ def versus_markdown(records: Sequence[Record], method: str, baselines: Sequence[
             lines.append(f"| {alpha:g} | {baseline} | {fmt_mean_sd(best['mean-sd'], True)} | "
                          f"{fmt_interval(best['ci95'])} | {fmt_mean_sd(mean['mean-sd'], True)} | "
                          f"{fmt_interval(mean['ci95'])} | {','.join(map(str, best['seeds']))} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if len(lines) > 4 else ""  # no pair recorded yet: no table
 
 
 def plot_accuracy(records: Sequence[Record], path: Path, order: Sequence[str],

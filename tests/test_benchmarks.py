@@ -210,3 +210,19 @@ def test_target_choice_plans_every_variant_on_one_budget_and_pairs_by_seed():
     # 95 % t-interval with 1 dof: 2 +/- 12.706 * 4.243 / sqrt(2)
     assert row["best-vs-fedavg-ci95"] == pytest.approx((2 - 38.1186, 2 + 38.1186), abs=1e-3)
     assert "| A-linear | 57.00 ± 2.83 | 46.00 ± 5.66 | +2.00 ± 4.24 | [-36.12, +40.12] |" in text
+
+
+def test_five_seed_suite_runs_the_targets_comparison_first(tmp_path, capsys):
+    assert accuracy.main(["--suite", "five-seed", "--dry-run", "--out", str(tmp_path)]) == 0
+    keys = [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert keys[:4] == ["fedavg/alpha=0.1/seed=7", "feddifrc/alpha=0.1/seed=7",
+                        "fedavg/alpha=0.1/seed=8", "feddifrc/alpha=0.1/seed=8"]
+    assert len(keys) == len(set(keys)) == 5 * (2 + 2 + 4 + 2 + 1)
+    assert keys[10:12] == ["fedprox/alpha=0.1/seed=7", "moon/alpha=0.1/seed=7"]
+    assert keys[-1] == "feddifrc+no-head/alpha=0.1/seed=11"
+    seeds, phases = accuracy.SUITES["five-seed"]
+    no_head = accuracy.plan_runs(*phases[-1][:2], [7], accuracy.CPU_BUDGET, phases[-1][2],
+                                 phases[-1][3])[0]
+    assert no_head.overrides["align-head"] == "none" and no_head.overrides["reduction"] == "mean-pool"
+    with pytest.raises(SystemExit, match="drop --methods"):
+        accuracy.main(["--suite", "five-seed", "--methods", "fedavg", "--out", str(tmp_path)])
