@@ -140,13 +140,12 @@ class RunFolder:
 
     # --- writing -----------------------------------------------------------------------------------
     def write_config(self, cfg: RunConfig, run_name: str, extra: Mapping[str, Any]) -> None:
-        import flwr
         import torch
 
         payload = {
             "run-name": run_name,
             "git-revision": git_revision(),
-            "flwr-version": flwr.__version__,
+            "flwr-version": _installed_version("flwr"),  # the core never imports flwr
             "torch-version": torch.__version__,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **extra,
@@ -258,3 +257,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _installed_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
