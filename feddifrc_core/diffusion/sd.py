@@ -230,6 +230,11 @@ def folder_fingerprint(folder: Path, full_hash_limit: int = 64 << 20) -> str:
 
 # --- the full SD-2.1 (768-v) architecture with random weights, for speed measurements --------
 # Values from the public stabilityai/stable-diffusion-2-1 configs (unet/vae/text_encoder/scheduler).
+# SD's UNet layout: cross-attention in the first three down and last three up blocks.
+SD_BLOCK_TYPES: dict[str, tuple[str, ...]] = {
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
 SD21_UNET_CONFIG: dict[str, Any] = {
     "sample_size": 96,
     "in_channels": 4,
@@ -240,18 +245,7 @@ SD21_UNET_CONFIG: dict[str, Any] = {
     "cross_attention_dim": 1024,
     "use_linear_projection": True,
     "upcast_attention": True,
-    "down_block_types": (
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    "up_block_types": (
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ),
+    **SD_BLOCK_TYPES,
     "norm_num_groups": 32,
     "flip_sin_to_cos": True,
     "freq_shift": 0,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from feddifrc_core import paths
-from feddifrc_core.diffusion.sd import SD_SCHEDULER_CONFIG
+from feddifrc_core.diffusion.sd import SD_BLOCK_TYPES, SD_SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +34,7 @@ TINY_UNET_CONFIG: dict[str, Any] = {
     "block_out_channels": (32, 32, 64, 64),
     "attention_head_dim": 4,
     "cross_attention_dim": 64,
-    "down_block_types": (
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    "up_block_types": (
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ),
+    **SD_BLOCK_TYPES,  # SD-shaped: the same block layout
     "norm_num_groups": 8,
     "use_linear_projection": True,
 }
