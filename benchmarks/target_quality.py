@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--reductions", default=",".join(REDUCTIONS), help="comma-separated")
     p.add_argument("--pool-grids", default="1", help="mean-pool's g x g grids, comma-separated")
+    p.add_argument("--write-teacher-card", action="store_true",
+                   help="record the first setting's probe against pixels in the offline "
+                        "teacher's teacher.json and model card (its acceptance numbers)")
     p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "target_quality",
                    help="feature cache: each setting's targets are extracted once")
     args = p.parse_args(argv)
@@ -173,7 +176,30 @@ def main(argv: list[str] | None = None) -> int:
     md = table(rows, meta)
     (args.out / "target_quality.md").write_text(md)
     print(md)
+    if args.write_teacher_card:
+        first = next(name for name in rows if name != "raw pixels")
+        record_in_teacher_card(args.diffusion_model, first, rows[first], rows["raw pixels"], meta)
     return 0
+
+
+def record_in_teacher_card(model: str, setting: str, row: dict[str, float],
+                           pixels: dict[str, float], meta: dict[str, Any]) -> None:
+    """Store the clients' target probe (`targets_probe`) in teacher.json and rewrite the card."""
+    from feddifrc_core.checkpoint import atomic_write_text
+    from feddifrc_core.diffusion.teacher_backbone import TEACHER_JSON, resolve_teacher_path
+    from teacher.export import model_card
+
+    folder = resolve_teacher_path(model.partition(":")[2] or "offline-teacher")
+    info = json.loads((folder / TEACHER_JSON).read_text())
+    info["targets_probe"] = {
+        "setting": setting, "timestep": meta["timestep"], "up_blocks": meta["up-blocks"],
+        "feature_dim": meta["feature-dim"], "fit_samples": meta["fit-samples"],
+        "test_samples": meta["test-samples"], "linear": row["probe"], "knn": row["knn"],
+        "pixels_linear": pixels["probe"], "pixels_knn": pixels["knn"],
+        "source": "benchmarks/target_quality.py"}
+    atomic_write_text(folder / TEACHER_JSON, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(folder / "README.md", model_card(info))
+    print(f"Recorded the target probe of {setting!r} in {folder / TEACHER_JSON}")
 
 
 def table(rows: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:

@@ -149,6 +149,15 @@ def model_card(info: dict[str, Any]) -> str:
     probe = info.get("probe")
     if probe:
         rec_lines += "\n" + probe_line(probe)
+    targets = info.get("targets_probe")
+    if targets:
+        rec_lines += (
+            f"\n- Probe of the clients' targets ({targets['source']}: {targets['setting']}, "
+            f"D={targets['feature_dim']}, t={targets['timestep']}, null prompt; fitted on "
+            f"{targets['fit_samples']} private images, tested on {targets['test_samples']} test "
+            f"images): linear {targets['linear']:.1%} vs pixels {targets['pixels_linear']:.1%}, "
+            f"kNN {targets['knn']:.1%} vs pixels {targets['pixels_knn']:.1%}."
+        )
     epochs = tr["steps_done"] * tr["batch_size"] / info["data"]["num_images"]
     return f"""# Offline diffusion teacher for Fashion-MNIST (`offline-teacher`)
 

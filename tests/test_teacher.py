@@ -124,7 +124,7 @@ def test_shipped_teacher_is_complete_and_small():
         assert needed in card
     assert (SHIPPED / "loss_curve.csv").read_text().startswith("step,loss")
     size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
-    assert size < 4 * 2**20  # the Flower app bundle is capped at 10 MB
+    assert size < 10 * 2**20  # a few MB in git; nodes find it on disk (not in the Flower bundle)
 
 
 def test_shipped_teacher_loads_as_backbone_and_runs():
