@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 from loopback_grid import LoopbackGrid
+from micro_config import micro_run_config
 from PIL import Image
 
 from client_app.app import app as client_app
@@ -42,29 +43,7 @@ def _fresh_datasets():
 
 
 def tiny(tmp_path: Path, **changes) -> RunConfig:
-    base = dict(
-        seed=3,
-        num_rounds=1,
-        fraction_train=1.0,
-        min_train_nodes=2,
-        min_available_nodes=2,
-        output_dir=str(tmp_path / "runs"),
-        run_name="run",
-        torch_threads=1,
-        device="cpu",
-        dataset="digits",
-        train_samples=60,
-        test_samples=40,
-        partition="iid",
-        model="small-cnn",
-        model_width=4,
-        local_epochs=1,
-        batch_size=16,
-        algorithm="fedavg",
-        cache_dir=str(tmp_path / "cache"),
-        probe_train_samples=20,
-    )
-    return RunConfig(**{**base, **changes})
+    return micro_run_config(tmp_path, **{"probe_train_samples": 20, **changes})
 
 
 def image_folder(

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from micro_config import micro_run_config
 
 from feddifrc_core import checkpoint as ckpt
 from feddifrc_core.feature_cache import FeatureCache, FeatureCacheError
@@ -333,30 +334,10 @@ def test_twenty_clients_one_round_keep_per_process_state_bounded(tmp_path):
 
     from client_app.app import app as client_app
     from feddifrc_core.client_session import ClientSession
-    from feddifrc_core.config import RunConfig
     from server_app.app import run_server
 
-    cfg = RunConfig(
-        seed=3,
-        num_rounds=1,
-        fraction_train=0.5,
-        min_train_nodes=10,
-        min_available_nodes=20,
-        output_dir=str(tmp_path / "runs"),
-        run_name="run",
-        torch_threads=1,
-        device="cpu",
-        dataset="digits",
-        train_samples=240,
-        test_samples=50,
-        partition="iid",
-        model="small-cnn",
-        model_width=4,
-        local_epochs=1,
-        batch_size=16,
-        algorithm="fedavg",
-        cache_dir=str(tmp_path / "cache"),
-    )
+    cfg = micro_run_config(tmp_path, fraction_train=0.5, min_train_nodes=10,
+                           min_available_nodes=20, train_samples=240, test_samples=50)
     ClientSession._sessions.clear()
     summary = run_server(LoopbackGrid(client_app, 20), cfg)
     assert summary["rounds"] == 1
@@ -385,30 +366,9 @@ def test_scale_benchmark_reads_the_process_tree():
 
 # --- 5. a real ServerApp process killed mid-run resumes exactly -----------------------------------
 def resume_config(tmp_path: Path, run_name: str, resume: bool = False):
-    from feddifrc_core.config import RunConfig
-
-    return RunConfig(
-        seed=5,
-        num_rounds=4,
-        fraction_train=0.67,
-        min_train_nodes=2,
-        min_available_nodes=3,
-        output_dir=str(tmp_path / "runs"),
-        run_name=run_name,
-        resume=resume,
-        torch_threads=1,
-        device="cpu",
-        dataset="digits",
-        train_samples=120,
-        test_samples=60,
-        partition="iid",
-        model="small-cnn",
-        model_width=4,
-        local_epochs=1,
-        batch_size=16,
-        algorithm="fedprox",
-        cache_dir=str(tmp_path / "cache"),
-    )
+    return micro_run_config(tmp_path, seed=5, num_rounds=4, fraction_train=0.67,
+                            min_available_nodes=3, run_name=run_name, resume=resume,
+                            train_samples=120, test_samples=60, algorithm="fedprox")
 
 
 @pytest.mark.slow
