@@ -453,8 +453,9 @@ def write_reports(store: ResultsStore, out: Path, command: str,
             initial_row_of=SELF_SUPERVISED[0] if is_ssl else None)
         target = SELF_SUPERVISED[0] if is_ssl else "feddifrc"
         rivals = [m for m in order if m != target and not _algorithm(m).needs_targets]
-        versus = report.versus_markdown(subset, target, rivals)
-        table += f"\n{versus}" if versus else ""
+        for extra_table in (report.versus_markdown(subset, target, rivals),
+                            report.losses_markdown(subset)):
+            table += f"\n{extra_table}" if extra_table else ""
         plain = [r for r in subset if not r.get("tag")] or subset  # variants may change budget keys
         budget = {k: v for k, v in plain[0]["run-config"].items()
                   if k in ("num-rounds", "train-samples", "test-samples", "model", "model-width",

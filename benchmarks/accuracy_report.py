@@ -125,6 +125,37 @@ def versus_markdown(records: Sequence[Record], method: str, baselines: Sequence[
     return "\n".join(lines) + "\n" if len(lines) > 4 else ""  # no pair recorded yet: no table
 
 
+LOSS_COLUMNS = (("train-accuracy", "local train accuracy (%)"), ("train-ce", "CE"),
+                ("train-tdcl", "TDCL"), ("train-ndcr", "NDCR"), ("train-prox", "prox"),
+                ("train-moon", "MOON"))
+
+
+def losses_markdown(records: Sequence[Record]) -> str:
+    """The last round's client-side numbers per method (mean over seeds): how close alignment got
+    (TDCL chance = ln(1 + negatives), NDCR "l2" = 2 - 2 cos) and, against the global model's final
+    test accuracy, how far the local models drift from it (local train accuracy)."""
+    groups = group(records)
+    present = [(k, name) for k, name in LOSS_COLUMNS
+               if any(k in r.get("last-round", {}) for r in records)]
+    if not present:
+        return ""
+    lines = ["Last round, client side (mean over seeds): " + ", ".join(n for _, n in present)
+             + "; and the global model's final test accuracy (%).", "",
+             "| method | α | " + " | ".join(n for _, n in present) + " | final test accuracy |",
+             "|---|---" + "|---" * len(present) + "|---|"]
+    for (label, alpha), runs in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):
+        cells = []
+        for key, _ in present:
+            values = [float(r["last-round"][key]) for r in runs.values()
+                      if isinstance(r.get("last-round", {}).get(key), (int, float))]
+            scale = 100 if key == "train-accuracy" else 1
+            cells.append(f"{scale * sum(values) / len(values):.2f}" if values else "-")
+        final = [100 * float(r["final"]) for r in runs.values() if r.get("final") is not None]
+        cells.append(f"{sum(final) / len(final):.2f}" if final else "-")
+        lines.append(f"| {label} | {alpha:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_accuracy(records: Sequence[Record], path: Path, order: Sequence[str],
                   ylabel: str = "global test accuracy (%)") -> None:
     """Accuracy per round, one panel per alpha: mean over seeds, band = ± 1 sd over seeds."""

@@ -135,6 +135,11 @@ def test_report_pairs_seeds_gives_t_intervals_and_publishes_into_a_document(tmp_
                                            ["fedavg", "fedprox", "moon"])
     assert "| 0.1 | fedavg | +10.00 ± 0.00 | [+10.00, +10.00] |" in text
     assert "| 0.1 | moon | +30.00 ± 0.00 | - |" in text and "fedprox" not in text
+    assert accuracy_report.losses_markdown(list(store.records.values())) == ""  # no losses
+    losses = accuracy_report.losses_markdown([{**r, "last-round": {"train-accuracy": 0.9,
+                                                                   "train-tdcl": 1.5}}
+                                              for r in store.records.values()])
+    assert "| feddifrc | 0.1 | 90.00 | 1.50 | 65.00 |" in losses  # final: 0.6 and 0.7
     accuracy_report.plot_accuracy(list(store.records.values()), tmp_path / "a.png",
                                   accuracy.SUPERVISED)
     assert (tmp_path / "a.png").stat().st_size > 1000
