@@ -159,11 +159,9 @@ def method_keys(method: str) -> set[str]:
     return {s.replace("_", "-") for s in _algorithm(method).settings}
 
 
-def teacher_recommendation(model: str) -> dict[str, Any]:
-    """`diffusion-timestep` / `up-blocks` recommended by the teacher probe (teacher.json).
-
-    Empty for other backbones (the run config's defaults apply) or while no teacher exists.
-    """
+def teacher_info(model: str) -> dict[str, Any]:
+    """The offline teacher's teacher.json for `model`; empty for other backbones or while no
+    teacher exists (the run config's defaults apply)."""
     if model != "offline-teacher" and not model.startswith("offline-teacher:"):
         return {}
     from feddifrc_core.diffusion.teacher_backbone import TEACHER_JSON, resolve_teacher_path
@@ -173,9 +171,12 @@ def teacher_recommendation(model: str) -> dict[str, Any]:
     except (ValueError, FileNotFoundError):
         return {}
     info_path = Path(folder) / TEACHER_JSON
-    if not info_path.is_file():
-        return {}
-    rec = json.loads(info_path.read_text()).get("recommended") or {}
+    return dict(json.loads(info_path.read_text())) if info_path.is_file() else {}
+
+
+def teacher_recommendation(model: str) -> dict[str, Any]:
+    """`diffusion-timestep` / `up-blocks` recommended by the teacher probe (teacher.json)."""
+    rec = teacher_info(model).get("recommended") or {}
     out: dict[str, Any] = {}
     if "timestep" in rec:
         out["diffusion-timestep"] = int(rec["timestep"])
@@ -210,6 +211,9 @@ class RunSpec:
     seed: int
     overrides: dict[str, Any] = field(hash=False)
     tag: str = ""  # variant label for knob sweeps ("" = the benchmark's setting)
+    # The offline teacher's weights (sha256), when a diffusion method uses it: a retrained
+    # teacher makes new runs instead of reusing the old teacher's records.
+    teacher_weights: str = ""
 
     @property
     def label(self) -> str:
@@ -222,6 +226,8 @@ class RunSpec:
     @property
     def config_hash(self) -> str:
         relevant = {k: v for k, v in sorted(self.overrides.items()) if k not in FREE_KEYS}
+        if self.teacher_weights:
+            relevant["teacher-weights-sha256"] = self.teacher_weights
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
 
     @property
@@ -243,16 +249,18 @@ def plan_runs(methods: Sequence[str], alphas: Sequence[float], seeds: Sequence[i
                     continue  # read from round 0 of the SSL runs
                 cfg: dict[str, Any] = {**budget, **METHODS[method], "seed": int(seed),
                                        "dirichlet-alpha": float(alpha)}
+                weights = ""
                 if uses_diffusion(method):
                     model = str(extra.get("diffusion-model", DIFFUSION_DEFAULTS["diffusion-model"]))
                     cfg.update({**DIFFUSION_DEFAULTS, **target_defaults(),
                                 **teacher_recommendation(model)})
+                    weights = str(teacher_info(model).get("weights_sha256", ""))
                 for key, value in extra.items():
                     applies = ((key not in DIFFUSION_KEYS or uses_diffusion(method))
                                and (key not in OWNED_KEYS or key in method_keys(method)))
                     if applies:
                         cfg[key] = value
-                specs.append(RunSpec(method, float(alpha), int(seed), cfg, tag))
+                specs.append(RunSpec(method, float(alpha), int(seed), cfg, tag, weights))
     return specs
 
 
@@ -367,6 +375,7 @@ def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
         "alpha": spec.alpha,
         "seed": spec.seed,
         "config-hash": spec.config_hash,
+        "teacher-weights-sha256": spec.teacher_weights or None,
         "run-config": spec.overrides,
         "resolved-run-config": _resolved_config(folder),
         "run-folder": str(folder),
@@ -586,7 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = ResultsStore(out / "results.json")
     command = "nice -n 5 .venv/bin/python benchmarks/accuracy.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]))
-    todo = [s for s in specs if not store.done(s)]
+    # --report-only reads what is recorded; it neither plans nor checks the runs
+    todo = [] if args.report_only else [s for s in specs if not store.done(s)]
     print(f"{len(specs)} runs, {len(specs) - len(todo)} already recorded in {store.path}")
     if args.dry_run:
         for s in specs:
