@@ -175,13 +175,15 @@ def teacher_info(model: str) -> dict[str, Any]:
 
 
 def teacher_recommendation(model: str) -> dict[str, Any]:
-    """`diffusion-timestep` / `up-blocks` recommended by the teacher probe (teacher.json)."""
+    """`diffusion-timestep`, `up-blocks` and `pool-grid` recommended by the teacher probe."""
     rec = teacher_info(model).get("recommended") or {}
     out: dict[str, Any] = {}
     if "timestep" in rec:
         out["diffusion-timestep"] = int(rec["timestep"])
     if "up_blocks" in rec:
         out["up-blocks"] = str(rec["up_blocks"])
+    if "pool_grid" in rec:
+        out["pool-grid"] = int(rec["pool_grid"])
     return out
 
 

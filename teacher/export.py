@@ -142,7 +142,8 @@ def model_card(info: dict[str, Any]) -> str:
     rec = info.get("recommended", {})
     rec_lines = (
         f"- recommended `diffusion-timestep` = {rec['timestep']} (alpha_bar = "
-        f'{rec["alpha_bar"]:.3f}), `up-blocks` = "{rec["up_blocks"]}" ({rec.get("source", "")})'
+        f'{rec["alpha_bar"]:.3f}), `up-blocks` = "{rec["up_blocks"]}", `pool-grid` = '
+        f'{rec.get("pool_grid", 1)} ({rec.get("source", "")})'
         if rec
         else "- recommended timestep/blocks: see docs/results.md"
     )
