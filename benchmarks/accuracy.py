@@ -472,9 +472,10 @@ def write_reports(store: ResultsStore, out: Path, command: str,
                   if k in ("num-rounds", "train-samples", "test-samples", "model", "model-width",
                            "local-epochs", "lr", "batch-size", "fraction-train")}
         loads = [r["machine-load"]["load1-mean"] for r in subset if r.get("machine-load")]
-        load_line = (f"Machine load (1-min average) during the runs: mean {sum(loads) / len(loads):.2f}"
-                     f", max {max(loads):.2f} over {len(loads)} runs (results.json: "
-                     "`machine-load`).\n" if loads else "")
+        load_line = (f"Machine load during the runs (1-min load average, each run's mean): "
+                     f"{min(loads):.2f} to {max(loads):.2f} over {len(loads)} runs on "
+                     f"{subset[0]['machine-load']['cpus']} cores (results.json: `machine-load`)."
+                     "\n" if loads else "")
         plot = out / f"{'ssl_' if is_ssl else ''}accuracy.png"
         body = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{command}`\n"
                 f"Per-run configs: results.json (`run-config`). Plot: `{plot.name}`.\n")
