@@ -471,10 +471,11 @@ def write_reports(store: ResultsStore, out: Path, command: str,
         budget = {k: v for k, v in plain[0]["run-config"].items()
                   if k in ("num-rounds", "train-samples", "test-samples", "model", "model-width",
                            "local-epochs", "lr", "batch-size", "fraction-train")}
-        loads = [r["machine-load"]["load1-mean"] for r in subset if r.get("machine-load")]
+        sampled = [r["machine-load"] for r in subset if r.get("machine-load")]
+        loads = [m["load1-mean"] for m in sampled]
         load_line = (f"Machine load during the runs (1-min load average, each run's mean): "
                      f"{min(loads):.2f} to {max(loads):.2f} over {len(loads)} runs on "
-                     f"{subset[0]['machine-load']['cpus']} cores (results.json: `machine-load`)."
+                     f"{sampled[0]['cpus']} cores (results.json: `machine-load`)."
                      "\n" if loads else "")
         plot = out / f"{'ssl_' if is_ssl else ''}accuracy.png"
         body = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{command}`\n"
