@@ -63,6 +63,8 @@ def test_harness_records_runs_skips_them_on_rerun_and_writes_reports(tmp_path, m
         launched.append(spec.key)
         folder = out / "runs" / spec.run_name
         _fake_run_folder(folder, curves[spec.method])
+        if spec.method == "fedavg":  # what launch's LoadSampler leaves
+            (folder / accuracy.LOAD_FILE).write_text(json.dumps({"cpus": 2, "load1-mean": 1.5}))
         return folder
 
     monkeypatch.setattr(accuracy, "launch", fake_launch)
@@ -82,6 +84,7 @@ def test_harness_records_runs_skips_them_on_rerun_and_writes_reports(tmp_path, m
     assert ("| feddifrc | 0.1 | 70.00 ± 0.00 | 56.67 ± 0.00 | 56.67 ± 0.00 | +20.00 ± 0.00 | - "
             "| +16.67 ± 0.00 | - | 7 |") in table
     assert "| 0.1 | fedavg | +20.00 ± 0.00 | - | +16.67 ± 0.00 | - | 7 |" in table  # versus table
+    assert "1.50 to 1.50 over 1 runs on 2 cores" in table  # feddifrc's run has no load sample
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     record = json.loads((tmp_path / "results.json").read_text())["runs"][0]
     assert record["accuracy"] == [0.3, 0.5, 0.4] and record["initial-accuracy"] == 0.1
