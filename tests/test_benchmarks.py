@@ -234,3 +234,14 @@ def test_five_seed_suite_runs_the_targets_comparison_first(tmp_path, capsys):
     assert no_head.overrides["align-head"] == "none" and no_head.overrides["reduction"] == "mean-pool"
     with pytest.raises(SystemExit, match="drop --methods"):
         accuracy.main(["--suite", "five-seed", "--methods", "fedavg", "--out", str(tmp_path)])
+
+
+def test_load_sampler_records_the_load_before_and_during_a_run():
+    import time
+
+    with accuracy.LoadSampler(every_s=0.02) as sampler:
+        time.sleep(0.15)
+    summary = sampler.summary()
+    assert summary["cpus"] >= 1 and summary["samples"] >= 2
+    assert 0 <= summary["load1-mean"] <= summary["load1-max"]
+    assert summary["load1-before"] >= 0 and not sampler._thread.is_alive()
