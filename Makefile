@@ -60,7 +60,7 @@ test: venv data lint
 	$(VENV)/bin/pytest -q
 
 # Retrain the offline diffusion teacher shipped in models/fmnist-teacher (teacher/: public half
-# of Fashion-MNIST, 6 epochs, ~30 min on 2 free cores; resumable from
+# of Fashion-MNIST, 6 epochs, ~36 min on 2 free cores; resumable from
 # $(FEDDIFRC_CACHE_DIR)/teacher-train). TEACHER_STOP is the step the shipped model was exported at.
 TEACHER_STEPS ?= 2808
 TEACHER_STOP ?= $(TEACHER_STEPS)
