@@ -41,6 +41,7 @@ from typing import Any
 import accuracy_report as report
 
 from feddifrc_core.algorithms import Algorithm, algorithm_names, get_algorithm
+from feddifrc_core.checkpoint import atomic_write_text
 from feddifrc_core.config import BOOKKEEPING_KEYS
 from feddifrc_core.provenance import git_revision
 
@@ -357,9 +358,7 @@ class LoadSampler:
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
 def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:

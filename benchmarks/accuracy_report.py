@@ -8,13 +8,15 @@ generated table into a marked block of a document (docs/results.md), so no numbe
 
 from __future__ import annotations
 
-import os
+import io
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from stats import fmt_interval, fmt_mean_sd, mean_sd, paired_differences, t_interval
+
+from feddifrc_core.checkpoint import atomic_write_bytes, atomic_write_text
 
 LAST = 5  # rounds averaged by the "last 5" column
 Record = Mapping[str, Any]
@@ -191,10 +193,10 @@ def plot_accuracy(records: Sequence[Record], path: Path, order: Sequence[str],
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, image.getvalue())
 
 
 def publish(document: Path, name: str, text: str) -> None:
@@ -206,9 +208,7 @@ def publish(document: Path, name: str, text: str) -> None:
         raise ValueError(f"{document} has no block '<!-- BEGIN {name} -->' ... "
                          f"'<!-- END {name} -->'; add the two marker lines where the table goes")
     updated = pattern.sub(lambda m: m.group(1) + text.rstrip("\n") + "\n" + m.group(2), content)
-    tmp = document.with_name(f".{document.name}.{os.getpid()}.tmp")
-    tmp.write_text(updated)
-    os.replace(tmp, document)
+    atomic_write_text(document, updated)
 
 
 def _rank(label: str, order: Sequence[str]) -> tuple[int, str]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import hosts  # sibling module (scripts/deploy is a script folder, on sys.path)
 
+from feddifrc_core.checkpoint import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Exit codes of this script (Flower's own codes, e.g. 305 for a refused SuperNode, pass through).
@@ -73,10 +75,8 @@ class Deployment:
     components: list[Component] = field(default_factory=list)
 
     def save(self) -> None:
-        path = Path(self.state_dir) / "deployment.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)  # atomic: a kill never leaves a half-written state file
+        # atomic: a kill never leaves a half-written state file
+        atomic_write_text(Path(self.state_dir) / "deployment.json", json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, state_dir: Path) -> Deployment:

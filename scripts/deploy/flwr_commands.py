@@ -28,6 +28,7 @@ from components import (
     wait_for_log,
 )
 
+from feddifrc_core.checkpoint import atomic_write_text
 from feddifrc_core.provenance import git_revision
 
 CERTS_SCRIPT = Path(__file__).resolve().parent / "make_certs.sh"
@@ -142,9 +143,7 @@ def write_connection(flwr_home: Path, name: str, address: str, root_cert: Path |
     else:
         entry["root-certificates"] = str(root_cert.resolve())
     superlinks[name] = entry
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(config))
-    os.replace(tmp, path)
+    atomic_write_text(path, tomli_w.dumps(config))
 
 
 def tls_hint(dep: Deployment, name: str = CONNECTION) -> str:
