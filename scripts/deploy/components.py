@@ -114,6 +114,11 @@ def pid_alive(pid: int) -> bool:
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
+def child_process(pid: int) -> subprocess.Popen | None:
+    """The Popen of a process this Python process started with `start` (None if it did not)."""
+    return _CHILDREN.get(pid)
+
+
 def exit_code(pid: int) -> int | None:
     """Exit status of a process this Python process started (None when unknown or running)."""
     proc = _CHILDREN.get(pid)

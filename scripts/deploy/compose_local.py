@@ -336,7 +336,9 @@ def up(files: list[Path], env: dict[str, str], work_dir: Path, ready_timeout: fl
 
 
 def _wait_exit(comp: deploy.Component, timeout: float) -> int:
-    proc = deploy._CHILDREN[comp.pid]
+    proc = deploy.child_process(comp.pid)
+    if proc is None:
+        raise deploy.DeployError(comp.name, "not started by this process", deploy.EXIT_USAGE)
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

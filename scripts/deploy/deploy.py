@@ -40,6 +40,7 @@ from components import (  # noqa: E402, F401
     Component,
     DeployError,
     Deployment,
+    child_process,
     describe_death,
     exit_code,
     flower_exit_code,
