@@ -102,7 +102,7 @@ COMMON: dict[str, Any] = {
 # points of its best). With 5 of 10 clients per round it swings by +-8 points even after 50 rounds
 # (client sampling under label skew), with 2 local epochs it peaks and then oscillates; all 10
 # clients with 1 local epoch on 6,000 images rise smoothly (last 5 within 1.96 of the best at 40).
-# Clients train one at a time on both cores (torch-threads: a bookkeeping key): ~4 min per run.
+# Clients train one at a time on both cores (torch-threads: a bookkeeping key): ~3 min per run.
 CPU_BUDGET: dict[str, Any] = {
     **COMMON,
     "fraction-train": 1.0,
