@@ -12,7 +12,7 @@ method. Methods (`--methods`):
                                                round 0 of a run is the randomly initialised encoder
 
     nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite five-seed --publish docs/results.md
-                                      # the five-seed table, in its run order (~4-6 min per run)
+                                      # the five-seed table, in its run order (3-12 min per run)
     nice -n 5 .venv/bin/python benchmarks/accuracy.py --seeds 7   # every method, one seed
     nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite ssl-three-seed   # self-supervised
     .venv/bin/python benchmarks/accuracy.py --paper --gpus-per-client 0.2   # paper budget, GPU
