@@ -177,7 +177,12 @@ def teacher_info(model: str) -> dict[str, Any]:
 
 def teacher_recommendation(model: str) -> dict[str, Any]:
     """`diffusion-timestep`, `up-blocks` and `pool-grid` recommended by the teacher probe."""
-    rec = teacher_info(model).get("recommended") or {}
+    return recommended_settings(teacher_info(model))
+
+
+def recommended_settings(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The run-config keys of a teacher.json's `recommended` section."""
+    rec = info.get("recommended") or {}
     out: dict[str, Any] = {}
     if "timestep" in rec:
         out["diffusion-timestep"] = int(rec["timestep"])
@@ -255,9 +260,10 @@ def plan_runs(methods: Sequence[str], alphas: Sequence[float], seeds: Sequence[i
                 weights = ""
                 if uses_diffusion(method):
                     model = str(extra.get("diffusion-model", DIFFUSION_DEFAULTS["diffusion-model"]))
+                    info = teacher_info(model)  # one read gives the settings and the weights
                     cfg.update({**DIFFUSION_DEFAULTS, **target_defaults(),
-                                **teacher_recommendation(model)})
-                    weights = str(teacher_info(model).get("weights_sha256", ""))
+                                **recommended_settings(info)})
+                    weights = str(info.get("weights_sha256", ""))
                 for key, value in extra.items():
                     applies = ((key not in DIFFUSION_KEYS or uses_diffusion(method))
                                and (key not in OWNED_KEYS or key in method_keys(method)))
@@ -486,14 +492,10 @@ def write_reports(store: ResultsStore, out: Path, command: str,
         if publish_to is not None:
             block = f"accuracy{'-ssl' if is_ssl else ''}:{out.name}"
             report.publish(publish_to, block, body.replace(
-                f"Plot: `{plot.name}`", f"Plot: `{_relative(plot, publish_to.parent)}`"))
+                f"Plot: `{plot.name}`", f"Plot: `{os.path.relpath(plot, publish_to.parent)}`"))
         text += body
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return text
-
-
-def _relative(path: Path, start: Path) -> str:
-    return os.path.relpath(path, start)
 
 
 # --- the in-process child (one simulation) ---------------------------------------------------------
