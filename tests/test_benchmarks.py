@@ -227,11 +227,24 @@ def test_five_seed_suite_runs_the_targets_comparison_first(tmp_path, capsys):
                         "fedavg/alpha=0.1/seed=8", "feddifrc/alpha=0.1/seed=8"]
     assert len(keys) == len(set(keys)) == 5 * (2 + 2 + 4 + 2 + 1)
     assert keys[10:12] == ["fedprox/alpha=0.1/seed=7", "moon/alpha=0.1/seed=7"]
-    assert keys[-1] == "feddifrc+no-head/alpha=0.1/seed=11"
+    # then the alpha-0.1 ablations, which must reuse the first comparison's cached features
+    assert keys[20:22] == ["feddifrc-tdcl/alpha=0.1/seed=7", "feddifrc-ndcr/alpha=0.1/seed=7"]
+    assert keys[30] == "feddifrc+no-head/alpha=0.1/seed=7"
+    assert keys[-1] == "feddifrc/alpha=0.5/seed=11"
     seeds, phases = accuracy.SUITES["five-seed"]
-    no_head = accuracy.plan_runs(*phases[-1][:2], [7], accuracy.CPU_BUDGET, phases[-1][2],
-                                 phases[-1][3])[0]
+    by_key = {
+        spec.key: spec
+        for methods, alphas, overrides, tag in phases
+        for spec in accuracy.plan_runs(methods, alphas, [7], accuracy.CPU_BUDGET, overrides, tag)
+    }
+    no_head = by_key["feddifrc+no-head/alpha=0.1/seed=7"]
     assert no_head.overrides["align-head"] == "none" and no_head.overrides["reduction"] == "mean-pool"
+    extraction = ("seed", "dirichlet-alpha", "diffusion-model", "diffusion-timestep", "up-blocks",
+                  "pool-grid", "reduction", "projection", "train-samples", "diffusion-image-size")
+    reference = {k: by_key["feddifrc/alpha=0.1/seed=7"].overrides[k] for k in extraction}
+    for key in ("feddifrc-tdcl/alpha=0.1/seed=7", "feddifrc-ndcr/alpha=0.1/seed=7",
+                "feddifrc+no-head/alpha=0.1/seed=7"):
+        assert {k: by_key[key].overrides[k] for k in extraction} == reference
     with pytest.raises(SystemExit, match="drop --methods"):
         accuracy.main(["--suite", "five-seed", "--methods", "fedavg", "--out", str(tmp_path)])
 
