@@ -21,7 +21,7 @@ method. Methods (`--methods`):
 Resumable: each finished (method, alpha, seed) run is recorded in <out>/results.json and skipped on
 a rerun; an interrupted run continues from its last checkpoint (the ServerApp's `resume`). The
 FedDifRC variants of one (alpha, seed) share their clients' cached diffusion representations
-(<out>/cache). Outputs in <out>: results.json, table.md, accuracy.png, runs/<run>/ (run folders).
+(<out>/cache), and the runs of one seed at another alpha reuse the extracted rows per image. Outputs in <out>: results.json, table.md, accuracy.png, runs/<run>/ (run folders).
 """
 
 from __future__ import annotations

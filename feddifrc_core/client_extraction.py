@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from feddifrc_core.representations import (
     ClientRepresentations,
     RepresentationSettings,
 )
+from feddifrc_core.row_store import RowStore, image_digests
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,6 @@ def extract_client_representations(
     t0 = time.perf_counter()
     job = _prepare(backbone, images, labels, sample_ids, class_names, settings)
     extractor, prompt_ids, n = job.extractor, job.prompt_ids, len(job.ids)
-    images_t, ids = job.images, job.ids
     fingerprint = dict(job.fingerprint)
     reductions: list[BlockReduction] | None = None
     bases_sha: tuple[str, ...] = ()
@@ -248,8 +248,11 @@ def extract_client_representations(
         for b, d in zip(extractor.up_blocks, extractor.out_dims(reductions), strict=True)
     }
     spec["prompt_ids"] = ((num_cols,), "int64")
-    # 4. extraction of the missing chunks (all of them without a cache)
+    # 4. extraction of the missing chunks (all of them without a cache); with a cache, rows that
+    # another partition of the same images already extracted are reused (`row_store.py`)
     chunk = max(1, settings.chunk_images)
+    block_names = [f"block{b}" for b in extractor.up_blocks]
+    rows: RowStore | None = None
     if cache_dir is None:
         cache = None
         missing = list(range(-(-n // chunk)))
@@ -257,6 +260,8 @@ def extract_client_representations(
     else:
         cache = FeatureCache(Path(cache_dir), job.prefix, fingerprint, n, chunk, spec)
         missing = cache.open()
+        rows = RowStore(Path(cache_dir), fingerprint, block_names)
+    reused = 0
     if missing:
         done = n - sum(min(chunk, n - i * chunk) for i in missing)
         bar = tqdm(
@@ -270,16 +275,10 @@ def extract_client_representations(
         try:
             for index in missing:
                 start, stop = index * chunk, min(index * chunk + chunk, n)
-                feats = extractor.extract(
-                    images_t[start:stop],
-                    ids[start:stop].tolist(),
-                    job.prompts,
-                    prompt_ids[start:stop],
-                    progress=bar.update,
-                    reductions=reductions,
+                tensors, stored_rows = _chunk_features(
+                    job, reductions, rows, start, stop, block_names, bar.update
                 )
-                tensors = {f"block{b}": f for b, f in zip(extractor.up_blocks, feats, strict=True)}
-                tensors["prompt_ids"] = prompt_ids[start:stop]
+                reused += stored_rows
                 for name, t in tensors.items():
                     if t.is_floating_point() and not torch.isfinite(t.half()).all():
                         raise RuntimeError(
@@ -308,14 +307,18 @@ def extract_client_representations(
         raise RuntimeError(
             "cached prompt ids differ from the recomputed ones although fingerprints match"
         )
+    if rows is not None and not missing:  # a cache from before rows were shared: share it now
+        rows.add_missing(job.ids, image_digests(job.images), prompt_ids, stored)
     seconds = time.perf_counter() - t0
     if missing:
         logger.info(
-            "diffusion features: %d images x %d prompts in %.1fs (%.1f img/s)",
+            "diffusion features: %d images x %d prompts in %.1fs (%.1f img/s; %d rows reused "
+            "from other partitions)",
             n,
             num_cols,
             seconds,
             n / max(seconds, 1e-9),
+            reused,
         )
     return ClientRepresentations(
         features=tuple(stored[f"block{b}"] for b in extractor.up_blocks),
@@ -332,3 +335,45 @@ def extract_client_representations(
         seconds=seconds,
         bases_sha256=bases_sha,
     )
+
+
+def _chunk_features(
+    job: _Job,
+    reductions: list[BlockReduction] | None,
+    rows: RowStore | None,
+    start: int,
+    stop: int,
+    block_names: list[str],
+    progress: Callable[[int], None],
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Rows start:stop of every block (+ prompt ids): stored rows reused, the others extracted
+    (and stored for other partitions). Returns the tensors and how many rows were reused."""
+    ids, prompt_ids = job.ids[start:stop], job.prompt_ids[start:stop]
+    digests = image_digests(job.images[start:stop]) if rows is not None else None
+    stored = rows.lookup(ids, digests, prompt_ids) if rows is not None and digests is not None else {}
+    todo = [i for i in range(stop - start) if i not in stored]
+    progress(len(stored))
+    dims = job.extractor.out_dims(reductions)
+    out = {
+        name: torch.empty(stop - start, prompt_ids.shape[1], d)
+        for name, d in zip(block_names, dims, strict=True)
+    }
+    for i, row in stored.items():
+        for name in block_names:
+            out[name][i] = row[name].float()
+    if todo:
+        take = torch.tensor(todo) + start
+        feats = job.extractor.extract(
+            job.images[take],
+            job.ids[take].tolist(),
+            job.prompts,
+            job.prompt_ids[take],
+            progress=progress,
+            reductions=reductions,
+        )
+        fresh = dict(zip(block_names, feats, strict=True))
+        for name in block_names:
+            out[name][todo] = fresh[name]
+        if rows is not None and digests is not None:
+            rows.add(job.ids[take], digests[todo], job.prompt_ids[take], fresh)
+    return {**out, "prompt_ids": prompt_ids}, len(stored)

@@ -1,10 +1,12 @@
 """Per-client representations on the tiny SD pipeline: layouts, targets, cache reuse and resume."""
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from feddifrc_core.checkpoint import load_checkpoint
 from feddifrc_core.client_extraction import extract_client_representations, extract_position_stats
 from feddifrc_core.config import RunConfig
 from feddifrc_core.diffusion import extractor as extractor_module
@@ -272,3 +274,107 @@ def test_spatial_norm_centred_offset_removes_the_mean_target(backbone) -> None:
     t = reps.targets(bases, 64, offset)
     torch.testing.assert_close(t.null, every[torch.arange(6), reps.null_cols])
     assert (t.null < 0).any()  # centred targets are signed again
+
+
+def test_another_partition_of_the_same_images_reuses_their_rows(
+    backbone, tmp_path: Path, monkeypatch
+) -> None:
+    images, labels, ids = _data(10)
+    reference = extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SETTINGS, None, progress=False
+    )
+    real_extract = extractor_module.DiffusionFeatureExtractor.extract
+    calls: list[list[int]] = []
+
+    def counting_extract(self, images, sample_ids, *args, **kwargs):
+        calls.append(list(sample_ids))
+        return real_extract(self, images, sample_ids, *args, **kwargs)
+
+    monkeypatch.setattr(extractor_module.DiffusionFeatureExtractor, "extract", counting_extract)
+    # partition A: images 0-5 in one client
+    extract_client_representations(
+        backbone, images[:6], labels[:6], ids[:6], CLASSES, SETTINGS, tmp_path, progress=False
+    )
+    calls.clear()
+    # partition B: a client holding images 3-9 in another order extracts only 6-9
+    order = torch.tensor([9, 3, 7, 4, 6, 5, 8])
+    other = extract_client_representations(
+        backbone, images[order], labels[order], ids[order], CLASSES, SETTINGS, tmp_path,
+        progress=False,
+    )
+    assert sorted(sid for call in calls for sid in call) == ids[[6, 7, 8, 9]].tolist()
+    for got, want in zip(other.features, reference.features, strict=True):
+        assert torch.allclose(got.float(), want[order].float(), atol=2e-3)
+    # same ids but other image bytes (another data version): nothing is reused
+    calls.clear()
+    changed = images.clone()
+    changed[:6] = 255 - changed[:6]
+    extract_client_representations(
+        backbone, changed[:5], labels[:5], ids[:5], CLASSES, SETTINGS, tmp_path, progress=False
+    )
+    assert sorted(sid for call in calls for sid in call) == ids[:5].tolist()
+    # a damaged part is reported, removed and its rows extracted again
+    first = min(tmp_path.glob("rows-*/part-*.safetensors"), key=lambda p: p.stat().st_mtime)
+    first.write_bytes(first.read_bytes()[:-10])
+    calls.clear()
+    again = extract_client_representations(
+        backbone, images[:4], labels[:4], ids[:4], CLASSES, SETTINGS, tmp_path, progress=False
+    )
+    assert sorted(sid for call in calls for sid in call) == ids[:4].tolist()
+    load_checkpoint(first)  # written again, whole (same rows -> same content-addressed name)
+    for got, want in zip(again.features, reference.features, strict=True):
+        assert torch.allclose(got.float(), want[:4].float(), atol=2e-3)
+
+
+def test_rows_are_not_shared_across_extraction_settings(
+    backbone, tmp_path: Path, monkeypatch
+) -> None:
+    images, labels, ids = _data(4)
+    extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SETTINGS, tmp_path, progress=False
+    )
+    real_extract = extractor_module.DiffusionFeatureExtractor.extract
+    calls: list[int] = []
+
+    def counting_extract(self, images, *args, **kwargs):
+        calls.append(len(images))
+        return real_extract(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(extractor_module.DiffusionFeatureExtractor, "extract", counting_extract)
+    other_seed = RepresentationSettings(**{**SETTINGS.__dict__, "seed": SETTINGS.seed + 1})
+    extract_client_representations(
+        backbone, images[:3], labels[:3], ids[:3], CLASSES, other_seed, tmp_path, progress=False
+    )
+    assert calls == [3]  # other noise seed: nothing reused
+    assert len(list(tmp_path.glob("rows-*"))) == 2  # one row store per setting
+    calls.clear()
+    extract_client_representations(
+        backbone, images[:3], labels[:3], ids[:3], CLASSES, SETTINGS, tmp_path, progress=False
+    )
+    assert calls == []  # same setting as the first client: all three rows reused
+
+
+def test_a_client_cache_without_shared_rows_shares_them_when_read(
+    backbone, tmp_path: Path, monkeypatch
+) -> None:
+    images, labels, ids = _data(6)
+    extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SETTINGS, tmp_path, progress=False
+    )
+    for store in tmp_path.glob("rows-*"):  # as written by a version without shared rows
+        shutil.rmtree(store)
+    extract_client_representations(
+        backbone, images, labels, ids, CLASSES, SETTINGS, tmp_path, progress=False
+    )  # read from its cache: rows 0-5 are shared now
+    real_extract = extractor_module.DiffusionFeatureExtractor.extract
+    calls: list[int] = []
+
+    def counting_extract(self, images, *args, **kwargs):
+        calls.append(len(images))
+        return real_extract(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(extractor_module.DiffusionFeatureExtractor, "extract", counting_extract)
+    extract_client_representations(
+        backbone, images[2:], labels[2:], ids[2:], CLASSES, SETTINGS, tmp_path, progress=False
+    )
+    assert calls == []
