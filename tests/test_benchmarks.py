@@ -258,3 +258,30 @@ def test_load_sampler_records_the_load_before_and_during_a_run():
     assert summary["cpus"] >= 1 and summary["samples"] >= 2
     assert 0 <= summary["load1-mean"] <= summary["load1-max"]
     assert summary["load1-before"] >= 0 and not sampler._thread.is_alive()
+
+
+def test_gpu_throughput_script_sweeps_variants_on_one_build(tmp_path_factory, monkeypatch, capsys):
+    """The GPU script's CPU smoke mode: one build, a line per (variant, batch), features of
+    channels-last equal eager's; bad plans are refused before anything is built."""
+    import gpu_sd21
+
+    cache = tmp_path_factory.getbasetemp() / "feddifrc-cache"  # shared by the diffusion tests
+    out = tmp_path_factory.mktemp("gpu") / "lines.jsonl"
+    argv = ["gpu_sd21.py", "--tiny", "--cache-dir", str(cache), "--iters", "1",
+            "--variants", "eager:2,3", "channels-last:2", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    gpu_sd21.main()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["model"] == "tiny-sd" and lines[0]["gflops_per_pass"] > 0
+    runs = lines[1:]
+    assert [(r["variant"], r["batch_images"]) for r in runs] == [
+        ("eager", 2), ("eager", 3), ("channels-last", 2)]
+    assert all(r["finite"] and r["passes_per_s"] > 0 for r in runs)
+    assert runs[0]["max_abs_diff_vs_first_variant"] == 0.0
+    assert runs[2]["max_abs_diff_vs_first_variant"] < 1e-4
+    for bad, message in ((["--variants", "fast"], "unknown variant"),
+                         (["--variants", "eager:0"], "must be >= 1")):
+        monkeypatch.setattr(sys, "argv", ["gpu_sd21.py", "--tiny", *bad])
+        with pytest.raises(SystemExit):
+            gpu_sd21.main()
+        assert message in capsys.readouterr().err
