@@ -349,8 +349,8 @@ def _chunk_features(
     """Rows start:stop of every block (+ prompt ids): stored rows reused, the others extracted
     (and stored for other partitions). Returns the tensors and how many rows were reused."""
     ids, prompt_ids = job.ids[start:stop], job.prompt_ids[start:stop]
-    digests = image_digests(job.images[start:stop]) if rows is not None else None
-    stored = rows.lookup(ids, digests, prompt_ids) if rows is not None and digests is not None else {}
+    digests = None if rows is None else image_digests(job.images[start:stop])
+    stored = {} if rows is None or digests is None else rows.lookup(ids, digests, prompt_ids)
     todo = [i for i in range(stop - start) if i not in stored]
     progress(len(stored))
     dims = job.extractor.out_dims(reductions)
