@@ -276,51 +276,54 @@ def test_spatial_norm_centred_offset_removes_the_mean_target(backbone) -> None:
     assert (t.null < 0).any()  # centred targets are signed again
 
 
+def _client(backbone, data, rows, cache, settings=SETTINGS):
+    """Representations of a client holding `rows` of `data` = (images, labels, ids)."""
+    images, labels, ids = data
+    return extract_client_representations(
+        backbone, images[rows], labels[rows], ids[rows], CLASSES, settings, cache, progress=False
+    )
+
+
+def _extracted_ids(monkeypatch) -> list[int]:
+    """Sample ids the extractor is asked for from now on (appended to the returned list)."""
+    real_extract = extractor_module.DiffusionFeatureExtractor.extract
+    asked: list[int] = []
+
+    def recording_extract(self, images, sample_ids, *args, **kwargs):
+        asked.extend(int(s) for s in sample_ids)
+        return real_extract(self, images, sample_ids, *args, **kwargs)
+
+    monkeypatch.setattr(extractor_module.DiffusionFeatureExtractor, "extract", recording_extract)
+    return asked
+
+
 def test_another_partition_of_the_same_images_reuses_their_rows(
     backbone, tmp_path: Path, monkeypatch
 ) -> None:
-    images, labels, ids = _data(10)
-    reference = extract_client_representations(
-        backbone, images, labels, ids, CLASSES, SETTINGS, None, progress=False
-    )
-    real_extract = extractor_module.DiffusionFeatureExtractor.extract
-    calls: list[list[int]] = []
-
-    def counting_extract(self, images, sample_ids, *args, **kwargs):
-        calls.append(list(sample_ids))
-        return real_extract(self, images, sample_ids, *args, **kwargs)
-
-    monkeypatch.setattr(extractor_module.DiffusionFeatureExtractor, "extract", counting_extract)
+    data = images, labels, ids = _data(10)
+    reference = _client(backbone, data, slice(None), None)
+    calls = _extracted_ids(monkeypatch)
     # partition A: images 0-5 in one client
-    extract_client_representations(
-        backbone, images[:6], labels[:6], ids[:6], CLASSES, SETTINGS, tmp_path, progress=False
-    )
+    _client(backbone, data, slice(6), tmp_path)
     calls.clear()
     # partition B: a client holding images 3-9 in another order extracts only 6-9
     order = torch.tensor([9, 3, 7, 4, 6, 5, 8])
-    other = extract_client_representations(
-        backbone, images[order], labels[order], ids[order], CLASSES, SETTINGS, tmp_path,
-        progress=False,
-    )
-    assert sorted(sid for call in calls for sid in call) == ids[[6, 7, 8, 9]].tolist()
+    other = _client(backbone, data, order, tmp_path)
+    assert sorted(calls) == ids[[6, 7, 8, 9]].tolist()
     for got, want in zip(other.features, reference.features, strict=True):
         assert torch.allclose(got.float(), want[order].float(), atol=2e-3)
     # same ids but other image bytes (another data version): nothing is reused
     calls.clear()
     changed = images.clone()
     changed[:6] = 255 - changed[:6]
-    extract_client_representations(
-        backbone, changed[:5], labels[:5], ids[:5], CLASSES, SETTINGS, tmp_path, progress=False
-    )
-    assert sorted(sid for call in calls for sid in call) == ids[:5].tolist()
+    _client(backbone, (changed, labels, ids), slice(5), tmp_path)
+    assert sorted(calls) == ids[:5].tolist()
     # a damaged part is reported, removed and its rows extracted again
     first = min(tmp_path.glob("rows-*/part-*.safetensors"), key=lambda p: p.stat().st_mtime)
     first.write_bytes(first.read_bytes()[:-10])
     calls.clear()
-    again = extract_client_representations(
-        backbone, images[:4], labels[:4], ids[:4], CLASSES, SETTINGS, tmp_path, progress=False
-    )
-    assert sorted(sid for call in calls for sid in call) == ids[:4].tolist()
+    again = _client(backbone, data, slice(4), tmp_path)
+    assert sorted(calls) == ids[:4].tolist()
     load_checkpoint(first)  # written again, whole (same rows -> same content-addressed name)
     for got, want in zip(again.features, reference.features, strict=True):
         assert torch.allclose(got.float(), want[:4].float(), atol=2e-3)
@@ -329,52 +332,26 @@ def test_another_partition_of_the_same_images_reuses_their_rows(
 def test_rows_are_not_shared_across_extraction_settings(
     backbone, tmp_path: Path, monkeypatch
 ) -> None:
-    images, labels, ids = _data(4)
-    extract_client_representations(
-        backbone, images, labels, ids, CLASSES, SETTINGS, tmp_path, progress=False
-    )
-    real_extract = extractor_module.DiffusionFeatureExtractor.extract
-    calls: list[int] = []
-
-    def counting_extract(self, images, *args, **kwargs):
-        calls.append(len(images))
-        return real_extract(self, images, *args, **kwargs)
-
-    monkeypatch.setattr(extractor_module.DiffusionFeatureExtractor, "extract", counting_extract)
+    data = images, labels, ids = _data(4)
+    _client(backbone, data, slice(None), tmp_path)
+    calls = _extracted_ids(monkeypatch)
     other_seed = RepresentationSettings(**{**SETTINGS.__dict__, "seed": SETTINGS.seed + 1})
-    extract_client_representations(
-        backbone, images[:3], labels[:3], ids[:3], CLASSES, other_seed, tmp_path, progress=False
-    )
-    assert calls == [3]  # other noise seed: nothing reused
+    _client(backbone, data, slice(3), tmp_path, other_seed)
+    assert sorted(calls) == ids[:3].tolist()  # other noise seed: nothing reused
     assert len(list(tmp_path.glob("rows-*"))) == 2  # one row store per setting
     calls.clear()
-    extract_client_representations(
-        backbone, images[:3], labels[:3], ids[:3], CLASSES, SETTINGS, tmp_path, progress=False
-    )
+    _client(backbone, data, slice(3), tmp_path)
     assert calls == []  # same setting as the first client: all three rows reused
 
 
 def test_a_client_cache_without_shared_rows_shares_them_when_read(
     backbone, tmp_path: Path, monkeypatch
 ) -> None:
-    images, labels, ids = _data(6)
-    extract_client_representations(
-        backbone, images, labels, ids, CLASSES, SETTINGS, tmp_path, progress=False
-    )
+    data = images, labels, ids = _data(6)
+    _client(backbone, data, slice(None), tmp_path)
     for store in tmp_path.glob("rows-*"):  # as written by a version without shared rows
         shutil.rmtree(store)
-    extract_client_representations(
-        backbone, images, labels, ids, CLASSES, SETTINGS, tmp_path, progress=False
-    )  # read from its cache: rows 0-5 are shared now
-    real_extract = extractor_module.DiffusionFeatureExtractor.extract
-    calls: list[int] = []
-
-    def counting_extract(self, images, *args, **kwargs):
-        calls.append(len(images))
-        return real_extract(self, images, *args, **kwargs)
-
-    monkeypatch.setattr(extractor_module.DiffusionFeatureExtractor, "extract", counting_extract)
-    extract_client_representations(
-        backbone, images[2:], labels[2:], ids[2:], CLASSES, SETTINGS, tmp_path, progress=False
-    )
+    _client(backbone, data, slice(None), tmp_path)  # read from its cache: rows 0-5 are shared now
+    calls = _extracted_ids(monkeypatch)
+    _client(backbone, data, slice(2, None), tmp_path)
     assert calls == []
