@@ -112,7 +112,8 @@ BENCH_ARGS ?=
 .PHONY: benchmark-accuracy benchmark-accuracy-ssl benchmark-round-cost
 
 # FedDifRC vs FedAvg/FedProx/MOON (+ ablations), Fashion-MNIST private split, CPU budget: five
-# seeds, 55 runs (baselines ~3 min, FedDifRC ~12 min with its one-time extraction), resumable;
+# seeds, 55 runs (baselines 3-4 min; FedDifRC ~12 min for a seed's first run, which extracts,
+# ~3 min for the others, which reuse its cached rows), resumable;
 # tables go into docs/results.md.
 benchmark-accuracy: venv data
 	nice -n 5 $(PY) benchmarks/accuracy.py --suite five-seed --publish docs/results.md $(BENCH_ARGS)
