@@ -64,6 +64,11 @@ def cache_io_error(action: str, path: Path, err: OSError) -> FeatureCacheError:
     return FeatureCacheError(err.errno, f"feature cache: cannot {action} {path}: {reason}; {fix}")
 
 
+def safe_folder_name(text: str, default: str) -> str:
+    """`text` with every character but letters, digits, '-', '_' and '.' replaced by '-'."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text) or default
+
+
 def fingerprint_sha256(fingerprint: Mapping[str, Any]) -> str:
     """Stable hash of a JSON-able fingerprint (sorted keys)."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
@@ -105,9 +110,7 @@ class FeatureCache:
             raise ValueError(
                 f"need num_rows >= 0 and chunk_rows >= 1, got {num_rows} and {chunk_rows}"
             )
-        safe_prefix = (
-            "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in prefix) or "cache"
-        )
+        safe_prefix = safe_folder_name(prefix, "cache")
         self.fingerprint = json.loads(json.dumps(dict(fingerprint), sort_keys=True, default=str))
         self.key = fingerprint_sha256(self.fingerprint)
         self.dir = Path(root).expanduser() / f"{safe_prefix}-{self.key[:16]}"

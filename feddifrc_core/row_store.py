@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from feddifrc_core.checkpoint import CheckpointError, load_checkpoint, save_arrays
-from feddifrc_core.feature_cache import cache_io_error, fingerprint_sha256
+from feddifrc_core.feature_cache import cache_io_error, fingerprint_sha256, safe_folder_name
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,8 @@ class RowStore:
     def __init__(self, root: str | Path, fingerprint: Mapping[str, Any], blocks: Sequence[str]):
         settings = {k: v for k, v in fingerprint.items() if k not in SAMPLE_SET_KEYS}
         self.key = fingerprint_sha256(settings)
-        dataset = str(fingerprint.get("dataset") or "data")
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in dataset)
-        self.dir = Path(root).expanduser() / f"rows-{safe}-{self.key[:16]}"
+        dataset = safe_folder_name(str(fingerprint.get("dataset") or ""), "data")
+        self.dir = Path(root).expanduser() / f"rows-{dataset}-{self.key[:16]}"
         self.blocks = tuple(blocks)
         self._where: dict[int, Path] | None = None  # sample id -> part file holding it
 
