@@ -21,7 +21,8 @@ method. Methods (`--methods`):
 Resumable: each finished (method, alpha, seed) run is recorded in <out>/results.json and skipped on
 a rerun; an interrupted run continues from its last checkpoint (the ServerApp's `resume`). The
 FedDifRC variants of one (alpha, seed) share their clients' cached diffusion representations
-(<out>/cache), and the runs of one seed at another alpha reuse the extracted rows per image. Outputs in <out>: results.json, table.md, accuracy.png, runs/<run>/ (run folders).
+(<out>/cache), and the runs of one seed at another alpha reuse the extracted rows per image.
+Outputs in <out>: results.json, table.md, accuracy.png, runs/<run>/ (run folders).
 """
 
 from __future__ import annotations
@@ -487,7 +488,7 @@ def write_reports(store: ResultsStore, out: Path, command: str,
         plot = out / f"{'ssl_' if is_ssl else ''}accuracy.png"
         body = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{command}`\n"
                 f"Per-run configs: results.json (`run-config`). Plot: `{plot.name}`.\n")
-        (out / f"{name}.md").write_text(body)
+        atomic_write_text(out / f"{name}.md", body)
         report.plot_accuracy(subset, plot, order,
                              "linear-probe accuracy (%)" if is_ssl else "global test accuracy (%)")
         summary[name] = report.summarize(subset, baseline)
@@ -496,7 +497,7 @@ def write_reports(store: ResultsStore, out: Path, command: str,
             report.publish(publish_to, block, body.replace(
                 f"Plot: `{plot.name}`", f"Plot: `{os.path.relpath(plot, publish_to.parent)}`"))
         text += body
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _write_json(out / "summary.json", summary)
     return text
 
 
@@ -600,8 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = [int(s) for s in (args.seeds or "7").split(",")]
         specs = plan_runs(methods, alphas, seeds, budget, extra, args.tag)
     store = ResultsStore(out / "results.json")
+    # the command that makes the runs: --report-only only redraws what it recorded
     command = "nice -n 5 .venv/bin/python benchmarks/accuracy.py " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]))
+        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only")
     # --report-only reads what is recorded; it neither plans nor checks the runs
     todo = [] if args.report_only else [s for s in specs if not store.done(s)]
     print(f"{len(specs)} runs, {len(specs) - len(todo)} already recorded in {store.path}")
