@@ -109,7 +109,7 @@ deploy-test: venv
 
 # --- benchmarks (docs/results.md): resumable, rerun the same target to continue ----------------
 BENCH_ARGS ?=
-.PHONY: benchmark-accuracy benchmark-accuracy-ssl benchmark-round-cost
+.PHONY: benchmark-accuracy benchmark-accuracy-ssl benchmark-accuracy-confirm benchmark-round-cost
 
 # FedDifRC vs FedAvg/FedProx/MOON (+ ablations), Fashion-MNIST private split, CPU budget: five
 # seeds, 55 runs (baselines 3-4 min; FedDifRC ~12 min for a seed's first run, which extracts,
@@ -121,6 +121,11 @@ benchmark-accuracy: venv data
 # Self-supervised entry: linear probe of feddifrc-ssl vs simclr vs the random-init encoder.
 benchmark-accuracy-ssl: venv data
 	nice -n 5 $(PY) benchmarks/accuracy.py --suite ssl-three-seed --publish docs/results.md $(BENCH_ARGS)
+
+# The alignment head (linear vs none) on fresh seeds 12-16: FedAvg, FedDifRC, FedDifRC no-head;
+# 15 runs, ~1.5 h; its own results folder (cpu-v2-confirm) and table in docs/results.md.
+benchmark-accuracy-confirm: venv data
+	nice -n 5 $(PY) benchmarks/accuracy.py --suite confirm-head --publish docs/results.md $(BENCH_ARGS)
 
 # Local training time per round, FedDifRC (cached representations) vs FedAvg, one client.
 benchmark-round-cost: venv data

@@ -231,10 +231,9 @@ def test_five_seed_suite_runs_the_targets_comparison_first(tmp_path, capsys):
     assert keys[20:22] == ["feddifrc-tdcl/alpha=0.1/seed=7", "feddifrc-ndcr/alpha=0.1/seed=7"]
     assert keys[30] == "feddifrc+no-head/alpha=0.1/seed=7"
     assert keys[-1] == "feddifrc/alpha=0.5/seed=11"
-    seeds, phases = accuracy.SUITES["five-seed"]
     by_key = {
         spec.key: spec
-        for methods, alphas, overrides, tag in phases
+        for methods, alphas, overrides, tag in accuracy.SUITES["five-seed"].phases
         for spec in accuracy.plan_runs(methods, alphas, [7], accuracy.CPU_BUDGET, overrides, tag)
     }
     no_head = by_key["feddifrc+no-head/alpha=0.1/seed=7"]
@@ -247,6 +246,38 @@ def test_five_seed_suite_runs_the_targets_comparison_first(tmp_path, capsys):
         assert {k: by_key[key].overrides[k] for k in extraction} == reference
     with pytest.raises(SystemExit, match="drop --methods"):
         accuracy.main(["--suite", "five-seed", "--methods", "fedavg", "--out", str(tmp_path)])
+
+
+def test_confirm_head_suite_uses_fresh_seeds_and_its_own_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(accuracy, "DEFAULT_OUT", tmp_path)
+    assert accuracy.main(["--suite", "confirm-head", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / f"{accuracy.CPU_FOLDER}-confirm" / "results.json") in out
+    keys = [line.split()[1] for line in out.splitlines()[1:]]
+    assert keys[:2] == ["fedavg/alpha=0.1/seed=12", "feddifrc/alpha=0.1/seed=12"]
+    assert keys[-1] == "feddifrc+no-head/alpha=0.1/seed=16" and len(keys) == 15
+    confirm, five = accuracy.SUITES["confirm-head"], accuracy.SUITES["five-seed"]
+    assert not set(confirm.seeds) & set(five.seeds)  # fresh seeds: no selection on the old ones
+    # the same methods and settings as the five-seed variants they confirm
+    for (methods, alphas, overrides, tag) in confirm.phases:
+        assert any(p[2] == overrides and p[3] == tag and set(methods) <= set(p[0]) and
+                   set(alphas) <= set(p[1]) for p in five.phases)
+
+
+def test_reports_compare_a_tagged_variant_with_its_method(tmp_path):
+    store = accuracy.ResultsStore(tmp_path / "results.json")
+    bests = {7: (0.60, 0.64, 0.63), 8: (0.62, 0.63, 0.66), 9: (0.61, 0.65, 0.64)}
+    for seed, (base, default, variant) in bests.items():
+        for method, tag, best in (("fedavg", "", base), ("feddifrc", "", default),
+                                  ("feddifrc", "no-head", variant)):
+            overrides = {"align-head": "none"} if tag else {}
+            spec = accuracy.plan_runs([method], [0.1], [seed], accuracy.CPU_BUDGET, overrides, tag)[0]
+            _fake_run_folder(tmp_path / spec.run_name, [best - 0.1, best])
+            store.add(accuracy.read_run(spec, tmp_path / spec.run_name))
+    text = accuracy.write_reports(store, tmp_path, "cmd")
+    assert "feddifrc+no-head minus each baseline" in text
+    # variant minus the method on the same seed: -1, +3, -1
+    assert "| 0.1 | feddifrc | +0.33 ± 2.31 |" in text
 
 
 def test_load_sampler_records_the_load_before_and_during_a_run():
