@@ -398,6 +398,8 @@ def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
     trained = [r for r in evaluated if int(r["round"]) > 0]
     accs = [float(r["test-accuracy"]) for r in trained]
     extra_metrics = sorted({k for r in rows for k in r if "knn" in k or "probe" in k})
+    knn = [r.get("test-knn-accuracy") for r in trained]  # self-supervised runs: beside the probe
+    has_knn = bool(knn) and all(isinstance(v, (int, float)) for v in knn)
     return {
         "key": spec.key,
         "method": spec.method,
@@ -417,6 +419,9 @@ def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
         "mean": sum(accs) / len(accs) if accs else None,
         "final": accs[-1] if accs else None,
         "extra": {k: [r.get(k) for r in rows] for k in extra_metrics},
+        "knn-accuracy": [float(v) for v in knn] if has_knn else None,
+        "initial-knn-accuracy": next((float(r["test-knn-accuracy"]) for r in evaluated
+                                      if int(r["round"]) == 0 and "test-knn-accuracy" in r), None),
         # the last round's client losses (train-tdcl, train-ndcr, ...): how close alignment got
         "last-round": {k: v for k, v in (trained[-1] if trained else {}).items()
                        if k.startswith("train-") and isinstance(v, (int, float))},
@@ -494,6 +499,11 @@ def write_reports(store: ResultsStore, out: Path, command: str,
         rivals = [m for m in order if m != target and not _algorithm(m).needs_targets]
         # a tagged variant of the target (e.g. feddifrc+no-head) against the target itself
         variants = sorted({report.label_of(r) for r in subset if r["method"] == target and r.get("tag")})
+        knn = [v for v in (report.metric_view(r, "knn-accuracy") for r in subset) if v]
+        if is_ssl and knn:  # the encoder judged a second way: cosine 20-NN on the same features
+            table += "\n" + report.table_markdown(
+                knn, baseline, order, metric="kNN accuracy (20-NN, cosine)",
+                initial_row_of=SELF_SUPERVISED[0])
         for extra_table in (report.versus_markdown(subset, target, rivals),
                             *(report.versus_markdown(subset, v, [target]) for v in variants),
                             report.losses_markdown(subset)):
@@ -515,6 +525,8 @@ def write_reports(store: ResultsStore, out: Path, command: str,
         report.plot_accuracy(subset, plot, order,
                              "linear-probe accuracy (%)" if is_ssl else "global test accuracy (%)")
         summary[name] = report.summarize(subset, baseline)
+        if is_ssl and knn:
+            summary[f"{name}_knn"] = report.summarize(knn, baseline)
         if publish_to is not None:
             block = f"accuracy{'-ssl' if is_ssl else ''}:{out.name}"
             report.publish(publish_to, block, body.replace(

@@ -54,6 +54,17 @@ def versus(runs: Mapping[int, Record], base: Mapping[int, Record], key: str) -> 
             "ci95": t_interval(values) if len(values) > 1 else None}
 
 
+def metric_view(record: Record, key: str) -> Record | None:
+    """`record` with its accuracy curve replaced by another per-round metric recorded beside it
+    (`key` and `initial-<key>`, e.g. the self-supervised runs' kNN accuracy), so that the same
+    tables read that metric; None where the record has no such curve."""
+    values = record.get(key)
+    if not values:
+        return None
+    return {**record, "accuracy": values, "best": max(values), "mean": sum(values) / len(values),
+            "final": values[-1], "initial-accuracy": record.get(f"initial-{key}")}
+
+
 def summarize(records: Sequence[Record], baseline: str) -> list[dict[str, Any]]:
     """One row per (label, alpha), with paired differences to `baseline` at the same alpha."""
     groups = group(records)

@@ -15,12 +15,15 @@ import accuracy  # noqa: E402
 import round_cost  # noqa: E402
 
 
-def _fake_run_folder(folder: Path, accs: list[float]) -> None:
-    """What the ServerApp leaves behind (metrics.jsonl + summary.json), for a finished run."""
+def _fake_run_folder(folder: Path, accs: list[float], knn: list[float] | None = None) -> None:
+    """What the ServerApp leaves behind (metrics.jsonl + summary.json), for a finished run;
+    `knn`: a self-supervised run's kNN accuracy at rounds 0..n beside the probe's."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"round": 0, "test-accuracy": 0.1}]
     rows += [{"round": i + 1, "test-accuracy": a, "train-seconds": 1.0, "round-seconds": 2.0}
              for i, a in enumerate(accs)]
+    for row, value in zip(rows, knn or []):
+        row["test-knn-accuracy"] = value
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "summary.json").write_text(json.dumps({"wall-seconds": 3.0}))
 
@@ -96,9 +99,10 @@ def test_harness_records_runs_skips_them_on_rerun_and_writes_reports(tmp_path, m
 
 def test_ssl_table_has_the_random_init_row(tmp_path):
     store = accuracy.ResultsStore(tmp_path / "results.json")
-    for method, accs in (("feddifrc-ssl", [0.6, 0.7]), ("simclr", [0.5, 0.55])):
+    runs = (("feddifrc-ssl", [0.6, 0.7], [0.3, 0.5, 0.4]), ("simclr", [0.5, 0.55], [0.3, 0.2, 0.1]))
+    for method, accs, knn in runs:
         spec = accuracy.plan_runs([method], [0.1], [7], accuracy.CPU_BUDGET, {})[0]
-        _fake_run_folder(tmp_path / spec.run_name, accs)
+        _fake_run_folder(tmp_path / spec.run_name, accs, knn)
         store.add(accuracy.read_run(spec, tmp_path / spec.run_name))
     accuracy.write_reports(store, tmp_path, "cmd")
     table = (tmp_path / "ssl_table.md").read_text()
@@ -107,6 +111,13 @@ def test_ssl_table_has_the_random_init_row(tmp_path):
     assert lines[4].startswith("| random-init (round 0) | 0.1 | 10.00 ± 0.00 |")
     assert "| feddifrc-ssl | 0.1 | 70.00 ± 0.00 | 65.00 ± 0.00 | 65.00 ± 0.00 | +15.00 ± 0.00 |" in table
     assert "| simclr | 0.1 | 55.00 ± 0.00 | 52.50 ± 0.00 |" in table
+    # the same encoders by kNN: round 0 is the random init's row, rounds 1.. the curve
+    knn_table = table[table.index("Global-model kNN accuracy"):]
+    assert "| random-init (round 0) | 0.1 | 30.00 ± 0.00 |" in knn_table
+    assert "| feddifrc-ssl | 0.1 | 50.00 ± 0.00 | 45.00 ± 0.00 | 45.00 ± 0.00 | +30.00 ± 0.00 |" in knn_table
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {r["label"]: r["best"][0] for r in summary["ssl_table_knn"]} == {"feddifrc-ssl": 50.0,
+                                                                           "simclr": 20.0}
     assert (tmp_path / "ssl_accuracy.png").is_file() and not (tmp_path / "table.md").exists()
 
 
