@@ -22,8 +22,9 @@ def _fake_run_folder(folder: Path, accs: list[float], knn: list[float] | None = 
     rows = [{"round": 0, "test-accuracy": 0.1}]
     rows += [{"round": i + 1, "test-accuracy": a, "train-seconds": 1.0, "round-seconds": 2.0}
              for i, a in enumerate(accs)]
-    for row, value in zip(rows, knn or []):
-        row["test-knn-accuracy"] = value
+    if knn is not None:
+        for row, value in zip(rows, knn, strict=True):
+            row["test-knn-accuracy"] = value
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "summary.json").write_text(json.dumps({"wall-seconds": 3.0}))
 
