@@ -232,6 +232,26 @@ SUITES: dict[str, Suite] = {
 }
 
 
+def suite_specs(suite: Suite, seeds: Sequence[int], budget: Mapping[str, Any],
+                extra: Mapping[str, Any]) -> list[RunSpec]:
+    """A suite's runs in its order, with `extra` run-config overrides for every run."""
+    return [spec for methods, alphas, overrides, tag in suite.phases
+            for spec in plan_runs(methods, alphas, seeds, budget, {**extra, **overrides}, tag)]
+
+
+def command_for(keys: set[str], command: str) -> str:
+    """The command that makes the runs `keys`: where the running suite does not cover them (a
+    table of the same folder that another suite fills), the suite that does."""
+    words = command.split()
+    if "--suite" not in words[:-1]:
+        return command
+    running = words[words.index("--suite") + 1]
+    for name, suite in sorted(SUITES.items(), key=lambda item: item[0] != running):
+        if keys <= {s.key for s in suite_specs(suite, suite.seeds, CPU_BUDGET, {})}:
+            return command.replace(f"--suite {running}", f"--suite {name}")
+    return command
+
+
 # --- one run -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunSpec:
@@ -519,7 +539,8 @@ def write_reports(store: ResultsStore, out: Path, command: str,
                      f"{sampled[0]['cpus']} cores (results.json: `machine-load`)."
                      "\n" if loads else "")
         plot = out / f"{'ssl_' if is_ssl else ''}accuracy.png"
-        body = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{command}`\n"
+        made_by = command_for({r["key"] for r in subset}, command)
+        body = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{made_by}`\n"
                 f"Per-run configs: results.json (`run-config`). Plot: `{plot.name}`.\n")
         atomic_write_text(out / f"{name}.md", body)
         report.plot_accuracy(subset, plot, order,
@@ -628,8 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.methods or args.tag:
             raise SystemExit("--suite plans its own methods and tags: drop --methods/--tag")
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(suite.seeds)
-        specs = [spec for methods, alphas, overrides, tag in suite.phases
-                 for spec in plan_runs(methods, alphas, seeds, budget, {**extra, **overrides}, tag)]
+        specs = suite_specs(suite, seeds, budget, extra)
     else:
         methods = [m.strip() for m in (args.methods or ",".join(
             SELF_SUPERVISED if args.ssl else SUPERVISED)).split(",") if m.strip()]

@@ -122,6 +122,21 @@ def test_ssl_table_has_the_random_init_row(tmp_path):
     assert (tmp_path / "ssl_accuracy.png").is_file() and not (tmp_path / "table.md").exists()
 
 
+def test_each_table_names_the_suite_that_makes_its_runs(tmp_path):
+    store = accuracy.ResultsStore(tmp_path / "results.json")
+    for method in ("fedavg", "feddifrc-ssl"):
+        spec = accuracy.plan_runs([method], [0.1], [7], accuracy.CPU_BUDGET, {})[0]
+        _fake_run_folder(tmp_path / spec.run_name, [0.5])
+        store.add(accuracy.read_run(spec, tmp_path / spec.run_name))
+    run = "nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite ssl-three-seed --publish d.md"
+    accuracy.write_reports(store, tmp_path, run)
+    assert f"Command: `{run}`" in (tmp_path / "ssl_table.md").read_text()
+    assert ("Command: `nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite five-seed "
+            "--publish d.md`") in (tmp_path / "table.md").read_text()
+    plain = "nice -n 5 .venv/bin/python benchmarks/accuracy.py --seeds 7"  # no suite: kept as is
+    assert accuracy.command_for({"fedavg/alpha=0.1/seed=7"}, plain) == plain
+
+
 def test_report_pairs_seeds_gives_t_intervals_and_publishes_into_a_document(tmp_path):
     import accuracy_report
 
