@@ -519,12 +519,20 @@ def write_reports(store: ResultsStore, out: Path, command: str,
         rivals = [m for m in order if m != target and not _algorithm(m).needs_targets]
         # a tagged variant of the target (e.g. feddifrc+no-head) against the target itself
         variants = sorted({report.label_of(r) for r in subset if r["method"] == target and r.get("tag")})
+        versus = [report.versus_markdown(subset, target, rivals)]
         knn = [v for v in (report.metric_view(r, "knn-accuracy") for r in subset) if v]
-        if is_ssl and knn:  # the encoder judged a second way: cosine 20-NN on the same features
-            table += "\n" + report.table_markdown(
-                knn, baseline, order, metric="kNN accuracy (20-NN, cosine)",
-                initial_row_of=SELF_SUPERVISED[0])
-        for extra_table in (report.versus_markdown(subset, target, rivals),
+        if is_ssl:  # paired with the encoder the runs start from, too: does training improve it?
+            versus = [report.versus_markdown(
+                subset + report.initial_runs(subset, target, RANDOM_INIT), target,
+                [*rivals, RANDOM_INIT], "linear-probe accuracy")]
+            if knn:  # the encoder judged a second way: cosine 20-NN on the same features
+                table += "\n" + report.table_markdown(
+                    knn, baseline, order, metric="kNN accuracy (20-NN, cosine)",
+                    initial_row_of=SELF_SUPERVISED[0])
+                versus.append(report.versus_markdown(
+                    knn + report.initial_runs(knn, target, RANDOM_INIT), target,
+                    [*rivals, RANDOM_INIT], "kNN accuracy"))
+        for extra_table in (*versus,
                             *(report.versus_markdown(subset, v, [target]) for v in variants),
                             report.losses_markdown(subset)):
             table += f"\n{extra_table}" if extra_table else ""

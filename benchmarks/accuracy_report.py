@@ -65,6 +65,16 @@ def metric_view(record: Record, key: str) -> Record | None:
             "final": values[-1], "initial-accuracy": record.get(f"initial-{key}")}
 
 
+def initial_runs(records: Sequence[Record], method: str, label: str) -> list[Record]:
+    """Round 0 of `method`'s runs (the seeded initial encoder, the same for every method of a
+    seed) as runs of their own named `label`, so that tables can pair a method with its start."""
+    return [{**r, "method": label, "tag": "", "accuracy": [r["initial-accuracy"]],
+             "best": r["initial-accuracy"], "mean": r["initial-accuracy"],
+             "final": r["initial-accuracy"]}
+            for r in records
+            if r["method"] == method and not r.get("tag") and r.get("initial-accuracy") is not None]
+
+
 def summarize(records: Sequence[Record], baseline: str) -> list[dict[str, Any]]:
     """One row per (label, alpha), with paired differences to `baseline` at the same alpha."""
     groups = group(records)
@@ -116,11 +126,13 @@ def table_markdown(records: Sequence[Record], baseline: str, order: Sequence[str
     return "\n".join(lines) + "\n"
 
 
-def versus_markdown(records: Sequence[Record], method: str, baselines: Sequence[str]) -> str:
+def versus_markdown(records: Sequence[Record], method: str, baselines: Sequence[str],
+                    metric: str = "") -> str:
     """`method` against each baseline (paired by seed), per alpha: the target's comparison."""
     groups = group(records)
-    lines = [f"{method} minus each baseline (same seed; percentage points, mean ± sd and 95 % "
-             "t-interval).", "",
+    what = f", {metric}" if metric else ""
+    lines = [f"{method} minus each baseline{what} (same seed; percentage points, mean ± sd and "
+             "95 % t-interval).", "",
              "| α | baseline | Δ best | Δ best 95 % CI | Δ mean | Δ mean 95 % CI | seeds |",
              "|---|---|---|---|---|---|---|"]
     for alpha in sorted({a for _, a in groups}):

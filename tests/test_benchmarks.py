@@ -116,6 +116,10 @@ def test_ssl_table_has_the_random_init_row(tmp_path):
     knn_table = table[table.index("Global-model kNN accuracy"):]
     assert "| random-init (round 0) | 0.1 | 30.00 ± 0.00 |" in knn_table
     assert "| feddifrc-ssl | 0.1 | 50.00 ± 0.00 | 45.00 ± 0.00 | 45.00 ± 0.00 | +30.00 ± 0.00 |" in knn_table
+    # paired with the common start (round 0) as well as with SimCLR, by either metric
+    assert "| 0.1 | random-init | +60.00 ± 0.00 | - |" in table  # probe: 70 - 10
+    assert "| 0.1 | random-init | +20.00 ± 0.00 | - |" in table  # kNN: 50 - 30
+    assert "feddifrc-ssl minus each baseline, kNN accuracy" in table
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {r["label"]: r["best"][0] for r in summary["ssl_table_knn"]} == {"feddifrc-ssl": 50.0,
                                                                            "simclr": 20.0}
