@@ -497,6 +497,10 @@ class ResultsStore:
                 self.records.values(), key=lambda r: r["key"])})
 
 
+def _plots_line(plots: Sequence[Path], where: Path) -> str:
+    return "Plots: " + ", ".join(f"`{os.path.relpath(p, where)}`" for p in plots) + ".\n"
+
+
 def write_reports(store: ResultsStore, out: Path, command: str,
                   publish_to: Path | None = None) -> str:
     """table.md (+ ssl_table.md), the plots and summary.json from every recorded run; with
@@ -547,19 +551,23 @@ def write_reports(store: ResultsStore, out: Path, command: str,
                      f"{sampled[0]['cpus']} cores (results.json: `machine-load`)."
                      "\n" if loads else "")
         plot = out / f"{'ssl_' if is_ssl else ''}accuracy.png"
+        plots = [plot, *([out / "ssl_knn_accuracy.png"] if is_ssl and knn else [])]
+
         made_by = command_for({r["key"] for r in subset}, command)
         body = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{made_by}`\n"
-                f"Per-run configs: results.json (`run-config`). Plot: `{plot.name}`.\n")
+                f"Per-run configs: results.json (`run-config`). {_plots_line(plots, out)}")
         atomic_write_text(out / f"{name}.md", body)
         report.plot_accuracy(subset, plot, order,
                              "linear-probe accuracy (%)" if is_ssl else "global test accuracy (%)")
-        summary[name] = report.summarize(subset, baseline)
         if is_ssl and knn:
+            report.plot_accuracy(knn, plots[1], order, "kNN accuracy (%)")
             summary[f"{name}_knn"] = report.summarize(knn, baseline)
+        summary[name] = report.summarize(subset, baseline)
         if publish_to is not None:
             block = f"accuracy{'-ssl' if is_ssl else ''}:{out.name}"
-            report.publish(publish_to, block, body.replace(
-                f"Plot: `{plot.name}`", f"Plot: `{os.path.relpath(plot, publish_to.parent)}`"))
+            report.publish(publish_to, block,
+                           body.replace(_plots_line(plots, out),
+                                        _plots_line(plots, publish_to.resolve().parent)))
         text += body
     _write_json(out / "summary.json", summary)
     return text

@@ -124,6 +124,7 @@ def test_ssl_table_has_the_random_init_row(tmp_path):
     assert {r["label"]: r["best"][0] for r in summary["ssl_table_knn"]} == {"feddifrc-ssl": 50.0,
                                                                            "simclr": 20.0}
     assert (tmp_path / "ssl_accuracy.png").is_file() and not (tmp_path / "table.md").exists()
+    assert (tmp_path / "ssl_knn_accuracy.png").is_file()
 
 
 def test_each_table_names_the_suite_that_makes_its_runs(tmp_path):
