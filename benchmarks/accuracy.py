@@ -418,6 +418,7 @@ def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
     trained = [r for r in evaluated if int(r["round"]) > 0]
     accs = [float(r["test-accuracy"]) for r in trained]
     extra_metrics = sorted({k for r in rows for k in r if "knn" in k or "probe" in k})
+    start = next((r for r in evaluated if int(r["round"]) == 0), {})  # the initial model
     knn = [r.get("test-knn-accuracy") for r in trained]  # self-supervised runs: beside the probe
     has_knn = bool(knn) and all(isinstance(v, (int, float)) for v in knn)
     return {
@@ -433,15 +434,14 @@ def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
         "run-folder": str(folder),
         "rounds": [int(r["round"]) for r in trained],
         "accuracy": accs,
-        "initial-accuracy": next((float(r["test-accuracy"]) for r in evaluated
-                                  if int(r["round"]) == 0), None),
+        "initial-accuracy": float(start["test-accuracy"]) if start else None,
         "best": max(accs) if accs else None,
         "mean": sum(accs) / len(accs) if accs else None,
         "final": accs[-1] if accs else None,
         "extra": {k: [r.get(k) for r in rows] for k in extra_metrics},
         "knn-accuracy": [float(v) for v in knn] if has_knn else None,
-        "initial-knn-accuracy": next((float(r["test-knn-accuracy"]) for r in evaluated
-                                      if int(r["round"]) == 0 and "test-knn-accuracy" in r), None),
+        "initial-knn-accuracy": (float(start["test-knn-accuracy"])
+                                 if "test-knn-accuracy" in start else None),
         # the last round's client losses (train-tdcl, train-ndcr, ...): how close alignment got
         "last-round": {k: v for k, v in (trained[-1] if trained else {}).items()
                        if k.startswith("train-") and isinstance(v, (int, float))},
@@ -523,19 +523,19 @@ def write_reports(store: ResultsStore, out: Path, command: str,
         rivals = [m for m in order if m != target and not _algorithm(m).needs_targets]
         # a tagged variant of the target (e.g. feddifrc+no-head) against the target itself
         variants = sorted({report.label_of(r) for r in subset if r["method"] == target and r.get("tag")})
-        versus = [report.versus_markdown(subset, target, rivals)]
-        knn = [v for v in (report.metric_view(r, "knn-accuracy") for r in subset) if v]
+        paired, against, metric = subset, rivals, ""
+        knn = [v for v in (report.metric_view(r, "knn-accuracy") for r in subset) if v] if is_ssl else []
         if is_ssl:  # paired with the encoder the runs start from, too: does training improve it?
-            versus = [report.versus_markdown(
-                subset + report.initial_runs(subset, target, RANDOM_INIT), target,
-                [*rivals, RANDOM_INIT], "linear-probe accuracy")]
-            if knn:  # the encoder judged a second way: cosine 20-NN on the same features
-                table += "\n" + report.table_markdown(
-                    knn, baseline, order, metric="kNN accuracy (20-NN, cosine)",
-                    initial_row_of=SELF_SUPERVISED[0])
-                versus.append(report.versus_markdown(
-                    knn + report.initial_runs(knn, target, RANDOM_INIT), target,
-                    [*rivals, RANDOM_INIT], "kNN accuracy"))
+            paired = subset + report.initial_runs(subset, target, RANDOM_INIT)
+            against, metric = [*rivals, RANDOM_INIT], "linear-probe accuracy"
+        versus = [report.versus_markdown(paired, target, against, metric)]
+        if knn:  # the encoder judged a second way: cosine 20-NN on the same features
+            table += "\n" + report.table_markdown(
+                knn, baseline, order, metric="kNN accuracy (20-NN, cosine)",
+                initial_row_of=SELF_SUPERVISED[0])
+            versus.append(report.versus_markdown(
+                knn + report.initial_runs(knn, target, RANDOM_INIT), target, against,
+                "kNN accuracy"))
         for extra_table in (*versus,
                             *(report.versus_markdown(subset, v, [target]) for v in variants),
                             report.losses_markdown(subset)):
@@ -551,23 +551,21 @@ def write_reports(store: ResultsStore, out: Path, command: str,
                      f"{sampled[0]['cpus']} cores (results.json: `machine-load`)."
                      "\n" if loads else "")
         plot = out / f"{'ssl_' if is_ssl else ''}accuracy.png"
-        plots = [plot, *([out / "ssl_knn_accuracy.png"] if is_ssl and knn else [])]
-
+        plots = [plot, *([out / "ssl_knn_accuracy.png"] if knn else [])]
         made_by = command_for({r["key"] for r in subset}, command)
-        body = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{made_by}`\n"
-                f"Per-run configs: results.json (`run-config`). {_plots_line(plots, out)}")
+        head = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{made_by}`\n"
+                "Per-run configs: results.json (`run-config`). ")
+        body = head + _plots_line(plots, out)
         atomic_write_text(out / f"{name}.md", body)
         report.plot_accuracy(subset, plot, order,
                              "linear-probe accuracy (%)" if is_ssl else "global test accuracy (%)")
-        if is_ssl and knn:
+        if knn:
             report.plot_accuracy(knn, plots[1], order, "kNN accuracy (%)")
             summary[f"{name}_knn"] = report.summarize(knn, baseline)
         summary[name] = report.summarize(subset, baseline)
         if publish_to is not None:
             block = f"accuracy{'-ssl' if is_ssl else ''}:{out.name}"
-            report.publish(publish_to, block,
-                           body.replace(_plots_line(plots, out),
-                                        _plots_line(plots, publish_to.resolve().parent)))
+            report.publish(publish_to, block, head + _plots_line(plots, publish_to.resolve().parent))
         text += body
     _write_json(out / "summary.json", summary)
     return text

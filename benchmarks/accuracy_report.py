@@ -107,9 +107,8 @@ def table_markdown(records: Sequence[Record], baseline: str, order: Sequence[str
     alphas = sorted({r["alpha"] for r in rows})
     for alpha in alphas:
         if initial_row_of is not None:
-            init = [100 * float(r["initial-accuracy"]) for (lab, a), runs in group(records).items()
-                    if lab == initial_row_of and a == alpha for r in runs.values()
-                    if r.get("initial-accuracy") is not None]
+            init = [100 * float(r["best"]) for r in initial_runs(records, initial_row_of, "")
+                    if float(r["alpha"]) == alpha]
             if init:
                 cell = fmt_mean_sd(mean_sd(init))
                 lines.append(f"| random-init (round 0) | {alpha:g} | {cell} | {cell} | {cell} "
