@@ -138,7 +138,7 @@ PAPER_BUDGET: dict[str, Any] = {
 DIFFUSION_DEFAULTS: dict[str, Any] = {
     "diffusion-model": "offline-teacher",
     "diffusion-image-size": 0,  # the teacher's native 32 px
-    "extraction-batch-size": 64,
+    "extraction-batch-size": 8,
     "projection": "federated-pca",
 }
 DIFFUSION_KEYS = ("diffusion-model", "diffusion-timestep", "up-blocks", "diffusion-image-size",

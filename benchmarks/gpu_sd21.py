@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from compute_ceiling import flops_per_pass, matmul_ceiling_tflops, synchronize
 
 from feddifrc_core.diffusion.backbone import load_backbone
 from feddifrc_core.diffusion.extractor import DiffusionFeatureExtractor
@@ -92,41 +93,6 @@ def emit(record: dict[str, Any], out: Path | None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a") as f:
             f.write(line + "\n")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_ceiling_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Measured TFLOP/s of an 8192^3 matrix product: the ceiling the passes are compared with."""
-    if device.type != "cuda":
-        return None
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    synchronize(device)
-    return round(2 * n**3 * 10 / (time.perf_counter() - t0) / 1e12, 1)
-
-
-def flops_per_pass(
-    ex: DiffusionFeatureExtractor, images: torch.Tensor, embeds: torch.Tensor
-) -> float:
-    """FLOPs of one image-prompt pass as executed (VAE share, early-stopped UNet), counted on one
-    image x P prompts."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        ex.extract_batch(images[:1], [0], embeds)
-    return counter.get_total_flops() / embeds.shape[0]
 
 
 def apply_variant(backbone: Any, variant: str) -> str:
@@ -206,7 +172,7 @@ def main() -> None:
     prompts = [f"a photo of a class {i}" for i in range(args.prompts - 1)] + [""]
     embeds = backbone.encode_prompts(prompts)  # [P, L, D]
     flops = flops_per_pass(ex, all_images, embeds)
-    ceiling = matmul_ceiling_tflops(device, dtype)
+    ceiling = round(matmul_ceiling_tflops(device, dtype), 1) if device.type == "cuda" else None
     emit(
         {
             "model": spec,

@@ -148,7 +148,7 @@ def run_config(clients: int, args: argparse.Namespace, out: Path) -> dict[str, o
         "batch-size": 16,
         "diffusion-model": "tiny-sd",
         "diffusion-image-size": 0,
-        "extraction-batch-size": 64,
+        "extraction-batch-size": 8,
         "neg-num": 3,
         "torch-threads": 1,
         "device": "cpu",

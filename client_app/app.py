@@ -16,6 +16,7 @@ from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import FLOWER_LOGGER
 
 from client_app.records import from_flower_arrays, to_flower_arrays
 from feddifrc_core.client_session import ClientSession
@@ -23,6 +24,18 @@ from feddifrc_core.config import NodeConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
+
+def _core_logs_to_flower() -> None:
+    """The core's INFO lines (extraction progress and rate) go where Flower's own lines go: the
+    run's log (`flwr log`), also from simulated ClientApps in Ray's worker processes."""
+    core = logging.getLogger("feddifrc_core")
+    core.setLevel(logging.INFO)
+    for handler in FLOWER_LOGGER.handlers:
+        if handler not in core.handlers:
+            core.addHandler(handler)
+
+
+_core_logs_to_flower()
 app = ClientApp()
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from feddifrc_core.checkpoint import CheckpointError, load_checkpoint, save_arrays
 from feddifrc_core.diffusion.backbone import DiffusionBackbone
@@ -27,6 +26,7 @@ from feddifrc_core.diffusion.reduction import (
     SpatialNorm,
 )
 from feddifrc_core.feature_cache import FeatureCache, fingerprint_sha256, tensor_sha256
+from feddifrc_core.progress import ProgressLog
 from feddifrc_core.projection import (
     Basis,
     PcaStats,
@@ -149,6 +149,7 @@ def _prepare(
         batch_size=settings.batch_size,
         seed=settings.seed,
         pool_grid=settings.pool_grid,
+        autocast=getattr(torch, settings.autocast) if settings.autocast else None,
     )
     # 2. prompts each image needs
     prompts, layout, prompt_ids, pos_cols, neg_cols, null_cols = _layout(
@@ -200,8 +201,9 @@ def extract_position_stats(
             logger.warning("recomputing position statistics: %s", err)
     t0 = time.perf_counter()
     accumulators = [PositionStats(c) for c in job.extractor.raw_channels]
+    bar = ProgressLog(logger, "position statistics", len(job.ids))
     job.extractor.extract(job.images, job.ids.tolist(), job.prompts, job.prompt_ids,
-                          reductions=accumulators)
+                          progress=bar.update, reductions=accumulators)
     stats = [a.stats for a in accumulators]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +237,7 @@ def extract_client_representations(
     fingerprint = dict(job.fingerprint)
     reductions: list[BlockReduction] | None = None
     bases_sha: tuple[str, ...] = ()
-    if settings.reduction != "mean-pool":  # mean-pool keeps the format-1 fingerprint (old caches)
+    if settings.reduction != "mean-pool":  # mean-pool: no reduction entry
         if bases is None:
             raise ValueError(f"reduction {settings.reduction!r} needs the shared bases (`bases`)")
         reductions = [SpatialNorm(b) for b in bases]
@@ -264,35 +266,26 @@ def extract_client_representations(
     reused = 0
     if missing:
         done = n - sum(min(chunk, n - i * chunk) for i in missing)
-        bar = tqdm(
-            total=n,
-            initial=done,
-            unit="img",
-            disable=not progress,
-            desc="diffusion features",
-            dynamic_ncols=True,
-        )
-        try:
-            for index in missing:
-                start, stop = index * chunk, min(index * chunk + chunk, n)
-                tensors, stored_rows = _chunk_features(
-                    job, reductions, rows, start, stop, block_names, bar.update
-                )
-                reused += stored_rows
-                for name, t in tensors.items():
-                    if t.is_floating_point() and not torch.isfinite(t.half()).all():
-                        raise RuntimeError(
-                            f"non-finite diffusion features in {name} (rows {start}-{stop})"
-                        )
-                if cache is not None:
-                    cache.write_chunk(index, tensors)
-                else:
-                    collected[index] = {
-                        k: v.to(torch.float16 if v.is_floating_point() else v.dtype)
-                        for k, v in tensors.items()
-                    }
-        finally:
-            bar.close()
+        bar = ProgressLog(logger, "diffusion features", n, initial=done,
+                          interval=30.0 if progress else float("inf"))
+        for index in missing:
+            start, stop = index * chunk, min(index * chunk + chunk, n)
+            tensors, stored_rows = _chunk_features(
+                job, reductions, rows, start, stop, block_names, bar
+            )
+            reused += stored_rows
+            for name, t in tensors.items():
+                if t.is_floating_point() and not torch.isfinite(t.half()).all():
+                    raise RuntimeError(
+                        f"non-finite diffusion features in {name} (rows {start}-{stop})"
+                    )
+            if cache is not None:
+                cache.write_chunk(index, tensors)
+            else:
+                collected[index] = {
+                    k: v.to(torch.float16 if v.is_floating_point() else v.dtype)
+                    for k, v in tensors.items()
+                }
     # 5. load (verified) and assemble
     if cache is not None:
         stored = cache.load()
@@ -344,7 +337,7 @@ def _chunk_features(
     start: int,
     stop: int,
     block_names: list[str],
-    progress: Callable[[int], None],
+    progress: ProgressLog,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Rows start:stop of every block (+ prompt ids): stored rows reused, the others extracted
     (and stored for other partitions). Returns the tensors and how many rows were reused."""
@@ -352,7 +345,7 @@ def _chunk_features(
     digests = None if rows is None else image_digests(job.images[start:stop])
     stored = {} if rows is None or digests is None else rows.lookup(ids, digests, prompt_ids)
     todo = [i for i in range(stop - start) if i not in stored]
-    progress(len(stored))
+    progress.skip(len(stored))  # reused rows: done, but not part of the extraction rate
     dims = job.extractor.out_dims(reductions)
     out = {
         name: torch.empty(stop - start, prompt_ids.shape[1], d)
@@ -368,7 +361,7 @@ def _chunk_features(
             job.ids[take].tolist(),
             job.prompts,
             job.prompt_ids[take],
-            progress=progress,
+            progress=progress.update,
             reductions=reductions,
         )
         fresh = dict(zip(block_names, feats, strict=True))

@@ -95,7 +95,7 @@ class ClientSession:
         # feddifrc-ssl: prompts come from the SSL vocabulary, never from this client's labels
         labels = self.data.labels if self.cfg.algorithm_class.needs_labels else None
         data = (self.data.images, labels, self.sample_ids, self.data.class_names)
-        return backbone, data, rep.RepresentationSettings.from_run_config(self.cfg)
+        return backbone, data, rep.RepresentationSettings.from_run_config(self.cfg, self.device)
 
     def representations(self, bases: Sequence[Basis] | None = None) -> rep.ClientRepresentations:
         """Extracted once per process and basis (and cached on disk by the feature cache).
@@ -108,7 +108,7 @@ class ClientSession:
             backbone, data, settings = self._extraction_inputs()
             reps = extraction.extract_client_representations(
                 backbone, *data, settings, cache_dir=self.cache_dir / "representations",
-                progress=False, bases=bases if projected else None)
+                bases=bases if projected else None)
             self._representations = (key, reps)
         return self._representations[1]
 

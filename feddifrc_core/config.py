@@ -28,7 +28,7 @@ from feddifrc_core.projection import PROJECTIONS
 # their configuration hash).
 BOOKKEEPING_KEYS = frozenset({
     "output-dir", "run-name", "resume", "cache-dir", "data-path", "device", "torch-threads",
-    "eval-batch-size", "extraction-batch-size", "round-timeout"})
+    "eval-batch-size", "round-timeout"})
 # What a resumed run may change besides: more rounds, and the nodes it waits for.
 RESUMABLE_KEYS = BOOKKEEPING_KEYS | {"num-rounds", "min-available-nodes"}
 
@@ -106,8 +106,13 @@ class RunConfig:
     # projection, or the authors' "spatial-norm" (per-position projection, RMS over positions;
     # "-centred" also removes the federated mean target). Chosen by measurement: docs/method.md.
     reduction: str = _opt("mean-pool", choices=("mean-pool", "spatial-norm", "spatial-norm-centred"))
-    extraction_batch_size: int = _opt(16, lo=1)  # images per UNet call (x prompts)
-    diffusion_dtype: str = _opt("auto", choices=("auto", "float32", "float16", "bfloat16"))
+    # Images per UNet call (x prompts). Every call has this shape (short batches are padded), so
+    # it is part of the features' cache key: GPUs want 16+, CPUs 4-8 (docs/performance.md).
+    extraction_batch_size: int = _opt(16, lo=1)
+    # auto: float16 on CUDA, bfloat16-mixed on a CPU with native bfloat16, else float32
+    # (diffusion/backbone.py, resolve_precision).
+    diffusion_dtype: str = _opt(
+        "auto", choices=("auto", "float32", "float16", "bfloat16", "bfloat16-mixed"))
     projection: str = _opt("federated-pca", choices=PROJECTIONS)  # shared basis
     prompt_template: str = _opt("a photo of a {}")  # paper prompt
     cache_dir: str = _opt("")  # "" -> $FEDDIFRC_CACHE_DIR or ~/.cache/feddifrc

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from feddifrc_core.config import RunConfig
-from feddifrc_core.diffusion.backbone import DiffusionBackbone, load_backbone, resolve_dtype
+from feddifrc_core.diffusion.backbone import DiffusionBackbone, load_backbone, resolve_precision
 from feddifrc_core.diffusion.reduction import basis_sha256
 from feddifrc_core.projection import (
     Basis,
@@ -47,7 +47,9 @@ from feddifrc_core.targets import DiffusionTargets
 
 logger = logging.getLogger(__name__)
 
-REPRESENTATION_FORMAT = 1  # bump when the stored layout or its meaning changes
+# bump when the stored layout or its meaning changes; 2: one UNet call shape (batch
+# invariance), prompt-free stages once per image
+REPRESENTATION_FORMAT = 2
 ALL_PROMPTS_MAX = 12  # store every class prompt when C + 1 is at most this
 
 
@@ -61,7 +63,8 @@ class RepresentationSettings:
     ensemble_size: int = 1  # noise draws averaged per image
     pool_grid: int = 1  # g x g spatial average pooling per block (1 = global mean; mean-pool only)
     reduction: str = "mean-pool"  # or the authors' "spatial-norm" (+ "-centred"); see module doc
-    batch_size: int = 16  # images per UNet call (x prompts)
+    batch_size: int = 16  # images per UNet call (x prompts): the one call shape, part of the key
+    autocast: str = ""  # "" or "bfloat16"/"float16": mixed precision over float32 weights
     neg_num: int = 10  # reference: 10 negative prompts per sample
     prompt_template: str = "a photo of a {}"  # paper prompt
     seed: int = 7  # noise and negative draws
@@ -74,7 +77,9 @@ class RepresentationSettings:
     chunk_images: int = 512  # images per cache chunk: the unit of resumption
 
     @classmethod
-    def from_run_config(cls, cfg: RunConfig) -> RepresentationSettings:
+    def from_run_config(cls, cfg: RunConfig, device: torch.device | str = "cpu"
+                        ) -> RepresentationSettings:
+        autocast = resolve_precision(cfg.diffusion_dtype, device).autocast
         return cls(
             timestep=cfg.diffusion_timestep,
             up_blocks=cfg.up_block_ids,
@@ -83,6 +88,7 @@ class RepresentationSettings:
             pool_grid=cfg.pool_grid,
             reduction=cfg.reduction,
             batch_size=cfg.extraction_batch_size,
+            autocast="" if autocast is None else str(autocast).removeprefix("torch."),
             neg_num=cfg.neg_num,
             prompt_template=cfg.prompt_template,
             seed=cfg.seed,
@@ -98,7 +104,7 @@ def backbone_from_config(
     cfg: RunConfig, device: torch.device | str, cache_dir: str | Path | None = None
 ) -> DiffusionBackbone:
     """The (per-process cached) backbone a run config asks for, on `device`."""
-    dtype = resolve_dtype(cfg.diffusion_dtype, device)
+    dtype = resolve_precision(cfg.diffusion_dtype, device).weights
     root = cache_dir if cache_dir is not None else cfg.resolved_cache_dir()
     return load_backbone(
         cfg.diffusion_model, device, dtype, revision=cfg.diffusion_revision, cache_dir=str(root)

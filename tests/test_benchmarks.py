@@ -348,3 +348,34 @@ def test_gpu_throughput_script_sweeps_variants_on_one_build(tmp_path_factory, mo
         with pytest.raises(SystemExit):
             gpu_sd21.main()
         assert message in capsys.readouterr().err
+
+
+def test_cpu_extraction_script_times_variants_against_today_in_one_run(
+        tmp_path_factory, monkeypatch, capsys):
+    """The CPU script on tiny-sd: a head line with the measured ceiling, one line per variant,
+    float32 variants equal today's features, mixed bfloat16 and the per-prompt reference close."""
+    import extraction_speed
+
+    cache = tmp_path_factory.getbasetemp() / "feddifrc-cache"  # shared by the diffusion tests
+    out = tmp_path_factory.mktemp("extraction") / "lines.jsonl"
+    argv = ["extraction_speed.py", "--model", "tiny-sd", "--cache-dir", str(cache), "--images", "4",
+            "--rounds", "1", "--threads", "1", "--variants", "today:4", "fp32:2,4", "no-share:4",
+            "bf16-mixed:4", "reference", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    extraction_speed.main()
+    head, *runs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert head["model"] == "tiny-sd" and head["matmul_gflops_per_s"]["float32"] > 0
+    assert [(r["variant"], r["batch_images"]) for r in runs] == [
+        ("today", 4), ("fp32", 2), ("fp32", 4), ("no-share", 4), ("bf16-mixed", 4),
+        ("reference", 1)]
+    assert all(r["passes_per_s_best"] > 0 and r["gflops_per_pass"] > 0 for r in runs)
+    assert runs[0]["speedup_vs_today"] == 1.0 and runs[0]["max_rel_err_vs_today"] == 0.0
+    assert all(r["max_rel_err_vs_today"] < 1e-5 for r in runs[1:4])
+    assert runs[4]["max_rel_err_vs_today"] < 2e-2 and runs[5]["max_rel_err_vs_today"] < 1e-5
+    assert "| today | 4 x 11 |" in capsys.readouterr().out
+    for bad, message in ((["--variants", "fast"], "unknown variant"),
+                         (["--variants", "fp32:3"], "multiple of every batch size")):
+        monkeypatch.setattr(sys, "argv", ["extraction_speed.py", "--images", "4", *bad])
+        with pytest.raises(SystemExit):
+            extraction_speed.main()
+        assert message in capsys.readouterr().err

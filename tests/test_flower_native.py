@@ -23,7 +23,7 @@ SCRIPT = ROOT / "scripts" / "run_simulation.py"
 TINY = {"num-rounds": 1, "dataset": "digits", "model": "small-cnn", "model-width": 8,
         "diffusion-model": "tiny-sd", "train-samples": 150, "test-samples": 60, "local-epochs": 1,
         "fraction-train": 1.0, "partition": "iid", "data-subset": "all", "eval-batch-size": 256,
-        "extraction-batch-size": 64}
+        "extraction-batch-size": 8}
 
 
 def _free_port() -> int:

@@ -6,11 +6,24 @@ per prompt with forward hooks on `unet.up_blocks[i]` -> a reduction of each kept
 Batched: one UNet call covers B images x P prompts, reusing each image's noisy latent for all of
 its prompts; prompt embeddings are encoded once. The pass stops right after the last kept block
 (a private exception raised from its hook), so the UNet forward itself is never forked.
+
+Batch invariance: every UNet call has the same shape, `batch_size` images x P prompts; a short
+batch is padded with copies of its first image and the copies are dropped. Kernels pick their
+algorithm by shape (a batch of one image took another path than larger ones), so a row's bits
+would otherwise depend on how many images shared its call; with one shape they depend only on the
+image, its sample id and the settings, and a fresh, a reused and a repaired cache hold the same
+rows (tests/test_diffusion_extractor.py). `batch_size` is therefore part of the fingerprint.
+
+Speed (docs/performance.md, "CPU"): the leading UNet stages that never read the prompt (conv_in
+and down blocks without cross-attention; the offline teacher's first two) run once per image
+instead of once per (image, prompt), through forward hooks that pass one row per image in and
+repeat the outputs; `autocast` runs convolutions and matmuls in bfloat16 where the CPU has it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -73,6 +86,8 @@ class DiffusionFeatureExtractor:
         batch_size: int = 16,
         seed: int = 0,
         pool_grid: int = 1,
+        autocast: torch.dtype | None = None,
+        once_per_image: bool = True,
     ) -> None:
         num_blocks = len(backbone.unet.up_blocks)
         blocks = tuple(sorted(int(b) for b in up_blocks))
@@ -98,6 +113,13 @@ class DiffusionFeatureExtractor:
             raise ValueError(
                 f"`image_size` must be >= 0 (0 = the backbone's native size), got {image_size}"
             )
+        if autocast is not None and (
+            autocast not in (torch.bfloat16, torch.float16) or backbone.dtype != torch.float32
+        ):
+            raise ValueError(
+                "`autocast` (mixed precision) must be torch.bfloat16 or torch.float16 over a "
+                f"float32 backbone, got {autocast} over {backbone.dtype}"
+            )
         self.backbone = backbone
         self.timestep = int(timestep)
         self.up_blocks = blocks
@@ -106,6 +128,9 @@ class DiffusionFeatureExtractor:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.pool_grid = int(pool_grid)
+        self.autocast = autocast
+        # prompt-free stages once per image (same bits here; off only to measure its gain)
+        self.once_per_image = bool(once_per_image)
         channels = up_block_channels(backbone.unet)
         self.raw_channels = tuple(channels[b] for b in blocks)  # C_l of each kept block's map
         # The kept-signal fraction is what makes timesteps comparable across schedules (METHOD.md).
@@ -127,6 +152,8 @@ class DiffusionFeatureExtractor:
             "ensemble_size": self.ensemble_size,
             "seed": self.seed,
             "pool_grid": self.pool_grid,
+            "batch_size": self.batch_size,  # the one UNet call shape (module docstring)
+            "autocast": "" if self.autocast is None else str(self.autocast).removeprefix("torch."),
         }
 
     def noise(self, shape: Sequence[int], sample_ids: Sequence[int], member: int) -> torch.Tensor:
@@ -167,7 +194,8 @@ class DiffusionFeatureExtractor:
         prompt_ids: torch.Tensor | None = None,
         reductions: Sequence[BlockReduction] | None = None,
     ) -> list[torch.Tensor]:
-        """One batch: features [B, P, d_l] per kept block (float32, on the backbone's device).
+        """One batch of at most `batch_size` images: features [B, P, d_l] per kept block (float32,
+        on the backbone's device).
 
         prompt_embeds: [Q, L, D] embeddings of the prompt list; prompt_ids: [B, P] indices into it
         (per image), or None for all Q prompts for every image; reductions: one per kept block
@@ -176,6 +204,8 @@ class DiffusionFeatureExtractor:
         bb = self.backbone
         device, dtype = bb.device, bb.dtype
         num_images = len(sample_ids)
+        if not 1 <= num_images <= self.batch_size:
+            raise ValueError(f"a batch holds 1 to {self.batch_size} images, got {num_images}")
         # 1. which prompts each image is paired with
         if prompt_ids is None:
             prompt_ids = torch.arange(prompt_embeds.shape[0]).expand(num_images, -1)  # [B, P]
@@ -185,13 +215,18 @@ class DiffusionFeatureExtractor:
                 f"got {tuple(prompt_ids.shape)}"
             )
         num_prompts = prompt_ids.shape[1]
+        # 2. the one call shape: pad with copies of the first image (dropped again in step 6)
+        pad = self.batch_size - num_images
+        images_t = torch.as_tensor(images)
+        ids = [int(s) for s in sample_ids]
+        if pad:
+            images_t = torch.cat([images_t, images_t[:1].expand(pad, *images_t.shape[1:])])
+            ids += ids[:1] * pad
+            prompt_ids = torch.cat([prompt_ids, prompt_ids[:1].expand(pad, -1)])
+        rows = self.batch_size * num_prompts
+        real_rows = num_images * num_prompts
         embeds = prompt_embeds.to(device, dtype)[prompt_ids.reshape(-1).to(device)]  # [B*P, L, D]
-        # 2. latents once per image
-        pixels = to_model_pixels(images, self.image_size, bb.in_channels, device, dtype)
-        latents = bb.encode_images(pixels)  # [B, c, h, w]
-        timesteps = torch.full(
-            (num_images * num_prompts,), self.timestep, device=device, dtype=torch.long
-        )
+        timesteps = torch.full((rows,), self.timestep, device=device, dtype=torch.long)
         # 3. hooks: reduced outputs of the kept blocks; the last one ends the pass
         reduce = self._reductions(reductions)
         pooled: dict[int, torch.Tensor] = {}
@@ -200,7 +235,8 @@ class DiffusionFeatureExtractor:
         def make_hook(index: int, reduction: BlockReduction) -> Callable[..., None]:
             def hook(_module: Any, _inputs: Any, output: Any) -> None:
                 hidden = output[0] if isinstance(output, tuple) else output  # [B*P, C_l, h_l, w_l]
-                pooled[index] = reduction(hidden)  # [B*P, d_l]
+                # row-wise reductions see the full fixed shape; accumulating ones the real rows
+                pooled[index] = reduction(hidden[:real_rows] if reduction.accumulates else hidden)
                 if index == last:
                     raise _StopForward
 
@@ -210,28 +246,40 @@ class DiffusionFeatureExtractor:
             bb.unet.up_blocks[i].register_forward_hook(make_hook(i, r))
             for i, r in zip(self.up_blocks, reduce, strict=True)
         ]
-        sums = [
-            torch.zeros(num_images, num_prompts, d, device=device) for d in self.out_dims(reduce)
-        ]
+        sums = [torch.zeros(rows, d, device=device) for d in self.out_dims(reduce)]
+        shared = num_prompts if self.once_per_image else 1  # rows that share prompt-free stages
         try:
-            for member in range(self.ensemble_size):
-                # 4. seeded noise at one timestep, shared by all prompts of an image
-                noise = self.noise(latents.shape[1:], sample_ids, member).to(device, dtype)
-                t_img = timesteps[:num_images]
-                noisy = bb.scheduler.add_noise(latents, noise, t_img)  # [B, c, h, w]
-                noisy = noisy.repeat_interleave(num_prompts, dim=0)  # [B*P, c, h, w]
-                # 5. one UNet pass for B images x P prompts
-                pooled.clear()
-                try:
-                    bb.unet(noisy, timesteps, encoder_hidden_states=embeds)
-                except _StopForward:
-                    pass
-                for k, block in enumerate(self.up_blocks):
-                    sums[k] += pooled[block].view(num_images, num_prompts, -1)
+            with self._mixed_precision(), _once_per_image(bb.unet, shared):
+                # 4. latents once per image
+                pixels = to_model_pixels(images_t, self.image_size, bb.in_channels, device, dtype)
+                latents = bb.encode_images(pixels).to(dtype)  # [B, c, h, w]
+                for member in range(self.ensemble_size):
+                    # 5. seeded noise at one timestep, shared by all prompts of an image; one UNet
+                    # pass for B images x P prompts
+                    noise = self.noise(latents.shape[1:], ids, member).to(device, dtype)
+                    noisy = bb.scheduler.add_noise(latents, noise, timesteps[: self.batch_size])
+                    noisy = noisy.repeat_interleave(num_prompts, dim=0)  # [B*P, c, h, w]
+                    pooled.clear()
+                    try:
+                        bb.unet(noisy, timesteps, encoder_hidden_states=embeds)
+                    except _StopForward:
+                        pass
+                    for k, block in enumerate(self.up_blocks):
+                        got = pooled[block].float()
+                        sums[k][: got.shape[0]] += got
         finally:
             for handle in handles:
                 handle.remove()
-        return [s / self.ensemble_size for s in sums]  # per block [B, P, d_l]
+        # 6. the real images only, averaged over the noise draws
+        return [
+            (s[:real_rows] / self.ensemble_size).view(num_images, num_prompts, -1) for s in sums
+        ]  # per block [B, P, d_l]
+
+    def _mixed_precision(self) -> contextlib.AbstractContextManager[Any]:
+        """bfloat16/float16 convolutions and matmuls over float32 weights (`autocast`)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.backbone.device.type, dtype=self.autocast)
 
     @torch.no_grad()
     def extract(
@@ -282,3 +330,51 @@ class DiffusionFeatureExtractor:
             if progress is not None:
                 progress(stop - start)
         return outs
+
+
+@contextlib.contextmanager
+def _once_per_image(unet: Any, repeats: int) -> Iterator[None]:
+    """Run the UNet's leading prompt-free stages once per image instead of once per prompt.
+
+    conv_in and the down blocks before the first one with cross-attention see only the noisy
+    latent and the time embedding, identical for an image's `repeats` consecutive rows: forward
+    pre-hooks keep one row per image and forward hooks repeat the outputs (library modules and
+    their forward code unchanged).
+    """
+    stages = [unet.conv_in]
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            break
+        stages.append(block)
+    if repeats == 1:
+        yield
+        return
+
+    def take_one(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _map_tensors(args, lambda t: t[::repeats]), _map_tensors(
+            kwargs, lambda t: t[::repeats]
+        )
+
+    def repeat(_module: Any, _args: Any, _kwargs: Any, output: Any) -> Any:
+        return _map_tensors(output, lambda t: t.repeat_interleave(repeats, dim=0))
+
+    handles = []
+    try:
+        for stage in stages:
+            handles.append(stage.register_forward_pre_hook(take_one, with_kwargs=True))
+            handles.append(stage.register_forward_hook(repeat, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`fn` applied to every tensor in nested tuples / lists / dicts (block inputs and outputs)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple | list):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value

@@ -27,6 +27,10 @@ REDUCTIONS = ("mean-pool", "spatial-norm", "spatial-norm-centred")
 
 
 class BlockReduction(Protocol):
+    # False: a row-wise map, given the extractor's whole fixed-shape batch (padding rows dropped
+    # afterwards); True: it accumulates over rows and is given the real rows only.
+    accumulates: bool
+
     def out_dim(self, channels: int) -> int: ...
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [N, C, h, w] -> [N, out]
@@ -36,6 +40,8 @@ class BlockReduction(Protocol):
 
 class MeanPool:
     """g x g adaptive average pooling, flattened: [N, C, h, w] -> [N, C * g^2]."""
+
+    accumulates = False
 
     def __init__(self, grid: int = 1) -> None:
         if int(grid) < 1:
@@ -54,6 +60,8 @@ class MeanPool:
 
 class SpatialNorm:
     """Per-position projection with a shared basis, then the RMS of each component over positions."""
+
+    accumulates = False
 
     def __init__(self, basis: Basis) -> None:
         self.basis = basis
@@ -84,6 +92,8 @@ class PositionStats:
     Used as a reduction in the statistics pass: it returns no values ([N, 0]) and keeps the
     sufficient statistics of the federated per-position PCA in `stats`.
     """
+
+    accumulates = True
 
     def __init__(self, channels: int) -> None:
         self.stats = PcaStats(0, np.zeros(channels), np.zeros((channels, channels)))
