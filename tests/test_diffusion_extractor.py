@@ -294,3 +294,23 @@ def test_hub_id_loads_from_the_offline_hf_cache(backbone, tmp_path: Path) -> Non
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert f'"commit": "{commit}"' in out.stdout.strip().splitlines()[-1]
+
+
+def test_precision_names_and_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from feddifrc_core.diffusion import backbone as backbone_module
+    from feddifrc_core.diffusion.backbone import Precision, resolve_precision
+
+    assert resolve_precision("float32", "cpu") == Precision(torch.float32)
+    assert resolve_precision("bfloat16", "cpu") == Precision(torch.bfloat16)
+    assert resolve_precision("bfloat16-mixed", "cpu") == Precision(torch.float32, torch.bfloat16)
+    assert resolve_precision("auto", "cuda") == Precision(torch.float16)
+    for native, expected in ((True, Precision(torch.float32, torch.bfloat16)),
+                             (False, Precision(torch.float32))):
+        monkeypatch.setattr(backbone_module, "cpu_has_native_bfloat16", lambda n=native: n)
+        assert resolve_precision("auto", "cpu") == expected
+    with pytest.raises(ValueError, match="bfloat16-mixed"):
+        resolve_precision("half", "cpu")
+    # mixed precision needs float32 weights underneath
+    half = load_backbone("offline-teacher", "cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 backbone"):
+        DiffusionFeatureExtractor(half, autocast=torch.bfloat16)

@@ -115,12 +115,11 @@ class Precision:
 
 
 def cpu_has_native_bfloat16() -> bool:
-    """True where oneDNN runs bfloat16 matmuls natively (AVX512-BF16 or AMX); elsewhere bfloat16
-    is emulated and slower than float32."""
+    """True where the CPU computes bfloat16 dot products natively (x86 AVX512-BF16 or AMX); on
+    other CPUs oneDNN emulates bfloat16, slower than float32 (AVX-512 alone is not enough)."""
     try:
-        return bool(torch.backends.mkldnn.is_available() and
-                    torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without the probe
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the probes
         return False
 
 
