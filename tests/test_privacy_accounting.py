@@ -59,3 +59,22 @@ def test_the_busiest_client_of_the_seeded_schedule_sets_the_releases():
     assert effective_noise_multiplier(1.0, 5, 4) == pytest.approx(0.8)
     with pytest.raises(ValueError, match="replied <= sampled"):
         effective_noise_multiplier(1.0, 5, 6)
+
+
+def test_rdp_is_what_flowers_own_accountant_reports():
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    config = PrivacyConfig(target_delta=1e-3, population_size=10,
+                           neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                           sampling_method=SamplingMethod.NO_AMPLIFICATION)
+    flower = RdpAccountant(config)  # what DifferentialPrivacy*FixedClipping(accountant=...) uses
+    flower.compose(GaussianPrivacyEvent(noise_multiplier=1.0, sample_size=5, population_size=10), 13)
+    ours = gaussian_epsilon(1.0, 13, 1e-3, method="rdp")
+    assert flower.get_privacy_spent().epsilon == pytest.approx(ours, rel=1e-12)
+    assert gaussian_epsilon(1.0, 13, 1e-3) < ours  # the exact value is tighter
