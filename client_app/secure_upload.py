@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import cast
 
@@ -47,6 +48,9 @@ from feddifrc_core.secure_encoding import encode, encode_octaves
 REQUEST = "secure-sum"  # ConfigRecord of the masked-vector stage
 LAYOUT = "secure-sum-layout"  # FitRes metric: JSON [[name, shape, dtype], ...] (public)
 MODE_BOUNDED, MODE_OCTAVES, MODE_ENCODED = "bounded", "octaves", "encoded"
+# True only while secure_upload_mod hands a masked-vector stage to the handler: a reply built
+# anywhere else would leave in plaintext (no mod installed, or a request without SecAgg+).
+_MASKING: ContextVar[bool] = ContextVar("secure_upload_masking", default=False)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,10 @@ def secure_sum_reply(msg: Message, arrays: Mapping[str, np.ndarray]) -> Message:
     request = secure_sum_request(msg)
     if request is None:
         raise ValueError("secure_sum_reply answers only a secure-sum request (secure_sum_request)")
+    if not _MASKING.get():
+        raise RuntimeError("a secure-sum request outside SecAgg+'s masked-vector stage: the arrays "
+                           "would leave unmasked. Register the train handler with "
+                           "mods=[secure_upload_mod]; refusing to answer.")
     c = request.clipping_range
     if request.mode == MODE_BOUNDED:
         encoded = encode(arrays, request.bounds, c)
@@ -125,8 +133,9 @@ def secure_upload_mod(msg: Message, context: Context, call_next: ClientAppCallab
         np.random.seed(seed)
         return reply
 
-    saved = np.random.get_state()
+    saved, token = np.random.get_state(), _MASKING.set(True)
     try:
         return secaggplus_mod(msg, context, handler_then_seed)
     finally:
+        _MASKING.reset(token)
         np.random.set_state(saved)  # this process's other users of numpy's RNG see no change

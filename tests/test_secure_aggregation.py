@@ -14,7 +14,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.serde import message_to_proto
 from secure_grid import SecureLoopbackGrid
 
-from client_app.secure_upload import secure_sum_reply, secure_sum_request, secure_upload_mod
+from client_app.secure_upload import (
+    request_record,
+    secure_sum_reply,
+    secure_sum_request,
+    secure_upload_mod,
+)
 from feddifrc_core import projection
 from feddifrc_core.aggregation import weighted_average
 from feddifrc_core.models import build_model
@@ -217,6 +222,22 @@ def test_plain_train_messages_pass_the_mod_untouched():
     msg = Message(content("none"), dst_node_id=next(iter(grid.contexts)), message_type="train")
     (reply,) = grid.send_and_receive([msg])
     assert reply.content.config_records["config"]["plain"] is True
+
+
+def test_a_request_outside_secaggs_masked_stage_is_refused_not_answered_in_plaintext():
+    app = ClientApp()
+
+    @app.train()  # no secure_upload_mod
+    def train(msg: Message, context: Context) -> Message:
+        return secure_sum_reply(msg, client_arrays(int(context.node_config["partition-id"])))
+
+    for client in (app, make_client_app()):  # without the mod / a request without SecAgg+ configs
+        grid = SecureLoopbackGrid(client, 2)
+        request = content("arrays")
+        request["secure-sum"] = request_record("x", "encoded", 8.0, 1)
+        msg = Message(request, dst_node_id=next(iter(grid.contexts)), message_type="train")
+        (reply,) = grid.send_and_receive([msg])
+        assert reply.has_error() and "would leave unmasked" in reply.error.reason
 
 
 def test_the_weighted_model_update_is_fedavg_within_the_bound():
