@@ -45,6 +45,7 @@ import accuracy_report as report
 from feddifrc_core.algorithms import Algorithm, algorithm_names, get_algorithm
 from feddifrc_core.checkpoint import atomic_write_text
 from feddifrc_core.config import BOOKKEEPING_KEYS
+from feddifrc_core.options import option_fields
 from feddifrc_core.provenance import git_revision
 
 try:  # Python >= 3.11
@@ -75,13 +76,13 @@ def _algorithm(method: str) -> type[Algorithm]:
 
 def _methods(labels: bool) -> tuple[str, ...]:
     """Baselines first, then the methods aligned to diffusion targets (the paper's table order)."""
-    chosen = [m for m in METHODS if _algorithm(m).needs_labels == labels]
-    return (*(m for m in chosen if not _algorithm(m).needs_targets),
-            *(m for m in chosen if _algorithm(m).needs_targets))
+    chosen = [m for m in METHODS if _algorithm(m).label_free != labels]
+    return (*(m for m in chosen if not _algorithm(m).uses_diffusion),
+            *(m for m in chosen if _algorithm(m).uses_diffusion))
 
 
 SUPERVISED = _methods(labels=True)  # fedavg, fedprox, moon, feddifrc, feddifrc-tdcl, feddifrc-ndcr
-SELF_SUPERVISED = _methods(labels=False)[::-1]  # feddifrc-ssl, simclr
+LABEL_FREE = _methods(labels=False)[::-1]  # feddifrc-ssl, simclr
 RANDOM_INIT = "random-init"  # SSL table row: round 0 (the seeded initial encoder) of an SSL run
 
 # The federation and data every run shares (both budgets).
@@ -149,17 +150,17 @@ DIFFUSION_KEYS = ("diffusion-model", "diffusion-timestep", "up-blocks", "diffusi
 FREE_KEYS = tuple(sorted(BOOKKEEPING_KEYS))
 
 
-# Keys an algorithm declares as its own (`Algorithm.settings`): set only for the methods that read them.
-OWNED_KEYS = {s.replace("_", "-") for name in algorithm_names() for s in get_algorithm(name).settings}
+# Keys an algorithm declares as its own (its `Params`): set only for the methods that read them.
+OWNED_KEYS = {key for name in algorithm_names() for key in option_fields(get_algorithm(name).Params)}
 
 
 def uses_diffusion(method: str) -> bool:
-    return _algorithm(method).needs_targets
+    return _algorithm(method).uses_diffusion
 
 
 def method_keys(method: str) -> set[str]:
     """The run-config keys this method's algorithm declares as its own."""
-    return {s.replace("_", "-") for s in _algorithm(method).settings}
+    return set(option_fields(_algorithm(method).Params))
 
 
 def teacher_info(model: str) -> dict[str, Any]:
@@ -509,18 +510,18 @@ def write_reports(store: ResultsStore, out: Path, command: str,
     store.reload()
     records = list(store.records.values())
     sup = [r for r in records if r["method"] in SUPERVISED]
-    ssl = [r for r in records if r["method"] in SELF_SUPERVISED]
+    ssl = [r for r in records if r["method"] in LABEL_FREE]
     text, summary = "", {}
     for subset, name, is_ssl in ((sup, "table", False), (ssl, "ssl_table", True)):
         if not subset:
             continue
-        baseline = SELF_SUPERVISED[-1] if is_ssl else SUPERVISED[0]  # simclr / fedavg
-        order = (*SELF_SUPERVISED, *SUPERVISED) if is_ssl else (*SUPERVISED, *SELF_SUPERVISED)
+        baseline = LABEL_FREE[-1] if is_ssl else SUPERVISED[0]  # simclr / fedavg
+        order = (*LABEL_FREE, *SUPERVISED) if is_ssl else (*SUPERVISED, *LABEL_FREE)
         table = report.table_markdown(
             subset, baseline, order, metric="linear-probe accuracy" if is_ssl else "test accuracy",
-            initial_row_of=SELF_SUPERVISED[0] if is_ssl else None)
-        target = SELF_SUPERVISED[0] if is_ssl else "feddifrc"
-        rivals = [m for m in order if m != target and not _algorithm(m).needs_targets]
+            initial_row_of=LABEL_FREE[0] if is_ssl else None)
+        target = LABEL_FREE[0] if is_ssl else "feddifrc"
+        rivals = [m for m in order if m != target and not _algorithm(m).uses_diffusion]
         # a tagged variant of the target (e.g. feddifrc+no-head) against the target itself
         variants = sorted({report.label_of(r) for r in subset if r["method"] == target and r.get("tag")})
         paired, against, metric = subset, rivals, ""
@@ -532,7 +533,7 @@ def write_reports(store: ResultsStore, out: Path, command: str,
         if knn:  # the encoder judged a second way: cosine 20-NN on the same features
             table += "\n" + report.table_markdown(
                 knn, baseline, order, metric="kNN accuracy (20-NN, cosine)",
-                initial_row_of=SELF_SUPERVISED[0])
+                initial_row_of=LABEL_FREE[0])
             versus.append(report.versus_markdown(
                 knn + report.initial_runs(knn, target, RANDOM_INIT), target, against,
                 "kNN accuracy"))
@@ -580,7 +581,7 @@ def child(config_path: Path, clients: int, cpus_per_client: float, gpus_per_clie
     sys.path.insert(0, str(ROOT))
     from flwr.simulation import run_simulation
 
-    from client_app.app import app as client_app
+    from client_app.app import make_client_app
     from server_app.app import make_server_app
 
     overrides = {**pyproject_defaults(), **json.loads(config_path.read_text())}
@@ -588,7 +589,7 @@ def child(config_path: Path, clients: int, cpus_per_client: float, gpus_per_clie
     backend = {"client_resources": {"num_cpus": min(cpus_per_client, total_cpus),
                                     "num_gpus": gpus_per_client},
                "init_args": {"num_cpus": total_cpus, "include_dashboard": False}}
-    run_simulation(make_server_app(overrides), client_app, num_supernodes=clients,
+    run_simulation(make_server_app(overrides), make_client_app(overrides), num_supernodes=clients,
                    backend_config=backend)
     return 0
 
@@ -621,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated (default: {','.join(SUPERVISED)}; with --ssl: "
-                        f"{','.join(SELF_SUPERVISED)})")
+                        f"{','.join(LABEL_FREE)})")
     p.add_argument("--alphas", default="0.1,0.5", help="Dirichlet alphas (default 0.1,0.5)")
     p.add_argument("--seeds", default=None, help="seeds (default 7, the reference seed; with "
                    "--suite the suite's seeds)")
@@ -666,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = suite_specs(suite, seeds, budget, extra)
     else:
         methods = [m.strip() for m in (args.methods or ",".join(
-            SELF_SUPERVISED if args.ssl else SUPERVISED)).split(",") if m.strip()]
+            LABEL_FREE if args.ssl else SUPERVISED)).split(",") if m.strip()]
         alphas = [float(a) for a in args.alphas.split(",")]
         seeds = [int(s) for s in (args.seeds or "7").split(",")]
         specs = plan_runs(methods, alphas, seeds, budget, extra, args.tag)

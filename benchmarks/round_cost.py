@@ -56,9 +56,12 @@ def measure(diffusion_model: str, repeats: int, partition: int, alpha: float, se
     import torch
 
     from feddifrc_core import projection as proj
+    from feddifrc_core.algorithms import UpdateInfo
+    from feddifrc_core.algorithms.feddifrc import PROJECTION_STATS
     from feddifrc_core.client_session import ClientSession
     from feddifrc_core.config import NodeConfig
-    from feddifrc_core.run_setup import build_global_model, model_state
+    from feddifrc_core.models import model_state
+    from feddifrc_core.run_setup import build_global_model
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="round-cost-") as tmp:
@@ -70,14 +73,14 @@ def measure(diffusion_model: str, repeats: int, partition: int, alpha: float, se
         session = ClientSession(cfg_dif, node)
         model = build_global_model(cfg_dif, *session.shape)
         t0 = time.perf_counter()
-        stats = proj.arrays_to_stats(session.projection_stats())
+        stats = proj.arrays_to_stats(session.answer(PROJECTION_STATS, {}))
         bases = proj.shared_bases(cfg_dif.projection, model.feature_dim, [s.dim for s in stats],
                                   cfg_dif.seed, stats)
-        reps = session.representations(bases)
+        reps = session.view.diffusion.representations(bases)
         cold = time.perf_counter() - t0
         warm_session = ClientSession(cfg_dif, node)
         t0 = time.perf_counter()
-        warm_reps = warm_session.representations(bases)
+        warm_reps = warm_session.view.diffusion.representations(bases)
         warm = time.perf_counter() - t0
         if not warm_reps.from_cache:
             raise RuntimeError("the second extraction did not come from the feature cache")
@@ -90,8 +93,9 @@ def measure(diffusion_model: str, repeats: int, partition: int, alpha: float, se
         # 3. interleaved rounds, ABBA: the same global model and round seed for both algorithms
         def one(sess: Any, server_round: int) -> tuple[float, float, float]:
             t, c = time.perf_counter(), time.process_time()
-            update = sess.train(states[id(sess)], server_round, "round-cost",
-                                projection if sess is warm_session else None)
+            payload = projection if sess is warm_session else {}
+            update = sess.train(states[id(sess)],
+                                UpdateInfo(server_round, "round-cost", "", payload))
             cpu = time.process_time() - c
             return update.metrics["train-seconds"], time.perf_counter() - t, cpu
 

@@ -167,7 +167,7 @@ def child(config_path: Path, clients: int) -> int:
     sys.path.insert(0, str(ROOT))
     from flwr.simulation import run_simulation
 
-    from client_app.app import app as client_app
+    from client_app.app import make_client_app
     from server_app.app import make_server_app
 
     # 2 Ray CPUs, 1 per ClientApp: two worker processes serve all clients, one after another
@@ -175,9 +175,10 @@ def child(config_path: Path, clients: int) -> int:
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": 2, "include_dashboard": False},
     }
+    overrides = json.loads(config_path.read_text())
     run_simulation(
-        make_server_app(json.loads(config_path.read_text())),
-        client_app,
+        make_server_app(overrides),
+        make_client_app(overrides),
         num_supernodes=clients,
         backend_config=backend,
     )

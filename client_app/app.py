@@ -1,96 +1,87 @@
 """ClientApp: one node of the federation. Handlers unpack the Message, call feddifrc_core, reply.
 
-- query.node_info        -> this node's partition id (lets the server sample reproducibly)
-- query.projection_stats -> extract + cache this client's diffusion representations, reply only the
-                            sufficient statistics (count, sum, outer products) for the shared basis
-- query.target_sum       -> (spatial-norm-centred) count and sum of this client's projected targets
-- train                  -> local training with the run's algorithm; reply model + metrics
-Raw data and raw features never leave the client.
+- query.node_info -> this node's partition id (lets the server sample reproducibly)
+- query.setup     -> this client's upload for a set-up stage of the run's algorithm (FedDifRC:
+                     extract + cache the diffusion representations, reply only the sufficient
+                     statistics for the shared basis; then the sums of its targets)
+- train           -> local training with the run's algorithm; reply model + metrics
+Raw data and raw features never leave the client. The run config comes from this node's Flower
+context, parsed once per run and process; every request names the server's config digest, and a
+node whose config differs refuses to work.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from typing import cast
+from collections.abc import Mapping
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 
-from client_app.records import from_flower_arrays, to_flower_arrays
+from feddifrc_core.algorithms import UpdateInfo
+from feddifrc_core.caches import ProcessCache
 from feddifrc_core.client_session import ClientSession
 from feddifrc_core.config import NodeConfig, RunConfig
+from feddifrc_core.progress import route_core_logs
+from wire import protocol
 
-log = logging.getLogger(__name__)
-
-
-def _core_logs_to_flower() -> None:
-    """The core's INFO lines (extraction progress and rate) go where Flower's own lines go: the
-    run's log (`flwr log`), also from simulated ClientApps in Ray's worker processes."""
-    core = logging.getLogger("feddifrc_core")
-    core.setLevel(logging.INFO)
-    for handler in FLOWER_LOGGER.handlers:
-        if handler not in core.handlers:
-            core.addHandler(handler)
+_configs = ProcessCache(max_items=8)  # parsed run and node configs, by their raw values
 
 
-_core_logs_to_flower()
-app = ClientApp()
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config is `context.run_config` updated with `overrides`.
+
+    `flwr run` fills run_config from pyproject + `--run-config`, on every node alike;
+    `flwr.simulation.run_simulation` leaves it empty, so in-process runs give both apps the
+    same `overrides`.
+    """
+    route_core_logs(FLOWER_LOGGER.handlers)  # extraction progress, in the run's log
+    app = ClientApp()
+
+    def session(context: Context, request: protocol.Request) -> ClientSession:
+        run = {**context.run_config, **(overrides or {})}
+        cfg = _configs.get(("run", *sorted(run.items())), lambda: RunConfig.from_flower(run))
+        if cfg.digest() != request.header.config_digest:
+            raise ValueError(
+                f"this node's run config (digest {cfg.digest()}) differs from the server's "
+                f"({request.header.config_digest}): both apps must run the same app and "
+                "--run-config (in-process: give make_client_app the server's overrides)")
+        client = ClientSession.get(cfg, _node(context))
+        client.check_class_names(request.header.class_names or None)
+        return client
+
+    @app.query("node_info")
+    def node_info(msg: Message, context: Context) -> Message:
+        node = _node(context)
+        return protocol.node_info_reply(msg, node.partition_id, node.num_partitions)
+
+    @app.query("setup")
+    def setup(msg: Message, context: Context) -> Message:
+        request = protocol.read_request(msg)
+        t0 = time.perf_counter()
+        client = session(context, request)
+        arrays = client.answer(request.stage, request.payload)
+        return protocol.reply(msg, arrays, {protocol.NUM_EXAMPLES: client.num_examples,
+                                            protocol.SETUP_SECONDS: time.perf_counter() - t0})
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        request = protocol.read_request(msg)
+        client = session(context, request)
+        update = client.train(request.arrays, UpdateInfo(
+            request.server_round, request.header.run_name, request.header.run_key,
+            request.payload))
+        metrics = {protocol.NUM_EXAMPLES: update.num_examples, **update.metrics}
+        return protocol.reply(msg, update.state, metrics, update.uploads)
+
+    return app
 
 
-@app.query("node_info")
-def node_info(msg: Message, context: Context) -> Message:
-    node = NodeConfig.from_flower(context.node_config)
-    info = ConfigRecord({"partition-id": node.partition_id, "num-partitions": node.num_partitions})
-    return Message(RecordDict({"config": info}), reply_to=msg)
+def _node(context: Context) -> NodeConfig:
+    raw = dict(context.node_config)
+    return _configs.get(("node", *sorted(raw.items())), lambda: NodeConfig.from_flower(raw))
 
 
-@app.query("projection_stats")
-def projection_stats(msg: Message, context: Context) -> Message:
-    cfg, node = _configs(msg, context)
-    t0 = time.perf_counter()
-    client = ClientSession.get(cfg, node)
-    client.check_class_names(msg.content.config_records["config"].get("class-names"))
-    stats = client.projection_stats()
-    metrics = MetricRecord({"num-examples": client.num_examples,
-                            "extract-seconds": time.perf_counter() - t0})
-    return Message(RecordDict({"arrays": ArrayRecord(to_flower_arrays(stats)),
-                               "metrics": metrics}), reply_to=msg)
-
-
-@app.query("target_sum")
-def target_sum(msg: Message, context: Context) -> Message:
-    cfg, node = _configs(msg, context)
-    client = ClientSession.get(cfg, node)
-    client.check_class_names(msg.content.config_records["config"].get("class-names"))
-    projection = from_flower_arrays(msg.content.array_records["projection"])
-    sums = client.target_sum(projection)
-    metrics = MetricRecord({"num-examples": client.num_examples})
-    return Message(RecordDict({"arrays": ArrayRecord(to_flower_arrays(sums)),
-                               "metrics": metrics}), reply_to=msg)
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg, node = _configs(msg, context)
-    config = msg.content.config_records["config"]
-    server_round, run_name = cast(int, config["server-round"]), str(config["run-name"])
-    run_key = str(config.get("run-key", ""))
-    global_state = from_flower_arrays(msg.content.array_records["arrays"])
-    bases = msg.content.array_records.get("projection")
-    projection = from_flower_arrays(bases) if bases is not None else None
-
-    client = ClientSession.get(cfg, node)
-    client.check_class_names(config.get("class-names"))
-    result = client.train(global_state, server_round, run_name, projection, run_key)
-
-    metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})
-    return Message(RecordDict({"arrays": ArrayRecord(to_flower_arrays(result.state)),
-                               "metrics": metrics}), reply_to=msg)
-
-
-def _configs(msg: Message, context: Context) -> tuple[RunConfig, NodeConfig]:
-    # The server sends its resolved run config: one source of truth, also in deployment.
-    cfg = RunConfig.from_flower(dict(msg.content.config_records["run-config"]))
-    return cfg, NodeConfig.from_flower(context.node_config)
+app = make_client_app()

@@ -55,7 +55,7 @@ def _layout(
 ) -> tuple[list[str], str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt list, layout name, prompt_ids [N, P] and the positive / negative / null columns."""
     n = len(ids)
-    if s.self_supervised:
+    if s.label_free:
         vocab = class_prompts(load_vocabulary(s.ssl_vocabulary), s.prompt_template)
         prompts = [*vocab, s.ssl_positive_prompt, s.ssl_null_prompt]
         k = min(s.neg_num, len(vocab))
@@ -132,11 +132,11 @@ def _prepare(
     ids = torch.as_tensor(np.array(sample_ids, dtype=np.int64)).reshape(-1)  # a writable copy
     if len(ids) != n:
         raise ValueError(f"`sample_ids` must have one global index per image ({n}), got {len(ids)}")
-    if settings.self_supervised:
+    if settings.label_free:
         labels_t = torch.zeros(n, dtype=torch.long)
     else:
         if labels is None:
-            raise ValueError("`labels` are required unless settings.self_supervised is True")
+            raise ValueError("`labels` are required unless settings.label_free is True")
         labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
         if len(labels_t) != n:
             raise ValueError(f"`labels` must have one entry per image ({n}), got {len(labels_t)}")
@@ -146,7 +146,7 @@ def _prepare(
         up_blocks=settings.up_blocks,
         image_size=settings.image_size,
         ensemble_size=settings.ensemble_size,
-        batch_size=settings.batch_size,
+        batch_size=settings.extraction_batch_size,
         seed=settings.seed,
         pool_grid=settings.pool_grid,
         autocast=getattr(torch, settings.autocast) if settings.autocast else None,
@@ -160,7 +160,7 @@ def _prepare(
         "format": REPRESENTATION_FORMAT,
         "backbone": backbone.identity(),
         "dtype": str(backbone.dtype),
-        "extractor": extractor.settings(),
+        "extractor": extractor.describe(),
         "layout": layout,
         "prompts": prompts,
         "neg_num": settings.neg_num,

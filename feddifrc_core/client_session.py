@@ -1,8 +1,10 @@
-"""One client inside a ClientApp process: its data, its diffusion representations, its update.
+"""One client inside a ClientApp process: its data, transforms and the run's algorithm's work.
 
 Built from the run config and the node config only, so any process can rebuild it: the partition
 is recomputed from the seed, the data set and the backbone come from per-process caches, the
-representations from the client's on-disk feature cache.
+representations from the client's on-disk feature cache. What an algorithm does on a client (its
+set-up answers, what an update trains with, what it keeps for later rounds) is in its file; the
+session hands it a `ClientView` of itself.
 """
 
 from __future__ import annotations
@@ -11,33 +13,24 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
 
-from feddifrc_core import client_extraction as extraction
-from feddifrc_core import representations as rep
-from feddifrc_core.caches import LocalModelStore, ProcessCache
+from feddifrc_core.algorithms import ClientView, UpdateInfo
+from feddifrc_core.caches import ProcessCache
+from feddifrc_core.client_diffusion import ClientDiffusion
 from feddifrc_core.config import NodeConfig, RunConfig, resolve_device
-from feddifrc_core.diffusion.backbone import DiffusionBackbone
-from feddifrc_core.diffusion.reduction import basis_sha256
-from feddifrc_core.projection import Basis, arrays_to_bases, stats_to_arrays
+from feddifrc_core.models import load_state, model_state
 from feddifrc_core.run_setup import (
     build_global_model,
     client_indices,
-    load_state,
     load_train_pool,
     make_transforms,
-    model_state,
     set_torch_threads,
 )
 from feddifrc_core.seeding import seedsequence_seed
-from feddifrc_core.targets import TARGET_COUNT, TARGET_OFFSET, TARGET_SUM, DiffusionTargets
 from feddifrc_core.training import train_local
-
-# (images, labels or None, sample ids, class names): one client's inputs to the extraction.
-ExtractionData = tuple[torch.Tensor, torch.Tensor | None, np.ndarray, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -45,6 +38,7 @@ class LocalUpdate:
     state: dict[str, np.ndarray]
     num_examples: int
     metrics: dict[str, float]  # train-loss, train-accuracy (supervised), *-seconds, loss parts
+    uploads: dict[str, np.ndarray]  # the algorithm's arrays beside the model (`end_update`)
 
 
 class ClientSession:
@@ -61,17 +55,19 @@ class ClientSession:
         self.cfg, self.node = cfg, node
         self.device = torch.device(resolve_device(node.device or cfg.device))
         set_torch_threads(cfg.torch_threads)
-        self.cache_dir = Path(node.cache_dir).expanduser() if node.cache_dir else cfg.resolved_cache_dir()
+        cache_dir = Path(node.cache_dir).expanduser() if node.cache_dir else cfg.resolved_cache_dir()
         # 2. this client's samples
         pool, global_rows = load_train_pool(cfg, node.data_path)
         rows = client_indices(cfg, pool.labels.numpy(), pool.num_classes, node.partition_id,
                               node.num_partitions)
         self.data = pool.subset(rows)
-        self.sample_ids = global_rows[rows]  # indices in the full split: noise seeds, cache keys
         self.shape = (pool.channels, pool.num_classes, pool.image_size)
         self.train_transform, _ = make_transforms(cfg, pool.images)
-        # (hashes of the bases they were projected with, the representations); None = not yet
-        self._representations: tuple[tuple[str, ...], rep.ClientRepresentations] | None = None
+        # 3. what the algorithm may use: sample ids = indices in the full split (noise seeds,
+        # cache keys); the representations are extracted only when an algorithm asks for them
+        diffusion = ClientDiffusion(cfg, self.data, global_rows[rows], self.device, cache_dir,
+                                    label_free=cfg.algorithm_class.label_free)
+        self.view = ClientView(node.partition_id, cache_dir, diffusion)
 
     @property
     def num_examples(self) -> int:
@@ -88,94 +84,33 @@ class ClientSession:
             "config) with the same class folders/names as the server"
         )
 
-    # --- diffusion representations -------------------------------------------------------------
-    def _extraction_inputs(self) -> tuple[DiffusionBackbone, ExtractionData,
-                                          rep.RepresentationSettings]:
-        backbone = rep.backbone_from_config(self.cfg, self.device, self.cache_dir)  # per process
-        # feddifrc-ssl: prompts come from the SSL vocabulary, never from this client's labels
-        labels = self.data.labels if self.cfg.algorithm_class.needs_labels else None
-        data = (self.data.images, labels, self.sample_ids, self.data.class_names)
-        return backbone, data, rep.RepresentationSettings.from_run_config(self.cfg, self.device)
+    def answer(self, stage: str, payload: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This client's upload for a set-up stage of the run's algorithm."""
+        return self.cfg.new_algorithm().answer(stage, self.view, payload)
 
-    def representations(self, bases: Sequence[Basis] | None = None) -> rep.ClientRepresentations:
-        """Extracted once per process and basis (and cached on disk by the feature cache).
-
-        mean-pool representations do not depend on the bases; spatial-norm ones are projected
-        with them inside the extractor and need them."""
-        projected = self.cfg.reduction != "mean-pool"
-        key = tuple(basis_sha256(b) for b in bases or ()) if projected else ()
-        if self._representations is None or self._representations[0] != key:
-            backbone, data, settings = self._extraction_inputs()
-            reps = extraction.extract_client_representations(
-                backbone, *data, settings, cache_dir=self.cache_dir / "representations",
-                bases=bases if projected else None)
-            self._representations = (key, reps)
-        return self._representations[1]
-
-    def projection_stats(self) -> dict[str, np.ndarray]:
-        """Sufficient statistics for the shared basis: of the pooled vectors (mean-pool) or of
-        every spatial position's channel vector (spatial-norm, a first extraction pass)."""
-        if self.cfg.reduction == "mean-pool":
-            return stats_to_arrays(self.representations().pca_stats())
-        backbone, data, settings = self._extraction_inputs()
-        return stats_to_arrays(extraction.extract_position_stats(
-            backbone, *data, settings, cache_dir=self.cache_dir / "representations"))
-
-    def target_sum(self, projection: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Count and sum of this client's targets in the shared space (spatial-norm-centred);
-        the space's size is the bases' total output size."""
-        bases = self._bases(projection)
-        feature_dim = sum(b.out_dim for b in bases)
-        count, total = self.representations(bases).target_sum(bases, feature_dim)
-        return {TARGET_COUNT: np.array([count], dtype=np.int64), TARGET_SUM: total}
-
-    def targets(self, projection: Mapping[str, np.ndarray] | None, feature_dim: int
-                ) -> DiffusionTargets:
-        bases = self._bases(projection)
-        offset = None if projection is None else projection.get(TARGET_OFFSET)
-        return self.representations(bases).targets(bases, feature_dim, offset)
-
-    @staticmethod
-    def _bases(projection: Mapping[str, np.ndarray] | None) -> list[Basis]:
-        if not projection:
-            raise ValueError("the message carries no projection bases; the server must run the "
-                             "projection set-up before round 1")
-        return arrays_to_bases(dict(projection))
-
-    # --- local training ------------------------------------------------------------------------
-    def train(self, global_state: Mapping[str, np.ndarray], server_round: int, run_name: str,
-              projection: Mapping[str, np.ndarray] | None = None, run_key: str = ""
-              ) -> LocalUpdate:
-        cfg, pid, algorithm = self.cfg, self.node.partition_id, self.cfg.algorithm_class
+    def train(self, global_state: Mapping[str, np.ndarray], update: UpdateInfo) -> LocalUpdate:
+        cfg, algorithm = self.cfg, self.cfg.new_algorithm()
         # 1. the global model
         model = build_global_model(cfg, *self.shape)
         load_state(model, global_state)
-        # 2. diffusion targets (extracted on first need, then reused every round)
+        # 2. what the algorithm trains with (FedDifRC: targets, extracted on first need, then
+        # read from the feature cache; MOON: this client's previous local model, from disk)
         t0 = time.perf_counter()
-        feature_dim = cast(int, model.feature_dim)  # every project model has one
-        targets = self.targets(projection, feature_dim) if algorithm.needs_targets else None
+        algorithm.begin_update(self.view, update, model)
         extract_seconds = time.perf_counter() - t0
-        # 3. (MOON) this client's previous local model, from disk (survives restarts)
-        # keyed by run: a new run reusing a run-name never reads or prunes the older run's files
-        store = LocalModelStore(
-            self.cache_dir / "local-models" / (f"{run_name}-{run_key}" if run_key else run_name), pid)
-        previous = None
-        if algorithm.keeps_previous_model and (prev_state := store.load_before(server_round)) is not None:
-            previous = build_global_model(cfg, *self.shape)
-            load_state(previous, prev_state)
-        # 4. train with this round's seed for this client
-        labels = self.data.labels if algorithm.needs_labels else None
-        result = train_local(model, self.data.images, labels, cfg, self.device,
-                             transform=self.train_transform, targets=targets,
-                             previous_model=previous,
-                             seed=seedsequence_seed(cfg.seed, server_round, pid))
+        # 3. train with this round's seed for this client
+        labels = None if algorithm.label_free else self.data.labels
+        result = train_local(model, self.data.images, labels, algorithm, self.device,
+                             transform=self.train_transform,
+                             seed=seedsequence_seed(cfg.seed, update.server_round,
+                                                    self.node.partition_id))
         state = model_state(model)
-        if algorithm.keeps_previous_model:
-            store.save(server_round, state)
+        uploads = algorithm.end_update(self.view, update, state)
         metrics = {f"train-{k}" if not k.startswith("train-") else k: float(v)
                    for k, v in result.metrics.items()}
         metrics.update({"train-loss": result.loss, "train-accuracy": result.accuracy,
                         "extract-seconds": extract_seconds, "train-seconds": result.seconds})
         if labels is None:  # label-free training counts no accuracy: report none, not a 0.0
             del metrics["train-accuracy"]
-        return LocalUpdate(state=state, num_examples=result.num_examples, metrics=metrics)
+        return LocalUpdate(state=state, num_examples=result.num_examples, metrics=metrics,
+                           uploads=uploads)

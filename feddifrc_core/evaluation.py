@@ -13,10 +13,10 @@ from torch import nn
 
 from feddifrc_core.config import RunConfig, resolve_device
 from feddifrc_core.datasets import subsample
+from feddifrc_core.models import load_state
 from feddifrc_core.probe import knn_accuracy, linear_probe_accuracy
 from feddifrc_core.run_setup import (
     build_global_model,
-    load_state,
     load_test_set,
     load_train_set,
     make_transforms,
@@ -104,7 +104,7 @@ class CentralEvaluator:
         self.model = build_global_model(cfg, pool.channels, pool.num_classes, pool.image_size)
         # Labels of the probe subset are read on the server only, never sent to a client.
         self.probe_train = (subsample(pool, cfg.probe_train_samples, cfg.seed)[0]
-                            if cfg.is_self_supervised else None)
+                            if cfg.algorithm_class.label_free else None)
 
     def __call__(self, state: Mapping[str, np.ndarray]) -> dict[str, float]:
         load_state(self.model, state)

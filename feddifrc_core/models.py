@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -115,7 +118,7 @@ def build_model(
     *,
     feature_dim: int = 128,
     image_size: int | None = None,
-    align_head: str = "none",
+    align_head: str,
 ) -> nn.Module:
     """A model by config name. `width`: ResNet base width (features 8 * width) or SmallCNN's
     first conv width; `feature_dim`: SmallCNN only; `image_size` (optional) is checked;
@@ -154,3 +157,20 @@ def _check_positive(**values: int) -> None:
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+# --- model state as numpy arrays (what travels and what checkpoints hold) ---------------------
+def load_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Copy numpy arrays into `model` (strict: a server/client architecture mismatch is an error)."""
+    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the received arrays do not fit the local model ({err}). Server and clients must use "
+            "the same model, model-width and data set (class count, channels)"
+        ) from None
+
+
+def model_state(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}

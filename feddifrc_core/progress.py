@@ -54,3 +54,13 @@ class ProgressLog:
         if self.done < self.total and rate > 0:
             return f"{text}, ETA {format_seconds((self.total - self.done) / rate)}"
         return f"{text}, {format_seconds(elapsed)} in all"
+
+
+def route_core_logs(handlers: list[logging.Handler]) -> None:
+    """The core's INFO lines (set-up stages, extraction progress) go to `handlers` too: the apps
+    pass Flower's, so the lines reach the run's log (`flwr log`), also from Ray's workers."""
+    core = logging.getLogger("feddifrc_core")
+    core.setLevel(logging.INFO)
+    for handler in handlers:
+        if handler not in core.handlers:
+            core.addHandler(handler)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from feddifrc_core.config import RunConfig
+from feddifrc_core.common_config import CommonConfig
 from feddifrc_core.diffusion.backbone import DiffusionBackbone, load_backbone, resolve_precision
 from feddifrc_core.diffusion.reduction import basis_sha256
 from feddifrc_core.projection import (
@@ -55,30 +55,32 @@ ALL_PROMPTS_MAX = 12  # store every class prompt when C + 1 is at most this
 
 @dataclass(frozen=True)
 class RepresentationSettings:
-    """What determines a client's representations (beside backbone and data); see RunConfig."""
+    """What determines a client's representations (beside backbone and data): a view of the run
+    config (`from_run_config`), whose fields carry the defaults and their reasons."""
 
-    timestep: int = 300  # paper: t=300 best for SD 2.1
-    up_blocks: tuple[int, ...] = (1, 2, 3)  # SD 2.1: 1280, 640, 320 channels
-    image_size: int = 224  # reference; 0 = the backbone's native size
-    ensemble_size: int = 1  # noise draws averaged per image
-    pool_grid: int = 1  # g x g spatial average pooling per block (1 = global mean; mean-pool only)
-    reduction: str = "mean-pool"  # or the authors' "spatial-norm" (+ "-centred"); see module doc
-    batch_size: int = 16  # images per UNet call (x prompts): the one call shape, part of the key
-    autocast: str = ""  # "" or "bfloat16"/"float16": mixed precision over float32 weights
-    neg_num: int = 10  # reference: 10 negative prompts per sample
-    prompt_template: str = "a photo of a {}"  # paper prompt
-    seed: int = 7  # noise and negative draws
-    dataset: str = ""  # data set name, part of the fingerprint and the cache file name
-    self_supervised: bool = False
-    ssl_positive_prompt: str = "a photo of a similar object"
-    ssl_null_prompt: str = "a photo of a visual object"
-    ssl_vocabulary: str = "tiny-imagenet"
+    timestep: int
+    up_blocks: tuple[int, ...]
+    image_size: int  # 0 = the backbone's native size
+    ensemble_size: int  # noise draws averaged per image
+    pool_grid: int  # g x g spatial average pooling per block (1 = global mean; mean-pool only)
+    reduction: str  # "mean-pool" or the authors' "spatial-norm" (+ "-centred"); see module doc
+    extraction_batch_size: int  # images per UNet call (x prompts): the one call shape, in the key
+    autocast: str  # "" or "bfloat16"/"float16": mixed precision over float32 weights
+    neg_num: int  # negative prompts per sample
+    prompt_template: str
+    seed: int  # noise and negative draws
+    dataset: str  # data set name, part of the fingerprint and the cache file name
+    label_free: bool  # prompts from the SSL vocabulary, labels never read
+    ssl_positive_prompt: str
+    ssl_null_prompt: str
+    ssl_vocabulary: str
     all_prompts_max: int = ALL_PROMPTS_MAX
     chunk_images: int = 512  # images per cache chunk: the unit of resumption
 
     @classmethod
-    def from_run_config(cls, cfg: RunConfig, device: torch.device | str = "cpu"
-                        ) -> RepresentationSettings:
+    def from_run_config(cls, cfg: CommonConfig, label_free: bool,
+                        device: torch.device | str = "cpu") -> RepresentationSettings:
+        """The view of `cfg` that extraction reads; `label_free` is the run algorithm's."""
         autocast = resolve_precision(cfg.diffusion_dtype, device).autocast
         return cls(
             timestep=cfg.diffusion_timestep,
@@ -87,13 +89,13 @@ class RepresentationSettings:
             ensemble_size=cfg.ensemble_size,
             pool_grid=cfg.pool_grid,
             reduction=cfg.reduction,
-            batch_size=cfg.extraction_batch_size,
+            extraction_batch_size=cfg.extraction_batch_size,
             autocast="" if autocast is None else str(autocast).removeprefix("torch."),
             neg_num=cfg.neg_num,
             prompt_template=cfg.prompt_template,
             seed=cfg.seed,
             dataset=cfg.dataset,
-            self_supervised=cfg.is_self_supervised,
+            label_free=label_free,
             ssl_positive_prompt=cfg.ssl_positive_prompt,
             ssl_null_prompt=cfg.ssl_null_prompt,
             ssl_vocabulary=cfg.ssl_vocabulary,
@@ -101,7 +103,7 @@ class RepresentationSettings:
 
 
 def backbone_from_config(
-    cfg: RunConfig, device: torch.device | str, cache_dir: str | Path | None = None
+    cfg: CommonConfig, device: torch.device | str, cache_dir: str | Path | None = None
 ) -> DiffusionBackbone:
     """The (per-process cached) backbone a run config asks for, on `device`."""
     dtype = resolve_precision(cfg.diffusion_dtype, device).weights

@@ -1,15 +1,13 @@
 """What every party builds from the run config: the data pools, this client's partition, the
-transforms, the seeded global model, and model state as numpy arrays (the wire format)."""
+transforms and the seeded global model."""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from feddifrc_core.algorithms import TrainTransform, get_algorithm
+from feddifrc_core.algorithms import TrainTransform
 from feddifrc_core.config import RunConfig
 from feddifrc_core.datasets import ImageDataset, load_dataset, select_subset, subsample
 from feddifrc_core.models import build_model
@@ -68,27 +66,9 @@ def make_transforms(cfg: RunConfig, train_images: torch.Tensor
 
 
 def build_global_model(cfg: RunConfig, channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """The model every party builds; initialised from the run seed so all runs start equal."""
+    """The model every party builds; initialised from the run seed so all runs start equal. The
+    algorithm names its alignment head (FedDifRC's `align-head`; none for the others)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        # align-head linear/mlp adds the shared head the alignment losses act on (docs/method.md);
-        # algorithms without diffusion targets have no alignment loss, so no head
-        head = cfg.align_head if get_algorithm(cfg.algorithm).needs_targets else "none"
         return build_model(cfg.model, channels, num_classes, cfg.model_width, image_size=image_size,
-                           align_head=head)
-
-
-def load_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
-    """Copy numpy arrays into `model` (strict: a server/client architecture mismatch is an error)."""
-    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"the received arrays do not fit the local model ({err}). Server and clients must use "
-            "the same model, model-width and data set (class count, channels)"
-        ) from None
-
-
-def model_state(model: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+                           align_head=cfg.new_algorithm().model_head())

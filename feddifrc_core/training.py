@@ -1,7 +1,7 @@
 """One client's local update, the same loop for every algorithm (algorithms/, one file each).
 
-`train_local` runs SGD over seeded shuffles of the client's data; the algorithm named in the run
-config supplies the loss of each mini-batch. It never changes the global RNG state of the caller
+`train_local` runs SGD over seeded shuffles of the client's data; the algorithm object (made from
+the run config, `RunConfig.new_algorithm`) supplies the loss of each mini-batch. It never changes the global RNG state of the caller
 and, on CPU, gives bit-identical results for the same inputs and seed.
 
 Transforms: a train transform is called as `transform(images_uint8 [B, C, H, W], generator)` with
@@ -21,9 +21,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from feddifrc_core.algorithms import Batch, TrainTransform, algorithm_names, get_algorithm
-from feddifrc_core.config import RunConfig
-from feddifrc_core.targets import DiffusionTargets
+from feddifrc_core.algorithms import (
+    Algorithm,
+    Batch,
+    TrainTransform,
+    algorithm_names,
+    get_algorithm,
+)
 
 EvalTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,7 +60,7 @@ def check_images(images: torch.Tensor) -> int:
 def check_labels(labels: torch.Tensor | None, n: int, algorithm: str) -> None:
     """int64 labels [N] (ValueError naming the label-free choices when they are missing)."""
     if labels is None:
-        label_free = [a for a in algorithm_names() if not get_algorithm(a).needs_labels]
+        label_free = [a for a in algorithm_names() if get_algorithm(a).label_free]
         raise ValueError(
             f"algorithm {algorithm!r} trains with labels but `labels` is None; pass the int64 "
             f"labels [N={n}] or choose a label-free algorithm ({', '.join(label_free)})"
@@ -65,22 +69,6 @@ def check_labels(labels: torch.Tensor | None, n: int, algorithm: str) -> None:
         raise ValueError(f"`labels` must be [N={n}], got shape {tuple(labels.shape)}")
     if labels.dtype != torch.int64:
         raise ValueError(f"`labels` must be int64, got {labels.dtype}; use labels.long()")
-
-
-def _check_targets(targets: DiffusionTargets | None, n: int, model: nn.Module, algorithm: str) -> None:
-    if targets is None:
-        raise ValueError(
-            f"algorithm {algorithm!r} needs the client's DiffusionTargets but `targets` is None; "
-            "extract them first (feature cache) or choose fedavg/fedprox/moon"
-        )
-    if len(targets) != n:
-        raise ValueError(f"`targets` must have one row per image ({n}), got {len(targets)}")
-    model_dim = getattr(model, "feature_dim", targets.feature_dim)
-    if targets.feature_dim != model_dim:
-        raise ValueError(
-            f"`targets` have {targets.feature_dim} dims but the model's features have "
-            f"{model_dim}; project the diffusion features to the model's feature size"
-        )
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -104,47 +92,40 @@ def train_local(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor | None,
-    cfg: RunConfig,
+    algorithm: Algorithm,
     device: torch.device | str,
     transform: TrainTransform | None = None,
-    targets: DiffusionTargets | None = None,
     global_model: nn.Module | None = None,
-    previous_model: nn.Module | None = None,
     progress: bool = False,
     seed: int | None = None,
 ) -> TrainResult:
-    """Train `model` in place on one client's data with `cfg.algorithm`.
+    """Train `model` in place on one client's data with `algorithm`.
 
     Args:
         model: forward(x) -> (features [B, D], logits [B, C]); holds the global weights on entry.
-        images: uint8 [N, C, H, W] (the client's samples, in the row order of `targets`).
+        images: uint8 [N, C, H, W] (the client's samples, in the row order of its targets).
         labels: int64 [N]; None for the label-free algorithms, which never read it.
-        cfg: the run config (algorithm, optimiser, epochs, loss weights): read, never copied.
+        algorithm: the run's algorithm with what this update trains with (`begin_update`: e.g.
+            FedDifRC's targets, MOON's previous model); its `cfg` gives the optimiser and epochs.
         transform: train transform (see module doc); None = scale to [0, 1], no augmentation.
-        targets: diffusion targets, required by the algorithms with `needs_targets`.
         global_model: FedProx/MOON anchor; None = a frozen copy of `model` as it enters.
-        previous_model: MOON's previous local model of this client; None (its first round) = the
-            global model (see algorithms/moon.py).
         seed: shuffling, augmentation and dropout of this update; None = the run seed.
     """
     # 1. validate inputs; labels are not looked at in the label-free algorithms
-    algorithm = cfg.algorithm_class(cfg)
+    cfg = algorithm.cfg
     seed = cfg.seed if seed is None else seed
     device = torch.device(device)
     n = check_images(images)
-    if algorithm.needs_labels:
-        check_labels(labels, n, cfg.algorithm)
-    if algorithm.needs_targets:
-        _check_targets(targets, n, model, cfg.algorithm)
-    algorithm.check_inputs(n, transform)
+    if not algorithm.label_free:
+        check_labels(labels, n, algorithm.name)
+    algorithm.check_inputs(model, n, transform)
     transform = transform or scale_only
 
     # 2. move the whole client set to the device once: per step only index gathers remain
     model.to(device).train()
     images_d = images.to(device)  # [N, C, H, W] uint8
-    labels_d = labels.to(device) if (algorithm.needs_labels and labels is not None) else None  # [N]
-    algorithm.prepare(model, device, targets if algorithm.needs_targets else None, global_model,
-                      previous_model)
+    labels_d = None if algorithm.label_free or labels is None else labels.to(device)  # [N]
+    algorithm.prepare(model, device, global_model)
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -154,7 +135,7 @@ def train_local(
     # 3. epochs over seeded shuffles; sums stay on the device (no sync per step)
     steps_per_epoch = math.ceil(n / cfg.batch_size) - int(n > cfg.batch_size
                                                           and n % cfg.batch_size == 1)
-    bar = tqdm(total=cfg.local_epochs * steps_per_epoch, desc=f"train {cfg.algorithm}",
+    bar = tqdm(total=cfg.local_epochs * steps_per_epoch, desc=f"train {algorithm.name}",
                disable=not progress, leave=False)
     history: list[dict[str, float]] = []
     start_time = time.perf_counter()
@@ -184,10 +165,10 @@ def train_local(
                     correct += (logits.detach().argmax(dim=1) == batch.labels).sum()
                 bar.update(1)
             means = {key: float(value) / seen for key, value in sums.items()}
-            means["accuracy"] = float(correct) / seen if algorithm.needs_labels else 0.0
+            means["accuracy"] = 0.0 if algorithm.label_free else float(correct) / seen
             if not math.isfinite(means["loss"]):
                 raise RuntimeError(
-                    f"{cfg.algorithm}: the local loss became {means['loss']} in epoch {epoch + 1}; "
+                    f"{algorithm.name}: the local loss became {means['loss']} in epoch {epoch + 1}; "
                     f"lower `lr` (now {cfg.lr}) or check the inputs and targets for NaN/inf"
                 )
             history.append(means)

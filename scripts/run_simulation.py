@@ -182,7 +182,7 @@ def _run(args: argparse.Namespace, overrides: dict[str, object], env: dict[str, 
     return 0
 
 
-APP_PARTS = ("pyproject.toml", "README.md", "feddifrc_core", "server_app", "client_app")
+APP_PARTS = ("pyproject.toml", "README.md", "feddifrc_core", "wire", "server_app", "client_app")
 
 
 def _stage_app(home: Path) -> Path:

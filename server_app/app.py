@@ -6,22 +6,27 @@ import secrets
 import time
 from collections.abc import Mapping
 from logging import INFO
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.common import log
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 
-from client_app.records import from_flower_arrays, to_flower_arrays
 from feddifrc_core import checkpoint as ckpt
+from feddifrc_core.algorithms import Algorithm
 from feddifrc_core.config import RESUMABLE_KEYS, RunConfig
 from feddifrc_core.evaluation import CentralEvaluator
+from feddifrc_core.models import model_state
+from feddifrc_core.progress import route_core_logs
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
-from feddifrc_core.run_setup import model_state, set_torch_threads
+from feddifrc_core.run_setup import set_torch_threads
+from server_app.aggregator import Aggregator
 from server_app.ray_workers import exit_with_parent, replace_dead_ray_workers
 from server_app.run_lock import RunFolderLock
-from server_app.strategy import FedDifRCStrategy
+from server_app.strategy import AlgorithmStrategy
+from wire import protocol
 
 # Old checkpoints are pruned to bound disk use (ResNet-10: ~20 MB each); resume needs only the last.
 KEEP_CHECKPOINTS = 3
@@ -37,6 +42,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        route_core_logs(FLOWER_LOGGER.handlers)  # the algorithms' set-up lines, in the run's log
         cfg = RunConfig.from_flower({**context.run_config, **(overrides or {})})
         replace_dead_ray_workers()  # simulation: a killed ClientApp worker costs one round only
         exit_with_parent()  # simulation: no orphaned run when the launching processes die
@@ -83,40 +89,43 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
     log(INFO, "run folder %s (continue it after a crash with -c \"run-name='%s' resume=true\")",
         folder.path, run_name)
 
-    # 2. test data and the global model (seeded initialisation; restored when resuming)
+    # 2. test data, the global model (seeded initialisation) and the algorithm's server half;
+    # both restored when resuming
     evaluator = CentralEvaluator(cfg)
     state = model_state(evaluator.model)  # seeded initialisation
+    algorithm = cfg.new_algorithm()
     # Names the clients' per-run files (MOON's previous models): a new run that reuses a run-name
     # gets a fresh key, a resumed run keeps its own ("" = checkpoints from before the key existed).
     run_key = str(resumed.meta.get("run-key", "")) if resumed else secrets.token_hex(6)
-    strategy = FedDifRCStrategy(cfg, run_name, tuple(evaluator.test.class_names), run_key)
     if resumed is not None:
         _check_same_run(cfg, resumed.meta["run-config"])
         state = resumed.group("model")
-        strategy.load_state_arrays(resumed.group("strategy"))
+        algorithm.load_server_state(resumed.group("strategy"))
         ckpt.restore_rng_state(resumed.meta["rng"], resumed.group("rng"))
         folder.restore(resumed.meta["history"])
         log(INFO, "resuming %s after round %d", run_name, resumed.round)
     first_round = resumed.round + 1 if resumed else 1
+    header = protocol.Header(cfg.digest(), run_name, run_key, tuple(evaluator.test.class_names))
+    aggregator = Aggregator()  # every upload of every stage is combined by this one component
+    strategy = AlgorithmStrategy(cfg, algorithm, header, aggregator)
 
-    # 3. set-up over Flower messages: which node holds which partition; the shared projection
+    # 3. set-up over Flower messages: which node holds which partition; the algorithm's stages
     strategy.discover_nodes(grid)
-    if cfg.uses_diffusion and not strategy.projection:
-        strategy.setup_projection(grid, evaluator.model.feature_dim)
+    strategy.setup(grid, cast(int, evaluator.model.feature_dim))  # every project model has one
     if resumed is None:
         folder.log_round({"round": 0, **evaluator(state)})
-        _save(folder, cfg, run_name, 0, state, strategy)
+        _save(folder, cfg, run_name, run_key, 0, state, algorithm)
 
     # 4. rounds: train on the sampled clients, aggregate, evaluate centrally, checkpoint
     for server_round in range(first_round, cfg.num_rounds + 1):
         t0 = time.time()
         messages = strategy.configure_train(
-            server_round, ArrayRecord(to_flower_arrays(state)), ConfigRecord(), grid)
-        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+            server_round, protocol.to_record(state), ConfigRecord(), grid)
+        replies = aggregator.exchange(grid, messages, cfg.round_timeout)
         arrays, client_metrics = strategy.aggregate_train(server_round, replies)
         if arrays is None or client_metrics is None:  # aggregate_train raises before this
             raise RuntimeError(f"round {server_round}: no aggregate")
-        state = from_flower_arrays(arrays)
+        state = protocol.from_record(arrays)
         row: dict[str, Any] = {"round": server_round, **_prefixed(dict(client_metrics))}
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
             row.update(evaluator(state))
@@ -124,7 +133,7 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
         row.update({"clients": " ".join(map(str, report.succeeded)),
                     "failures": len(report.failures), "round-seconds": time.time() - t0})
         folder.log_round(row)
-        _save(folder, cfg, run_name, server_round, state, strategy)
+        _save(folder, cfg, run_name, run_key, server_round, state, algorithm)
         log(INFO, "round %d: %s", server_round, _short(row))
 
     # 5. final model and summary
@@ -135,13 +144,14 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
     return summary
 
 
-def _save(folder: RunFolder, cfg: RunConfig, run_name: str, server_round: int,
-          state: Mapping[str, np.ndarray], strategy: FedDifRCStrategy) -> None:
+def _save(folder: RunFolder, cfg: RunConfig, run_name: str, run_key: str, server_round: int,
+          state: Mapping[str, np.ndarray], algorithm: Algorithm) -> None:
     rng_meta, rng_arrays = ckpt.capture_rng_state()
+    # "strategy.": the algorithm's server state (FedDifRC's bases; the name of earlier checkpoints)
     arrays = {**{f"model.{k}": v for k, v in state.items()},
-              **{f"strategy.{k}": v for k, v in strategy.state_arrays().items()},
+              **{f"strategy.{k}": v for k, v in algorithm.server_state().items()},
               **{f"rng.{k}": v for k, v in rng_arrays.items()}}
-    meta = {"round": server_round, "run-name": run_name, "run-key": strategy.run_key,
+    meta = {"round": server_round, "run-name": run_name, "run-key": run_key,
             "run-config": cfg.to_flower(),
             "rng": rng_meta, "history": folder.rows}
     ckpt.save_checkpoint(ckpt.checkpoint_path(folder.checkpoints, server_round), arrays, meta)
@@ -149,9 +159,11 @@ def _save(folder: RunFolder, cfg: RunConfig, run_name: str, server_round: int,
 
 
 def _check_same_run(cfg: RunConfig, saved: Mapping[str, Any]) -> None:
-    """A resumed run may change only bookkeeping keys; anything else would not be the same run."""
-    now = cfg.to_flower()
-    changed = sorted(k for k in now if k not in RESUMABLE_KEYS and saved.get(k) != now[k])
+    """A resumed run may change only bookkeeping keys; anything else would not be the same run.
+    A key that a checkpoint lacks was added later: the run had its default then."""
+    now, defaults = cfg.to_flower(), RunConfig().to_flower()
+    changed = sorted(k for k in now if k not in RESUMABLE_KEYS
+                     and saved.get(k, defaults[k]) != now[k])
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise ValueError(f"resume: the run config differs from the checkpoint's ({detail}); "

@@ -55,10 +55,10 @@ class RunFolderLock:
                 "write into one folder. Wait for that run to end or stop it (`flwr stop RUN_ID`), "
                 "or choose another run-name."
             ) from None
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         self._fd = fd
         return self
 

@@ -1,7 +1,8 @@
 """An in-process Flower Grid for fast tests: messages go straight to a ClientApp, no Ray.
 
 It runs the real ServerApp logic and the real ClientApp handlers with real Message objects; only
-transport is replaced. A ClientApp exception becomes an error reply, as the simulation engine
+transport is replaced. Every node's context holds `run_config`, as `flwr run` gives each node the
+run's config (pass the server's: `cfg.to_flower()`). A ClientApp exception becomes an error reply, as the simulation engine
 does; `fail` makes chosen partitions raise in chosen rounds, `silent` makes them not reply (a
 timeout); `crash_after=k` raises in round k + 1
 after the clients replied (a ServerApp killed mid-round, for resume tests).
@@ -10,12 +11,17 @@ after the clients replied (a ServerApp killed mid-round, for resume tests).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from client_app.app import app as client_app
+from feddifrc_core.config import RunConfig
+from server_app.app import run_server
 
 
 class ServerKilled(RuntimeError):
@@ -23,8 +29,9 @@ class ServerKilled(RuntimeError):
 
 
 class LoopbackGrid(Grid):
-    def __init__(self, client_app: ClientApp, num_nodes: int, *, node_id_base: int = 1000,
-                 fail: dict[int, set[int]] | None = None, silent: dict[int, set[int]] | None = None,
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any], *,
+                 node_id_base: int = 1000, fail: dict[int, set[int]] | None = None,
+                 silent: dict[int, set[int]] | None = None,
                  crash_after: int | None = None) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         self.client_app = client_app
@@ -32,7 +39,7 @@ class LoopbackGrid(Grid):
         self.contexts = {
             node_id_base + 7 * k: Context(run_id=1, node_id=node_id_base + 7 * k,
                                           node_config={"partition-id": k, "num-partitions": num_nodes},
-                                          state=RecordDict(), run_config={})
+                                          state=RecordDict(), run_config=dict(run_config))
             for k in range(num_nodes)
         }
         self.fail = fail or {}
@@ -84,3 +91,10 @@ class LoopbackGrid(Grid):
             # The worst moment: clients have trained (and stored state), the server has not.
             raise ServerKilled(f"server killed after the clients of round {self.train_rounds} replied")
         return replies
+
+
+def run_loopback(cfg: RunConfig, num_nodes: int, **grid_options: Any) -> dict[str, Any]:
+    """The real ServerApp run over a LoopbackGrid of the real ClientApp; every node's context holds
+    `cfg`'s run config (as `flwr run` gives each node the run's config)."""
+    grid = LoopbackGrid(client_app, num_nodes, cfg.to_flower(), **grid_options)
+    return run_server(grid, cfg)

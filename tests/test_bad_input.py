@@ -27,10 +27,11 @@ from PIL import Image
 
 from client_app.app import app as client_app
 from feddifrc_core import client_session, evaluation, run_setup
+from feddifrc_core.algorithms.feddifrc import PROJECTION_STATS
 from feddifrc_core.config import ConfigError, NodeConfig, RunConfig
 from feddifrc_core.datasets import DatasetFormatError, DatasetNotFoundError, clear_dataset_cache
 from server_app.app import make_server_app, run_server
-from server_app.strategy import RoundFailedError
+from server_app.replies import RoundFailedError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,13 +70,13 @@ def test_server_app_rejects_an_unknown_key_naming_the_known_ones(tmp_path):
     with pytest.raises(
         ConfigError, match=r"unknown key\(s\) \['learnig-rate'\]; known keys are .*'lr'"
     ):
-        app(LoopbackGrid(client_app, 2), server_context({"learnig-rate": 0.1}))
+        app(LoopbackGrid(client_app, 2, {}), server_context({"learnig-rate": 0.1}))
 
 
 def test_server_app_rejects_a_wrong_type_naming_key_expected_and_received(tmp_path):
     app = make_server_app()
     with pytest.raises(ConfigError, match=r"'num-rounds' expects an integer, got '5' \(str\)"):
-        app(LoopbackGrid(client_app, 2), server_context({"num-rounds": "5"}))
+        app(LoopbackGrid(client_app, 2, {}), server_context({"num-rounds": "5"}))
 
 
 def test_node_config_with_a_wrong_type_is_named():
@@ -135,7 +136,7 @@ def test_unloadable_model_id_fails_the_client_naming_the_offline_choices(tmp_pat
     )
     client = client_session.ClientSession(cfg, NodeConfig(partition_id=0, num_partitions=2))
     with pytest.raises(RuntimeError, match="offline-teacher") as info:
-        client.projection_stats()
+        client.answer(PROJECTION_STATS, {})
     assert "no-such-org/no-such-model" in str(info.value)
 
 
@@ -172,7 +173,7 @@ def test_a_node_with_other_classes_fails_the_round_naming_both_lists(tmp_path, n
         test_samples=0,
         min_train_nodes=2,
     )
-    grid = LoopbackGrid(client_app, 2)
+    grid = LoopbackGrid(client_app, 2, cfg.to_flower())
     odd_node = sorted(grid.contexts)[1]
     grid.contexts[odd_node].node_config["data-path"] = str(other)
     with pytest.raises(RoundFailedError, match=expected):

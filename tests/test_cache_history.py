@@ -13,12 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from loopback_grid import LoopbackGrid
+from loopback_grid import run_loopback
 from safetensors.numpy import load_file
 
-from client_app.app import app as client_app
 from feddifrc_core.config import RunConfig
-from server_app.app import run_server
 
 
 def _config(tmp_path: Path, cache: Path, **changes) -> RunConfig:
@@ -35,7 +33,7 @@ def _config(tmp_path: Path, cache: Path, **changes) -> RunConfig:
 
 
 def _final_model(tmp_path: Path, cfg: RunConfig) -> dict[str, np.ndarray]:
-    run_server(LoopbackGrid(client_app, 3), cfg)
+    run_loopback(cfg, 3)
     return load_file(str(tmp_path / "runs" / cfg.run_name / "final_model.safetensors"))
 
 

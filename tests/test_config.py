@@ -4,16 +4,19 @@ error that names the key, the expected and the received value."""
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from feddifrc_core import config
+from feddifrc_core.algorithms import AlgorithmParams, algorithm_names, get_algorithm
+from feddifrc_core.algorithms.feddifrc import FedDifRCParams
 from feddifrc_core.config import ConfigError, NodeConfig, RunConfig, resolve_device
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
+from feddifrc_core.diffusion.backbone import DTYPES
+from feddifrc_core.diffusion.reduction import REDUCTIONS
+from feddifrc_core.models import ALIGN_HEADS
+from feddifrc_core.options import option, option_fields
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -23,10 +26,58 @@ def _app_config() -> dict:
         return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
 
 
-def test_pyproject_keys_equal_dataclass_fields():
-    fields = {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+def test_pyproject_keys_equal_the_run_config_keys():
+    """The common keys, `algorithm` and every registered algorithm's parameters: a new knob is
+    its algorithm's field plus one pyproject line."""
+    fields = set(RunConfig.keys())
     keys = set(_app_config())
     assert keys == fields, f"only in pyproject: {keys - fields}; only in RunConfig: {fields - keys}"
+    assert len(RunConfig.keys()) == len(fields)  # no key twice
+
+
+def test_every_algorithm_declares_its_parameters_with_help():
+    for name in algorithm_names():
+        params = get_algorithm(name).Params
+        assert issubclass(params, AlgorithmParams) and dataclasses.is_dataclass(params)
+        for key, f in option_fields(params).items():
+            assert f.metadata["help"], f"{name}: {key} has no help line"
+    # an algorithm reads its own parameters, typed, through the run config
+    algo = RunConfig().replace(algorithm="fedprox", proximal_mu=0.3).new_algorithm()
+    assert algo.params.proximal_mu == 0.3
+
+
+def test_a_parameter_that_clashes_with_another_key_fails_at_import(monkeypatch):
+    @dataclasses.dataclass(frozen=True)
+    class Clash(AlgorithmParams):
+        lr: float = option(0.1, help="a second learning rate")
+
+    @dataclasses.dataclass(frozen=True)
+    class OtherTau(AlgorithmParams):
+        tau: float = option(0.5, help="another temperature")
+
+    monkeypatch.setattr(config, "params_classes", lambda: (Clash,))
+    with pytest.raises(TypeError, match="'lr' is already a run-config key"):
+        config._param_keys()
+    monkeypatch.setattr(config, "params_classes", lambda: (FedDifRCParams, OtherTau))
+    with pytest.raises(TypeError, match="'tau' is declared by another algorithm"):
+        config._param_keys()
+
+
+def test_choice_lists_are_their_owners():
+    fields = {**option_fields(RunConfig), **option_fields(FedDifRCParams)}
+    assert fields["align-head"].metadata["choices"] is ALIGN_HEADS
+    assert fields["reduction"].metadata["choices"] is REDUCTIONS
+    assert fields["diffusion-dtype"].metadata["choices"] is DTYPES
+
+
+def test_command_line_text_is_typed_by_the_key():
+    assert RunConfig.parse_text("tau", "0.1") == 0.1
+    assert RunConfig.parse_text("augment", "false") is False
+    assert RunConfig.parse_text("dataset", "digits") == "digits"
+    with pytest.raises(ConfigError, match="'num-rounds' expects int, got 'x'"):
+        RunConfig.parse_text("num-rounds", "x")
+    with pytest.raises(ConfigError, match="unknown key 'learnig-rate'"):
+        RunConfig.parse_text("learnig-rate", "0.1")
 
 
 def test_pyproject_defaults_are_valid_and_round_trip():
@@ -153,8 +204,9 @@ def test_label_free_settings_that_would_learn_nothing_are_refused(changes, match
 
 
 def test_reduction_and_head_choices_and_pool_grid_only_for_mean_pool():
-    cfg = RunConfig(reduction="spatial-norm-centred", align_head="mlp")
-    assert cfg.reduction == "spatial-norm-centred" and cfg.align_head == "mlp"
+    cfg = RunConfig(reduction="spatial-norm-centred").replace(align_head="mlp")
+    assert cfg.reduction == "spatial-norm-centred"
+    assert cfg.params_of(FedDifRCParams).align_head == "mlp"
     with pytest.raises(ConfigError, match="pool-grid=2 applies to reduction 'mean-pool' only"):
         RunConfig(reduction="spatial-norm", pool_grid=2)
     with pytest.raises(ConfigError, match="'reduction' must be one of"):

@@ -65,7 +65,7 @@ def test_grid_pooling_keeps_a_coarse_layout_whose_mean_is_the_global_pool(backbo
     mean = DiffusionFeatureExtractor(backbone, up_blocks=(1, 2, 3), batch_size=4)
     grid = DiffusionFeatureExtractor(backbone, up_blocks=(1, 2, 3), batch_size=4, pool_grid=2)
     assert grid.block_channels == tuple(4 * c for c in mean.block_channels)
-    assert grid.settings() != mean.settings()  # part of the cache fingerprint
+    assert grid.describe() != mean.describe()  # part of the cache fingerprint
     images = _images(3)
     for f_mean, f_grid, c in zip(mean.extract(images, [0, 1, 2], PROMPTS),
                                  grid.extract(images, [0, 1, 2], PROMPTS), mean.block_channels, strict=True):
@@ -155,7 +155,7 @@ def test_features_equal_the_plain_definition(model, backbone) -> None:
         got = ex.extract(imgs, ids, PROMPTS)
         for g, r in zip(got, ref, strict=True):
             assert float((g - r).norm() / r.norm()) < tolerance
-        assert ex.settings()["autocast"] == ("" if autocast is None else "bfloat16")
+        assert ex.describe()["autocast"] == ("" if autocast is None else "bfloat16")
 
 
 def test_prompt_free_stages_run_once_per_image() -> None:

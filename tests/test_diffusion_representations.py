@@ -1,5 +1,6 @@
 """Per-client representations on the tiny SD pipeline: layouts, targets, cache reuse and resume."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -35,7 +36,12 @@ def _data(n: int, num_classes: int = 10, seed: int = 0):
     return images, labels, torch.arange(500, 500 + n)
 
 
-SETTINGS = RepresentationSettings(image_size=0, batch_size=8, dataset="test", chunk_images=4)
+# The run config's view (the paper's settings), native image size, small calls and cache chunks
+SETTINGS = dataclasses.replace(
+    RepresentationSettings.from_run_config(
+        RunConfig(diffusion_image_size=0, extraction_batch_size=8, diffusion_dtype="float32"),
+        label_free=False),
+    dataset="test", chunk_images=4)
 
 
 def test_all_prompt_layout_and_targets(backbone) -> None:
@@ -90,7 +96,7 @@ def test_many_classes_store_only_needed_prompts(backbone) -> None:
 
 def test_ssl_mode_uses_vocabulary_negatives(backbone) -> None:
     images, _, ids = _data(3)
-    s = RepresentationSettings(**{**SETTINGS.__dict__, "self_supervised": True, "neg_num": 4})
+    s = RepresentationSettings(**{**SETTINGS.__dict__, "label_free": True, "neg_num": 4})
     reps = extract_client_representations(backbone, images, None, ids, [], s, None, progress=False)
     assert reps.prompt_ids.shape == (3, 6)
     assert reps.prompts[int(reps.prompt_ids[0, 0])] == "a photo of a similar object"
@@ -153,8 +159,8 @@ def test_cache_reuse_and_resume_after_a_kill(backbone, tmp_path: Path, monkeypat
 
 def test_settings_from_run_config() -> None:
     cfg = RunConfig(up_blocks="1,3", diffusion_timestep=200, algorithm="feddifrc-ssl")
-    s = RepresentationSettings.from_run_config(cfg)
-    assert s.up_blocks == (1, 3) and s.timestep == 200 and s.self_supervised and s.image_size == 224
+    s = RepresentationSettings.from_run_config(cfg, cfg.algorithm_class.label_free)
+    assert s.up_blocks == (1, 3) and s.timestep == 200 and s.label_free and s.image_size == 224
 
 
 # --- the authors' reduction: per-position shared PCA, then RMS over positions --------------------

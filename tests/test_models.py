@@ -14,7 +14,7 @@ from feddifrc_core.models import SmallCNN, build_model, resnet10
 @pytest.mark.parametrize("size", [28, 32, 64])
 def test_output_shapes(name, width, dim, channels, size):
     torch.manual_seed(0)
-    model = build_model(name, channels, 7, width).eval()
+    model = build_model(name, channels, 7, width, align_head="none").eval()
     with torch.no_grad():
         features, logits = model(torch.randn(2, channels, size, size))
     assert model.feature_dim == dim
@@ -55,12 +55,12 @@ def test_resnet_spatial_resolution_per_stage():
 def test_small_cnn_feature_dim_and_width():
     model = SmallCNN(10, in_channels=3, width=16, feature_dim=32)
     assert model.feature_dim == 32 and model.fc.in_features == 64
-    built = build_model("small-cnn", 1, 10, 16, feature_dim=48)
+    built = build_model("small-cnn", 1, 10, 16, feature_dim=48, align_head="none")
     assert built.feature_dim == 48
 
 
 def test_gradients_reach_the_stem():
-    model = build_model("resnet10", 3, 5, 4)
+    model = build_model("resnet10", 3, 5, 4, align_head="none")
     features, logits = model(torch.randn(4, 3, 32, 32))
     (logits.logsumexp(1).mean() + features.pow(2).mean()).backward()
     assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
@@ -77,7 +77,7 @@ def test_gradients_reach_the_stem():
     ],
 )
 def test_bad_arguments(kwargs, match):
-    args = {"name": "resnet10", "in_channels": 3, "num_classes": 10, "width": 4}
+    args = {"name": "resnet10", "in_channels": 3, "num_classes": 10, "width": 4, "align_head": "none"}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         build_model(**args)
@@ -86,7 +86,7 @@ def test_bad_arguments(kwargs, match):
 def test_align_head_is_a_linear_map_on_the_features_and_absent_by_default():
     from feddifrc_core.models import alignment_features
 
-    plain = build_model("small-cnn", 1, 10, 8)
+    plain = build_model("small-cnn", 1, 10, 8, align_head="none")
     headed = build_model("small-cnn", 1, 10, 8, align_head="linear")
     z = torch.randn(4, plain.feature_dim)
     assert torch.equal(alignment_features(plain, z), z)
@@ -99,7 +99,7 @@ def test_every_party_builds_the_align_head_when_the_run_asks_for_it():
     from feddifrc_core.config import RunConfig
     from feddifrc_core.run_setup import build_global_model
 
-    cfg = RunConfig(model="small-cnn", model_width=4, align_head="none")
+    cfg = RunConfig(model="small-cnn", model_width=4).replace(align_head="none")
     plain = build_global_model(cfg, 1, 10, 28)
     headed = build_global_model(cfg.replace(align_head="linear"), 1, 10, 28)
     assert getattr(plain, "align_head", None) is None

@@ -103,42 +103,41 @@ def _reply(to: Message, node: int, error: str | None = None, *, src: int | None 
     return reply
 
 
-def _sent(strategy, nodes: list[int]) -> list[Message]:
+def _sent(nodes: list[int]) -> list[Message]:
     from flwr.supercore.task_identity import TaskIdentity
 
+    from wire import protocol
+
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as in a run
-    messages = list(strategy._construct_messages(RecordDict({"c": ConfigRecord({})}), nodes, "train"))
+    messages = protocol.addressed(RecordDict({"c": ConfigRecord({})}), nodes, protocol.TRAIN)
     for i, msg in enumerate(messages):
         msg.metadata.__dict__["_message_id"] = f"m{i}"
     return messages
 
 
 def test_a_vanished_node_counts_once_and_errors_shared_by_clients_are_reported_once():
-    from server_app.strategy import FedDifRCStrategy, RoundFailedError
+    from server_app.replies import RoundFailedError, describe_failures, require
 
-    strategy = FedDifRCStrategy(RunConfig(min_train_nodes=2, min_available_nodes=2), "run")
-    strategy.node_partitions = {101: 0, 102: 1, 103: 2, 104: 3}
-    sent = _sent(strategy, [101, 102, 103, 104])
+    partitions = {101: 0, 102: 1, 103: 2, 104: 3}
+    sent = _sent([101, 102, 103, 104])
     # Node 101 is gone: the SuperLink (node 1) answers for it. The others raise the same error.
     replies = [_reply(sent[0], 101, "Message unavailable: node is offline", src=1),
                *[_reply(m, n, "ValueError: num_clients=4 is more than the 3 samples")
                  for m, n in zip(sent[1:], [102, 103, 104], strict=True)]]
-    failures = strategy._describe_failures(replies, sent)
+    failures = describe_failures(replies, sent, partitions, timeout=60.0)
     assert failures == ["partition 0 (node 101): Message unavailable: node is offline",
                         *[f"partition {p} (node {n}): ValueError: num_clients=4 is more than the "
                           "3 samples" for p, n in ((1, 102), (2, 103), (3, 104))]]
     with pytest.raises(RoundFailedError) as err:
-        strategy._require("projection set-up", 0, 4, failures)
+        require("projection set-up", 0, 4, 2, failures)
     text = str(err.value)
     assert text.count("num_clients=4") == 1 and "3 clients (partitions 1, 2, 3)" in text
 
 
 def test_a_run_that_fails_during_set_up_leaves_no_run_folder(tmp_path):
-    from loopback_grid import LoopbackGrid
+    from loopback_grid import run_loopback
 
-    from client_app.app import app as client_app
-    from server_app.app import run_server
-    from server_app.strategy import RoundFailedError
+    from server_app.replies import RoundFailedError
 
     cfg = RunConfig(seed=3, num_rounds=1, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2,
                     output_dir=str(tmp_path / "runs"), torch_threads=1, device="cpu",
@@ -146,7 +145,7 @@ def test_a_run_that_fails_during_set_up_leaves_no_run_folder(tmp_path):
                     model="small-cnn", model_width=4, algorithm="fedavg",
                     cache_dir=str(tmp_path / "cache"))
     with pytest.raises(RoundFailedError, match=r"4 clients \(partitions 0, 1, 2, 3\): .*num_clients"):
-        run_server(LoopbackGrid(client_app, 4), cfg)  # 4 clients for 3 samples
+        run_loopback(cfg, 4)  # 4 clients for 3 samples
     assert list((tmp_path / "runs").iterdir()) == []
 
 

@@ -330,16 +330,14 @@ def test_twenty_clients_one_round_keep_per_process_state_bounded(tmp_path):
     """20 clients through the real ServerApp/ClientApp in one process (the in-process grid;
     FedDifRC with 10-100 clients on Ray is benchmarks/scale.py): client sessions are memoised
     with a bound, so a process's memory does not grow with the number of clients it serves."""
-    from loopback_grid import LoopbackGrid
+    from loopback_grid import run_loopback
 
-    from client_app.app import app as client_app
     from feddifrc_core.client_session import ClientSession
-    from server_app.app import run_server
 
     cfg = micro_run_config(tmp_path, fraction_train=0.5, min_train_nodes=10,
                            min_available_nodes=20, train_samples=240, test_samples=50)
     ClientSession._sessions.clear()
-    summary = run_server(LoopbackGrid(client_app, 20), cfg)
+    summary = run_loopback(cfg, 20)
     assert summary["rounds"] == 1
     rows = [json.loads(x) for x in (tmp_path / "runs/run/metrics.jsonl").read_text().splitlines()]
     assert len(rows[-1]["clients"].split()) == 10 and rows[-1]["failures"] == 0
@@ -376,18 +374,16 @@ def test_server_process_sigkilled_mid_run_resumes_to_the_same_model(tmp_path):
     """tests/test_simulation.py kills the server with an exception; here a real process running
     the ServerApp is SIGKILLed right after a checkpoint (metrics lines, checkpoint pruning, temp
     files may be cut anywhere) and the resumed run still ends bit-identical to a straight run."""
-    from loopback_grid import LoopbackGrid
+    from loopback_grid import run_loopback
     from safetensors.numpy import load_file
 
-    from client_app.app import app as client_app
-    from server_app.app import run_server
 
     proc = child(f"""
         from pathlib import Path
-        from loopback_grid import LoopbackGrid
+        from loopback_grid import LoopbackGrid, run_loopback
         from client_app.app import app as client_app
         from server_app.app import run_server
-        run_server(LoopbackGrid(client_app, 3), resume_config(Path({str(tmp_path)!r}), "killed"))
+        run_loopback(resume_config(Path({str(tmp_path)!r}), "killed"), 3)
     """)
     first = tmp_path / "runs/killed/checkpoints/round-0001.safetensors"
     deadline = time.time() + 240
@@ -399,11 +395,8 @@ def test_server_process_sigkilled_mid_run_resumes_to_the_same_model(tmp_path):
     done = ckpt.latest_checkpoint(tmp_path / "runs/killed/checkpoints")
     assert done is not None and 1 <= done.round < 4
 
-    run_server(
-        LoopbackGrid(client_app, 3, node_id_base=5000),
-        resume_config(tmp_path, "killed", resume=True),
-    )
-    run_server(LoopbackGrid(client_app, 3), resume_config(tmp_path, "straight"))
+    run_loopback(resume_config(tmp_path, "killed", resume=True), 3, node_id_base=5000)
+    run_loopback(resume_config(tmp_path, "straight"), 3)
     straight = load_file(str(tmp_path / "runs/straight/final_model.safetensors"))
     resumed = load_file(str(tmp_path / "runs/killed/final_model.safetensors"))
     assert straight.keys() == resumed.keys()

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from loopback_grid import LoopbackGrid, ServerKilled
+from loopback_grid import LoopbackGrid, ServerKilled, run_loopback
 from safetensors.numpy import load_file
 
 from client_app.app import app as client_app
+from client_app.app import make_client_app
 from feddifrc_core.algorithms import algorithm_names, get_algorithm
 from feddifrc_core.config import RunConfig
 from server_app.app import make_server_app, run_server
-from server_app.strategy import RoundFailedError
+from server_app.replies import RoundFailedError
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = {"config.json", "metrics.jsonl", "metrics.csv", "metrics.png", "tensorboard",
@@ -50,13 +51,13 @@ def tiny(tmp_path: Path, cache_dir: Path, **changes) -> RunConfig:
 @pytest.mark.parametrize("algorithm", algorithm_names())
 def test_every_algorithm_runs_end_to_end(tmp_path, cache_dir, algorithm):
     cfg = tiny(tmp_path, cache_dir, algorithm=algorithm)
-    summary = run_server(LoopbackGrid(client_app, 3), cfg)
+    summary = run_loopback(cfg, 3)
     assert summary["rounds"] == 2 and 0.0 <= summary["best-accuracy"] <= 1.0
     rows = [json.loads(line) for line in (tmp_path / "runs/run/metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(np.isfinite(r["train-loss"]) and r["failures"] == 0 for r in rows[1:])
     assert all(r["train-examples"] > 0 and r["train-seconds"] > 0 for r in rows[1:])
-    label_free = not get_algorithm(algorithm).needs_labels  # judged by a linear probe and kNN
+    label_free = get_algorithm(algorithm).label_free  # judged by a linear probe and kNN
     assert all(("test-knn-accuracy" in r) == label_free for r in rows)
 
 
@@ -70,7 +71,7 @@ def test_target_settings_run_end_to_end(tmp_path, cache_dir, reduction, projecti
     """Every reduction with both projections through the real apps: the set-up stages (position
     statistics, bases, the mean target) over Messages, then training with the head."""
     cfg = tiny(tmp_path, cache_dir, reduction=reduction, projection=projection, align_head=head)
-    summary = run_server(LoopbackGrid(client_app, 3), cfg)
+    summary = run_loopback(cfg, 3)
     assert summary["rounds"] == 2
     rows = [json.loads(line) for line in (tmp_path / "runs/run/metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["train-tdcl"]) and np.isfinite(r["train-ndcr"]) for r in rows[1:])
@@ -83,7 +84,7 @@ def test_target_settings_run_end_to_end(tmp_path, cache_dir, reduction, projecti
 def test_eval_every_is_honoured_and_label_free_runs_log_probe_and_knn(tmp_path, cache_dir,
                                                                       algorithm):
     cfg = tiny(tmp_path, cache_dir, algorithm=algorithm, num_rounds=3, eval_every=2)
-    summary = run_server(LoopbackGrid(client_app, 3), cfg)
+    summary = run_loopback(cfg, 3)
     run_dir = tmp_path / "runs/run"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # The initial model, every eval-every-th round and always the last one.
@@ -110,13 +111,13 @@ def test_resume_after_a_kill_gives_the_same_final_model(tmp_path, cache_dir, alg
     round, partition), aggregation runs in partition order, MOON's previous models are tagged by
     round, the projection bases come from the checkpoint."""
     cfg = tiny(tmp_path, cache_dir, algorithm=algorithm, num_rounds=3)
-    run_server(LoopbackGrid(client_app, 3), cfg.replace(run_name="straight"))
+    run_loopback(cfg.replace(run_name="straight"), 3)
 
     killed = cfg.replace(run_name="killed")
     with pytest.raises(ServerKilled):
-        run_server(LoopbackGrid(client_app, 3, crash_after=1), killed)
+        run_loopback(killed, 3, crash_after=1)
     # New node ids after a restart, as with a restarted SuperLink.
-    run_server(LoopbackGrid(client_app, 3, node_id_base=5000), killed.replace(resume=True))
+    run_loopback(killed.replace(resume=True), 3, node_id_base=5000)
 
     straight = load_file(str(tmp_path / "runs/straight/final_model.safetensors"))
     resumed = load_file(str(tmp_path / "runs/killed/final_model.safetensors"))
@@ -127,7 +128,7 @@ def test_resume_after_a_kill_gives_the_same_final_model(tmp_path, cache_dir, alg
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     # Resuming with other training settings would not be the same run: refused, naming the key.
     with pytest.raises(ValueError, match=r"lr: 0.01 -> 0.5"):
-        run_server(LoopbackGrid(client_app, 3), killed.replace(resume=True, lr=0.5))
+        run_loopback(killed.replace(resume=True, lr=0.5), 3)
 
 
 @pytest.mark.slow
@@ -137,12 +138,12 @@ def test_a_new_run_reusing_a_run_name_never_touches_the_old_runs_moon_models(tmp
     byte-identical and the second run's round 1 has no previous model to read."""
     own_cache = tmp_path / "cache"  # not the module's cache: other MOON tests write stores there
     first = tiny(tmp_path, own_cache, algorithm="moon", fraction_train=1.0, num_rounds=2)
-    run_server(LoopbackGrid(client_app, 3), first)
+    run_loopback(first, 3)
     stores = own_cache / "local-models"
     old = {p: p.read_bytes() for p in stores.glob("run-*/*.safetensors")}
     assert old and len({p.parent for p in old}) == 1
     second = first.replace(output_dir=str(tmp_path / "other-runs"), num_rounds=1)
-    run_server(LoopbackGrid(client_app, 3), second)
+    run_loopback(second, 3)
     assert {p: p.read_bytes() for p in old} == old  # neither read-modified nor pruned
     new = [p for p in stores.glob("run-*/*.safetensors") if p not in old]
     assert len({p.parent for p in new}) == 1 and len(new) == 3  # one model per client, round 1
@@ -151,7 +152,7 @@ def test_a_new_run_reusing_a_run_name_never_touches_the_old_runs_moon_models(tmp
 def test_a_failing_client_app_fails_the_run_visibly(tmp_path, cache_dir):
     cfg = tiny(tmp_path, cache_dir, algorithm="fedavg", fraction_train=1.0, min_train_nodes=3,
                min_available_nodes=3)
-    grid = LoopbackGrid(client_app, 3, fail={1: {1}})
+    grid = LoopbackGrid(client_app, 3, cfg.to_flower(), fail={1: {1}})
     with pytest.raises(RoundFailedError, match=r"round 1: only 2 of 3 .*partition 1 .*injected failure"):
         run_server(grid, cfg)
 
@@ -161,7 +162,8 @@ def test_ray_simulation_writes_a_complete_run_folder(tmp_path, cache_dir):
     from flwr.simulation import run_simulation
 
     cfg = tiny(tmp_path, cache_dir, algorithm="fedavg")
-    run_simulation(server_app=make_server_app(cfg.to_flower()), client_app=client_app,
+    run_simulation(server_app=make_server_app(cfg.to_flower()),
+                   client_app=make_client_app(cfg.to_flower()),
                    num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 1}})

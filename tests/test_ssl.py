@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 
 from feddifrc_core import projection
+from feddifrc_core.algorithms import UpdateInfo
+from feddifrc_core.algorithms.feddifrc import PROJECTION_STATS
 from feddifrc_core.client_session import ClientSession
 from feddifrc_core.config import NodeConfig, RunConfig
 from feddifrc_core.evaluation import CentralEvaluator, extract_features
+from feddifrc_core.models import model_state
 from feddifrc_core.probe import knn_accuracy, linear_probe_accuracy
-from feddifrc_core.run_setup import build_global_model, model_state
+from feddifrc_core.run_setup import build_global_model
 
 
 def _cfg(tmp_path: Path, algorithm: str, **changes: object) -> RunConfig:
@@ -24,7 +27,7 @@ def _cfg(tmp_path: Path, algorithm: str, **changes: object) -> RunConfig:
         extraction_batch_size=64, projection="random", neg_num=3, probe_train_samples=100,
         cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "runs"), algorithm=algorithm,
     )
-    return RunConfig(**{**base, **changes})
+    return RunConfig().replace(**{**base, **changes})
 
 
 class LabelFreeData:
@@ -51,17 +54,18 @@ def test_label_free_client_session_never_reads_labels(tmp_path, algorithm):
     cfg = _cfg(tmp_path, algorithm)
     node = NodeConfig(partition_id=0, num_partitions=2)
     session = ClientSession(cfg, node)  # not .get(): the process cache must not keep this one
-    session.data = LabelFreeData(session.data)  # type: ignore[assignment]
+    poisoned = LabelFreeData(session.data)
+    session.data = session.view.diffusion.data = poisoned  # type: ignore[assignment]
     model = build_global_model(cfg, *session.shape)
-    bases = None
-    if cfg.uses_diffusion:
-        assert sum(s.count for s in session.representations().pca_stats()) > 0
-        assert session.projection_stats()
+    bases = {}
+    if cfg.algorithm_class.uses_diffusion:
+        reps = session.view.diffusion.representations()
+        assert sum(s.count for s in reps.pca_stats()) > 0
         # the server's set-up stage, for this one client: its statistics -> the shared bases
-        stats = projection.arrays_to_stats(session.projection_stats())
+        stats = projection.arrays_to_stats(session.answer(PROJECTION_STATS, {}))
         bases = projection.bases_to_arrays(projection.shared_bases(
             cfg.projection, model.feature_dim, [st.dim for st in stats], cfg.seed, stats))
-    update = session.train(model_state(model), 1, "run", bases)
+    update = session.train(model_state(model), UpdateInfo(1, "run", "", bases))
     assert update.num_examples == len(session.data) > 0
     assert np.isfinite(update.metrics["train-loss"]) and "train-ce" not in update.metrics
     assert "train-accuracy" not in update.metrics  # nothing to count without labels
@@ -72,7 +76,8 @@ def test_label_free_client_session_never_reads_labels(tmp_path, algorithm):
     supervised = ClientSession(cfg.replace(algorithm="fedavg"), node)
     supervised.data = LabelFreeData(supervised.data)  # type: ignore[assignment]
     with pytest.raises(AssertionError, match="read its labels"):
-        supervised.train(model_state(build_global_model(supervised.cfg, *supervised.shape)), 1, "run")
+        supervised.train(model_state(build_global_model(supervised.cfg, *supervised.shape)),
+                         UpdateInfo(1, "run", "", {}))
 
 
 def test_server_scores_a_label_free_encoder_by_linear_probe_and_knn(tmp_path):

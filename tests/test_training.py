@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from feddifrc_core.algorithms import algorithm_names, get_algorithm
+from feddifrc_core.algorithms import Algorithm, algorithm_names, get_algorithm
 from feddifrc_core.config import RunConfig
 from feddifrc_core.evaluation import evaluate, extract_features
 from feddifrc_core.seeding import seedsequence_seed
@@ -79,6 +79,18 @@ def _settings(algorithm: str, **kw: object) -> RunConfig:
     return RunConfig().replace(**base)
 
 
+def _algo(algorithm: str, targets: DiffusionTargets | None = None,
+          previous_model: nn.Module | None = None, **kw: object) -> Algorithm:
+    """The run's algorithm with what `begin_update` gives it on a client (targets, the previous
+    local model), where the algorithm trains with them."""
+    algo = _settings(algorithm, **kw).new_algorithm()
+    if targets is not None and hasattr(algo, "targets"):
+        algo.targets = targets
+    if previous_model is not None and hasattr(algo, "previous_model"):
+        algo.previous_model = previous_model
+    return algo
+
+
 class PoisonLabels:
     """Any use of this object (attribute, indexing, len, iteration) fails the test."""
 
@@ -93,7 +105,7 @@ class PoisonLabels:
 
 
 # The loss parts each algorithm reports (an algorithm added later is checked for the rest).
-EXPECTED_PARTS = {"fedavg": {"ce"}, "fedprox": {"ce", "prox"}, "moon": {"ce", "moon"},
+EXPECTED_PARTS = {"fedavg": {"ce"}, "fedavgm": {"ce"}, "fedprox": {"ce", "prox"}, "moon": {"ce", "moon"},
                   "feddifrc": {"ce", "tdcl", "ndcr"}, "feddifrc-ssl": {"tdcl", "ndcr"},
                   "simclr": {"ntxent"}}
 
@@ -102,12 +114,10 @@ EXPECTED_PARTS = {"fedavg": {"ce"}, "fedprox": {"ce", "prox"}, "moon": {"ce", "m
 def test_training_lowers_the_loss(algorithm: str) -> None:
     images, labels = _data()
     model = _model()
-    ssl = not get_algorithm(algorithm).needs_labels
-    kwargs = dict(transform=flip_transform, targets=_targets())
-    if get_algorithm(algorithm).keeps_previous_model:
-        kwargs["previous_model"] = _model(seed=5)  # a distinct previous local model
-    res = train_local(model, images, None if ssl else labels, _settings(algorithm),
-                      "cpu", **kwargs)
+    ssl = get_algorithm(algorithm).label_free
+    # FedDifRC's targets and a distinct previous local model (MOON), for those that use them
+    algo = _algo(algorithm, targets=_targets(), previous_model=_model(seed=5))
+    res = train_local(model, images, None if ssl else labels, algo, "cpu", transform=flip_transform)
     first, last = res.epochs[0], res.epochs[-1]
     assert len(res.epochs) == 6 and res.num_examples == N
     # NT-Xent over 32 views falls slowly from ~log(31); the others drop fast on this toy set
@@ -127,8 +137,9 @@ def test_same_seed_is_bit_identical_and_another_seed_differs() -> None:
     runs = []
     for seed in (3, 3, 4):
         model = copy.deepcopy(init)
-        res = train_local(model, images, labels, _settings("feddifrc", seed=seed, local_epochs=2),
-                          "cpu", transform=flip_transform, targets=_targets())
+        res = train_local(model, images, labels,
+                          _algo("feddifrc", _targets(), seed=seed, local_epochs=2),
+                          "cpu", transform=flip_transform)
         runs.append((res.epochs, model.state_dict()))
     (e1, s1), (e2, s2), (e3, s3) = runs
     assert e1 == e2
@@ -139,7 +150,7 @@ def test_same_seed_is_bit_identical_and_another_seed_differs() -> None:
 def test_global_rng_state_is_left_alone() -> None:
     images, labels = _data()
     state = torch.get_rng_state()
-    train_local(_model(), images, labels, _settings("fedavg", local_epochs=1), "cpu",
+    train_local(_model(), images, labels, _algo("fedavg", local_epochs=1), "cpu",
                 transform=flip_transform)
     assert torch.equal(state, torch.get_rng_state())
 
@@ -147,22 +158,22 @@ def test_global_rng_state_is_left_alone() -> None:
 @pytest.mark.parametrize("algorithm", ["feddifrc-ssl", "simclr"])
 def test_label_free_algorithms_never_touch_labels(algorithm: str) -> None:
     images, _ = _data()
-    res = train_local(_model(), images, PoisonLabels(), _settings(algorithm, local_epochs=1),
-                      "cpu", transform=flip_transform, targets=_targets(), progress=True)
+    res = train_local(_model(), images, PoisonLabels(), _algo(algorithm, _targets(), local_epochs=1),
+                      "cpu", transform=flip_transform, progress=True)
     assert res.accuracy == 0.0 and "ce" not in res.metrics
 
 
 def test_supervised_algorithm_without_labels_is_a_clear_error() -> None:
     images, _ = _data()
     with pytest.raises(ValueError, match="labels.*None"):
-        train_local(_model(), images, None, _settings("fedavg"), "cpu")
+        train_local(_model(), images, None, _algo("fedavg"), "cpu")
 
 
 @pytest.mark.parametrize("algorithm", ["feddifrc", "feddifrc-ssl"])
 def test_missing_targets_is_a_clear_error(algorithm: str) -> None:
     images, labels = _data()
     with pytest.raises(ValueError, match="needs the client's DiffusionTargets"):
-        train_local(_model(), images, labels, _settings(algorithm), "cpu")
+        train_local(_model(), images, labels, _algo(algorithm), "cpu")
 
 
 def test_targets_of_wrong_size_are_rejected() -> None:
@@ -170,13 +181,13 @@ def test_targets_of_wrong_size_are_rejected() -> None:
     t = _targets()
     short = DiffusionTargets(t.positive[:5], t.negatives[:5], t.null[:5])
     with pytest.raises(ValueError, match="one row per image"):
-        train_local(_model(), images, labels, _settings("feddifrc"), "cpu", targets=short)
+        train_local(_model(), images, labels, _algo("feddifrc", short), "cpu")
 
 
 def test_zero_lambda_skips_the_term() -> None:
     images, labels = _data()
-    res = train_local(_model(), images, labels, _settings("feddifrc", lambda_ndcr=0.0,
-                                                          local_epochs=1), "cpu", targets=_targets())
+    res = train_local(_model(), images, labels, _algo("feddifrc", _targets(), lambda_ndcr=0.0,
+                                                      local_epochs=1), "cpu")
     assert "ndcr" not in res.metrics and "tdcl" in res.metrics
     with pytest.raises(ValueError, match="cannot both be 0"):
         _settings("feddifrc-ssl", lambda_tdcl=0.0, lambda_ndcr=0.0)
@@ -185,9 +196,9 @@ def test_zero_lambda_skips_the_term() -> None:
 def test_fedavg_equals_feddifrc_with_both_lambdas_zero() -> None:
     images, labels = _data()
     a, b = _model(), _model()
-    ra = train_local(a, images, labels, _settings("fedavg", local_epochs=2), "cpu")
-    rb = train_local(b, images, labels, _settings("feddifrc", local_epochs=2, lambda_tdcl=0.0,
-                                                  lambda_ndcr=0.0), "cpu", targets=_targets())
+    ra = train_local(a, images, labels, _algo("fedavg", local_epochs=2), "cpu")
+    rb = train_local(b, images, labels, _algo("feddifrc", _targets(), local_epochs=2,
+                                              lambda_tdcl=0.0, lambda_ndcr=0.0), "cpu")
     assert ra.epochs == rb.epochs
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
@@ -198,7 +209,7 @@ def test_fedprox_pulls_toward_the_global_model() -> None:
 
     def distance(mu: float) -> float:
         model = copy.deepcopy(init)
-        train_local(model, images, labels, _settings("fedprox", proximal_mu=mu), "cpu")
+        train_local(model, images, labels, _algo("fedprox", proximal_mu=mu), "cpu")
         return sum((p - q).pow(2).sum() for p, q in zip(model.parameters(), init.parameters(),
                                                          strict=True)).item()
 
@@ -207,7 +218,7 @@ def test_fedprox_pulls_toward_the_global_model() -> None:
 
 def test_moon_first_round_term_is_log2_without_a_previous_model() -> None:
     images, labels = _data()
-    res = train_local(_model(), images, labels, _settings("moon", local_epochs=1, lr=1e-6),
+    res = train_local(_model(), images, labels, _algo("moon", local_epochs=1, lr=1e-6),
                       "cpu")
     assert res.metrics["moon"] == pytest.approx(0.6931, abs=1e-3)
 
@@ -215,15 +226,15 @@ def test_moon_first_round_term_is_log2_without_a_previous_model() -> None:
 def test_simclr_requires_a_random_transform() -> None:
     images, _ = _data()
     with pytest.raises(ValueError, match="transform"):
-        train_local(_model(), images, None, _settings("simclr"), "cpu")
+        train_local(_model(), images, None, _algo("simclr"), "cpu")
 
 
 def test_training_reads_the_run_config_and_its_validation() -> None:
     images, labels = _data()
     cfg = _settings("fedavg", local_epochs=1)
     a, b = _model(), _model()
-    ra = train_local(a, images, labels, cfg, "cpu")  # seed None = the run seed
-    rb = train_local(b, images, labels, cfg, "cpu", seed=cfg.seed)
+    ra = train_local(a, images, labels, cfg.new_algorithm(), "cpu")  # seed None = the run seed
+    rb = train_local(b, images, labels, cfg.new_algorithm(), "cpu", seed=cfg.seed)
     assert ra.epochs == rb.epochs
     with pytest.raises(ValueError, match="algorithm"):
         RunConfig().replace(algorithm="fedbn")
@@ -277,14 +288,14 @@ def test_trailing_single_sample_batch_is_dropped_but_batch_size_one_works() -> N
     images, labels = _data()
     images49, labels49 = torch.cat([images, images[:1]]), torch.cat([labels, labels[:1]])
     model = CountingLinear()
-    res = train_local(model, images49, labels49, _settings("fedavg", local_epochs=2), "cpu")
+    res = train_local(model, images49, labels49, _algo("fedavg", local_epochs=2), "cpu")
     assert res.num_examples == 49 and model.seen == 2 * 48  # 49 = 3 x 16 + 1
     model = CountingLinear()
-    train_local(model, images[:5], labels[:5], _settings("fedavg", batch_size=1, local_epochs=1),
+    train_local(model, images[:5], labels[:5], _algo("fedavg", batch_size=1, local_epochs=1),
                 "cpu")
     assert model.seen == 5
     # NT-Xent cannot use a final batch of one image: it is dropped, training runs
-    res = train_local(_model(), images49, None, _settings("simclr", local_epochs=1), "cpu",
+    res = train_local(_model(), images49, None, _algo("simclr", local_epochs=1), "cpu",
                       transform=flip_transform)
     assert res.num_examples == 49
 
@@ -298,10 +309,10 @@ def test_with_project_model_and_augmentation() -> None:
     labels = torch.randint(0, 10, (40,), generator=g)
     aug = TrainAugment.for_dataset("fashion-mnist")
     torch.manual_seed(0)
-    model = build_model("small-cnn", 1, 10, 8, feature_dim=16)
+    model = build_model("small-cnn", 1, 10, 8, feature_dim=16, align_head="none")
     t = DiffusionTargets(torch.randn(40, 16), torch.randn(40, 3, 16), torch.randn(40, 16))
-    res = train_local(model, images, labels, _settings("feddifrc", local_epochs=1), "cpu",
-                      transform=aug, targets=t)
+    res = train_local(model, images, labels, _algo("feddifrc", t, local_epochs=1), "cpu",
+                      transform=aug)
     assert {"ce", "tdcl", "ndcr"} <= set(res.metrics) and math.isfinite(res.loss)
     ev = evaluate(model, images, labels, 16, "cpu", transform=aug.eval)
     assert ev.num_examples == 40 and 0.0 <= ev.accuracy <= 1.0
@@ -314,8 +325,9 @@ def test_alignment_losses_act_through_the_align_head_when_present() -> None:
     headed = copy.deepcopy(plain)
     headed.align_head = nn.Linear(D, D)
     head_before = copy.deepcopy(headed.align_head.state_dict())
-    s = _settings("feddifrc", local_epochs=1)
-    train_local(plain, images, labels, s, "cpu", flip_transform, targets=_targets())
-    train_local(headed, images, labels, s, "cpu", flip_transform, targets=_targets())
+    train_local(plain, images, labels, _algo("feddifrc", _targets(), local_epochs=1), "cpu",
+                flip_transform)
+    train_local(headed, images, labels, _algo("feddifrc", _targets(), local_epochs=1), "cpu",
+                flip_transform)
     assert not torch.equal(headed.align_head.weight, head_before["weight"])  # the head learned
     assert not torch.equal(plain.head.weight, headed.head.weight)  # and the losses changed

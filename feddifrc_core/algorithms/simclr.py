@@ -3,31 +3,41 @@ label-free, a baseline for feddifrc-ssl."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from feddifrc_core.algorithms.base import Algorithm, Batch, Parts, TrainTransform
+from feddifrc_core.algorithms.base import (
+    Algorithm,
+    AlgorithmParams,
+    Batch,
+    Parts,
+    TrainTransform,
+)
 from feddifrc_core.losses import nt_xent
+from feddifrc_core.options import option
 
-if TYPE_CHECKING:
-    from feddifrc_core.config import RunConfig
+
+@dataclass(frozen=True)
+class SimCLRParams(AlgorithmParams):
+    simclr_temperature: float = option(0.5, lo=0.0, lo_open=True, help="NT-Xent temperature")
 
 
 class SimCLR(Algorithm):
     name = "simclr"
-    needs_labels = False
-    settings = ("simclr_temperature",)
+    Params = SimCLRParams
+    params: SimCLRParams
+    label_free = True
 
-    @classmethod
-    def config_problem(cls, cfg: RunConfig) -> str | None:
-        if not cfg.augment:  # caught on the server instead of in every ClientApp of round 1
+    def config_problem(self) -> str | None:
+        if not self.cfg.augment:  # caught on the server instead of in every ClientApp of round 1
             return ("algorithm 'simclr' contrasts two random augmentations of each image; "
                     "with augment=false both views are identical: set augment=true")
         return None
 
-    def check_inputs(self, num_samples: int, transform: TrainTransform | None) -> None:
+    def check_inputs(self, model: nn.Module, num_samples: int,
+                     transform: TrainTransform | None) -> None:
         if transform is None:
             raise ValueError("simclr contrasts two random augmentations: pass a random `transform`")
         if num_samples < 2:
@@ -38,4 +48,4 @@ class SimCLR(Algorithm):
         x2 = batch.transform(batch.images, batch.generator)  # [B, C, H, W] second view
         feats, _ = model(torch.cat([x, x2]))  # [2B, D]: one pass, shared BatchNorm statistics
         z1, z2 = feats.chunk(2)
-        return {"ntxent": (1.0, nt_xent(z1, z2, self.cfg.simclr_temperature))}, None
+        return {"ntxent": (1.0, nt_xent(z1, z2, self.params.simclr_temperature))}, None

@@ -142,7 +142,7 @@ class DiffusionFeatureExtractor:
         (g x g average pooling keeps a coarse layout)."""
         return self.out_dims()
 
-    def settings(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """What determines the features (beside the backbone and the data): for fingerprints."""
         return {
             "timestep": self.timestep,

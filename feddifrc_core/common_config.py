@@ -1,0 +1,147 @@
+"""The settings every party and every algorithm reads: federation, data, model, optimiser and the
+diffusion representations, with the paper's / reference code's values as defaults.
+
+An algorithm's own parameters live in its file (`algorithms/<name>.py`); `config.RunConfig` is
+this class plus the chosen algorithm and every algorithm's parameters, parsed once at the edge.
+Algorithms see this part only, so they import it without importing the registry that lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from feddifrc_core import paths
+from feddifrc_core.datasets import DATASET_NAMES
+from feddifrc_core.diffusion.backbone import DTYPES
+from feddifrc_core.diffusion.reduction import REDUCTIONS
+from feddifrc_core.models import MODEL_NAMES
+from feddifrc_core.options import ConfigError
+from feddifrc_core.options import option as _opt
+from feddifrc_core.partition import METHODS as PARTITION_METHODS
+from feddifrc_core.projection import PROJECTIONS
+
+# Run-config keys that say where and how fast a run goes, not what it computes: changing one
+# keeps a run the same run (a resumed run may change them; benchmark records leave them out of
+# their configuration hash).
+BOOKKEEPING_KEYS = frozenset({
+    "output-dir", "run-name", "resume", "cache-dir", "data-path", "device", "torch-threads",
+    "eval-batch-size", "round-timeout"})
+# What a resumed run may change besides: more rounds, and the nodes it waits for.
+RESUMABLE_KEYS = BOOKKEEPING_KEYS | {"num-rounds", "min-available-nodes"}
+
+
+@dataclass(frozen=True)
+class CommonConfig:
+    # --- federation -------------------------------------------------------------------------
+    seed: int = _opt(7)  # reference seed
+    num_rounds: int = _opt(50, lo=1)  # paper: 50 communication rounds
+    fraction_train: float = _opt(0.5, lo=0.0, hi=1.0, lo_open=True)  # paper: 5 of 10 clients per round
+    min_train_nodes: int = _opt(2, lo=1)  # below this many replies a round fails loudly
+    min_available_nodes: int = _opt(2, lo=1)
+    round_timeout: float = _opt(3600.0, lo=1.0)  # seconds a round waits for replies
+    eval_every: int = _opt(1, lo=1)  # central test evaluation period in rounds
+    eval_batch_size: int = _opt(512, lo=1)
+    output_dir: str = _opt("")  # "" -> $FEDDIFRC_RUNS_DIR or ./runs
+    run_name: str = _opt("")  # "" -> <algorithm>-<dataset>-<timestamp>
+    resume: bool = _opt(False)  # continue the named run from its last complete round
+    device: str = _opt("auto")  # auto | cpu | cuda | cuda:N; a node's `device` overrides it
+    torch_threads: int = _opt(0, lo=0)  # 0 = torch default; simulation sets it per client
+    # --- data -------------------------------------------------------------------------------
+    dataset: str = _opt("cifar10", choices=DATASET_NAMES)  # paper's headline data set
+    data_path: str = _opt("")  # "" -> the data set's standard location; a node's `data-path` overrides
+    data_subset: str = _opt("all", choices=("all", "private"))  # private = half not seen by the teacher
+    train_samples: int = _opt(0, lo=0)  # 0 = all; a seeded subsample keeps CPU demos short
+    test_samples: int = _opt(0, lo=0)  # 0 = whole test set
+    partition: str = _opt("dirichlet-reference", choices=PARTITION_METHODS)
+    dirichlet_alpha: float = _opt(0.05, lo=0.0, lo_open=True)  # README example of the reference code
+    imb_factor: float = _opt(1.0, lo=0.0, hi=1.0, lo_open=True)  # 1 = balanced; reference example 0.1
+    augment: bool = _opt(True)  # pad+crop (+flip where it suits the data)
+    # --- local model and optimiser ------------------------------------------------------------
+    model: str = _opt("resnet10", choices=MODEL_NAMES)  # paper backbone for CIFAR
+    model_width: int = _opt(64, lo=1)  # ResNet-10 base width 64 -> 512-d features
+    local_epochs: int = _opt(10, lo=1)  # paper: 10 local epochs
+    batch_size: int = _opt(64, lo=1)  # paper: 64
+    lr: float = _opt(0.01, lo=0.0, lo_open=True)  # paper: SGD 0.01
+    momentum: float = _opt(0.9, lo=0.0, hi=1.0)  # paper: 0.9
+    weight_decay: float = _opt(1e-5, lo=0.0)  # paper: 1e-5 on CIFAR-10
+    # --- diffusion representations (the algorithms that align to them) -------------------------
+    diffusion_model: str = _opt("stabilityai/stable-diffusion-2-1")  # or a folder, offline-teacher, tiny-sd
+    diffusion_revision: str = _opt("")  # hub revision; "" = default branch
+    diffusion_timestep: int = _opt(300, lo=0, hi=999)  # paper: t=300 best for SD 2.1
+    diffusion_image_size: int = _opt(224, lo=0)  # reference: 224; 0 = the backbone's native size
+    up_blocks: str = _opt("1,2,3")  # decoder blocks whose outputs are kept
+    ensemble_size: int = _opt(1, lo=1)  # noise draws averaged per image
+    # Spatial pooling of each block before the projection: 1 = global mean (one vector per block);
+    # g > 1 keeps a g x g layout (C_l * g^2 values), which small backbones need (docs/results.md).
+    pool_grid: int = _opt(1, lo=1, hi=8)
+    # How a block's map becomes a target (diffusion/reduction.py): "mean-pool" then the shared
+    # projection, or the authors' "spatial-norm" (per-position projection, RMS over positions;
+    # "-centred" also removes the federated mean target). Chosen by measurement: docs/method.md.
+    reduction: str = _opt("mean-pool", choices=REDUCTIONS)
+    # Images per UNet call (x prompts). Every call has this shape (short batches are padded), so
+    # it is part of the features' cache key: GPUs want 16+, CPUs 4-8 (docs/performance.md).
+    extraction_batch_size: int = _opt(16, lo=1)
+    # auto: float16 on CUDA, bfloat16-mixed on a CPU with native bfloat16, else float32
+    # (diffusion/backbone.py, resolve_precision).
+    diffusion_dtype: str = _opt("auto", choices=DTYPES)
+    projection: str = _opt("federated-pca", choices=PROJECTIONS)  # shared basis
+    prompt_template: str = _opt("a photo of a {}")  # paper prompt
+    neg_num: int = _opt(10, lo=1)  # reference: 10 negative class prompts per sample
+    cache_dir: str = _opt("")  # "" -> $FEDDIFRC_CACHE_DIR or ~/.cache/feddifrc
+    # --- label-free algorithms ---------------------------------------------------------------
+    ssl_positive_prompt: str = _opt("a photo of a similar object")  # paper
+    ssl_null_prompt: str = _opt("a photo of a visual object")  # paper
+    ssl_vocabulary: str = _opt("tiny-imagenet")  # negative prompt vocabulary (file name or path)
+    probe_train_samples: int = _opt(5000, lo=1)  # labelled samples for the server's linear probe
+
+    # --- derived values --------------------------------------------------------------------------
+    @property
+    def up_block_ids(self) -> tuple[int, ...]:
+        return _parse_up_blocks(self.up_blocks)
+
+    def resolved_output_dir(self) -> Path:
+        return paths.runs_dir(self.output_dir)
+
+    def resolved_cache_dir(self) -> Path:
+        return paths.cache_dir(self.cache_dir)
+
+    def __post_init__(self) -> None:
+        _parse_up_blocks(self.up_blocks)
+        if "{}" not in self.prompt_template:
+            raise ConfigError(
+                f"prompt-template must contain '{{}}' where the class name goes, got {self.prompt_template!r}"
+            )
+        if self.reduction != "mean-pool" and self.pool_grid != 1:
+            raise ConfigError(
+                f"pool-grid={self.pool_grid} applies to reduction 'mean-pool' only; "
+                f"reduction {self.reduction!r} keeps every position: set pool-grid=1"
+            )
+        if self.min_available_nodes < self.min_train_nodes:
+            raise ConfigError(
+                f"min-available-nodes ({self.min_available_nodes}) must be >= min-train-nodes "
+                f"({self.min_train_nodes})"
+            )
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else is checked and returned."""
+    if requested in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {requested!r} was requested but no CUDA device is available; use 'cpu'")
+    if requested != "cpu" and not requested.startswith(("cuda", "mps")):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+    return requested
+
+
+def _parse_up_blocks(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(part) for part in str(text).split(",") if part.strip() != "")
+    except ValueError:
+        raise ConfigError(f"up-blocks must be comma-separated integers like '1,2,3', got {text!r}") from None
+    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise ConfigError(f"up-blocks must be distinct non-negative integers like '1,2,3', got {text!r}")
+    return tuple(sorted(ids))

@@ -1,0 +1,1 @@
+"""What the ServerApp and the ClientApp say to each other (`wire.protocol`)."""

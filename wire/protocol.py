@@ -1,0 +1,164 @@
+"""The wire protocol of the two apps: message types, record and metric keys, pack and unpack.
+
+Both apps import this module and nothing of each other; the core never sees a Flower record.
+Every request carries a `Header` (the run's config digest, its name and key, the server's class
+names); each ClientApp reads its run config from its own Flower context, once per run and
+process, and refuses a request whose digest differs from its own.
+
+    query.node_info  server -> client: header            client -> server: partition id, count
+    query.setup      header, stage, payload (arrays)     arrays (the stage's upload), metrics
+    train            header, round, arrays (the model),  arrays (the local model), metrics,
+                     payload (the algorithm's arrays)    payload (the algorithm's uploads)
+
+`arrays` is what the server's aggregation component combines (Flower's `arrayrecord_key`, which
+the DP and robust strategies of `flwr.serverapp.strategy` and Flower's client mods read);
+`payload` holds the algorithm's arrays beside it (FedDifRC's shared bases, for one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from feddifrc_core.aggregation import Upload
+
+# --- message types ---------------------------------------------------------------------------------
+NODE_INFO = f"{MessageType.QUERY}.node_info"
+SETUP = f"{MessageType.QUERY}.setup"
+TRAIN = MessageType.TRAIN
+
+# --- records ---------------------------------------------------------------------------------------
+ARRAYS, PAYLOAD, CONFIG, METRICS = "arrays", "payload", "config", "metrics"
+
+# --- keys in the config record ---------------------------------------------------------------------
+CONFIG_DIGEST, RUN_NAME, RUN_KEY, CLASS_NAMES = "config-digest", "run-name", "run-key", "class-names"
+STAGE, SERVER_ROUND = "stage", "server-round"
+PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
+
+# --- keys in the metric record ---------------------------------------------------------------------
+NUM_EXAMPLES = "num-examples"  # the weight of a client's upload
+SETUP_SECONDS = "setup-seconds"  # a set-up stage's time on the client
+
+
+@dataclass(frozen=True)
+class Header:
+    """What every request tells a client about the run."""
+
+    config_digest: str  # RunConfig.digest() of the server's config
+    run_name: str = ""
+    run_key: str = ""  # unique per run, kept on resume: names the clients' per-run files
+    class_names: tuple[str, ...] = ()  # the server's; a node whose data names them otherwise refuses
+
+    def entries(self) -> dict[str, Any]:
+        names = {CLASS_NAMES: list(self.class_names)} if self.class_names else {}
+        return {CONFIG_DIGEST: self.config_digest, RUN_NAME: self.run_name,
+                RUN_KEY: self.run_key, **names}
+
+
+@dataclass(frozen=True)
+class Request:
+    """A set-up or train request as a client reads it."""
+
+    header: Header
+    stage: str = ""  # set-up stage; "" for train
+    server_round: int = 0  # train only
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # the global model (train)
+    payload: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# --- numpy <-> Flower ------------------------------------------------------------------------------
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """numpy arrays by name -> an ArrayRecord."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """An ArrayRecord -> numpy arrays by name."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+# --- server side: requests, and what the replies carry ---------------------------------------------
+def node_info_request(node_id: int) -> Message:
+    return Message(RecordDict(), dst_node_id=node_id, message_type=NODE_INFO)
+
+
+def setup_content(header: Header, stage: str, payload: Mapping[str, np.ndarray]) -> RecordDict:
+    return RecordDict({CONFIG: ConfigRecord({**header.entries(), STAGE: stage}),
+                       PAYLOAD: to_record(payload)})
+
+
+def train_content(header: Header, server_round: int, model: ArrayRecord,
+                  payload: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None
+                  ) -> RecordDict:
+    """`config`: entries a Flower strategy adds to the train config (kept, ours win)."""
+    entries = {**(config or {}), **header.entries(), SERVER_ROUND: server_round}
+    return RecordDict({ARRAYS: model, CONFIG: ConfigRecord(entries), PAYLOAD: to_record(payload)})
+
+
+def addressed(content: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
+    """One message per node, all with the same content."""
+    return [Message(content, dst_node_id=node, message_type=message_type) for node in node_ids]
+
+
+def read_partition(reply: Message) -> int:
+    """A node_info reply -> the node's partition id."""
+    return int(cast(int, reply.content.config_records[CONFIG][PARTITION_ID]))
+
+
+def read_upload(reply: Message, partition: int) -> Upload:
+    """A set-up or train reply -> its arrays, weighted by the client's num-examples."""
+    return Upload(partition, from_record(reply.content.array_records[ARRAYS]),
+                  float(cast(float, read_metrics(reply)[NUM_EXAMPLES])))
+
+
+def read_payload_upload(reply: Message, partition: int) -> Upload | None:
+    """A train reply -> the algorithm's extra uploads (None when it sent none)."""
+    record = reply.content.array_records.get(PAYLOAD)
+    if record is None or len(record) == 0:
+        return None
+    return Upload(partition, from_record(record), float(cast(float, read_metrics(reply)[NUM_EXAMPLES])))
+
+
+def read_metrics(reply: Message) -> dict[str, Any]:
+    return dict(reply.content.metric_records[METRICS])
+
+
+# --- client side -----------------------------------------------------------------------------------
+def read_request(msg: Message) -> Request:
+    config = msg.content.config_records[CONFIG]
+    names = config.get(CLASS_NAMES)
+    header = Header(str(config[CONFIG_DIGEST]), str(config.get(RUN_NAME, "")),
+                    str(config.get(RUN_KEY, "")), tuple(cast(list[str], names or ())))
+    model = msg.content.array_records.get(ARRAYS)
+    payload = msg.content.array_records.get(PAYLOAD)
+    return Request(header, str(config.get(STAGE, "")), int(cast(int, config.get(SERVER_ROUND, 0))),
+                   from_record(model) if model is not None else {},
+                   from_record(payload) if payload is not None else {})
+
+
+def node_info_reply(msg: Message, partition_id: int, num_partitions: int) -> Message:
+    info = ConfigRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
+    return Message(RecordDict({CONFIG: info}), reply_to=msg)
+
+
+def reply(msg: Message, arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float | int],
+          payload: Mapping[str, np.ndarray] | None = None) -> Message:
+    """A set-up or train reply: `metrics` must hold num-examples (the upload's weight)."""
+    if NUM_EXAMPLES not in metrics:
+        raise ValueError(f"a reply's metrics must hold {NUM_EXAMPLES!r}, got {sorted(metrics)}")
+    content = RecordDict({ARRAYS: to_record(arrays), METRICS: MetricRecord(dict(metrics))})
+    if payload:
+        content[PAYLOAD] = to_record(payload)
+    return Message(content, reply_to=msg)
