@@ -41,16 +41,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     app = ClientApp()
 
     def session(context: Context, request: protocol.Request) -> ClientSession:
-        run = {**context.run_config, **(overrides or {})}
-        cfg = _configs.get(("run", *sorted(run.items())), lambda: RunConfig.from_flower(run))
-        if cfg.digest() != request.header.config_digest:
-            raise ValueError(
-                f"this node's run config (digest {cfg.digest()}) differs from the server's "
-                f"({request.header.config_digest}): both apps must run the same app and "
-                "--run-config (in-process: give make_client_app the server's overrides)")
-        client = ClientSession.get(cfg, _node(context))
-        client.check_class_names(request.header.class_names or None)
-        return client
+        return _session({**context.run_config, **(overrides or {})}, context, request)
 
     @app.query("node_info")
     def node_info(msg: Message, context: Context) -> Message:
@@ -77,6 +68,20 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         return protocol.reply(msg, update.state, metrics, update.uploads)
 
     return app
+
+
+# Module-level (not in the handlers' closure): Ray pickles the ClientApp, but not these caches.
+def _session(run: Mapping[str, Any], context: Context, request: protocol.Request) -> ClientSession:
+    """This node's client of the run, once its run config matches the server's."""
+    cfg = _configs.get(("run", *sorted(run.items())), lambda: RunConfig.from_flower(run))
+    if cfg.digest() != request.header.config_digest:
+        raise ValueError(
+            f"this node's run config (digest {cfg.digest()}) differs from the server's "
+            f"({request.header.config_digest}): both apps must run the same app and "
+            "--run-config (in-process: give make_client_app the server's overrides)")
+    client = ClientSession.get(cfg, _node(context))
+    client.check_class_names(request.header.class_names or None)
+    return client
 
 
 def _node(context: Context) -> NodeConfig:

@@ -16,4 +16,4 @@ def micro_run_config(tmp_path: Path, **changes: Any) -> RunConfig:
         dataset="digits", train_samples=60, test_samples=40, partition="iid", model="small-cnn",
         model_width=4, local_epochs=1, batch_size=16, algorithm="fedavg",
         cache_dir=str(tmp_path / "cache"))
-    return RunConfig(**{**base, **changes})
+    return RunConfig().replace(**{**base, **changes})

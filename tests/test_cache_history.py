@@ -29,7 +29,7 @@ def _config(tmp_path: Path, cache: Path, **changes) -> RunConfig:
         # 8 images per UNet call, 49 per client: a fresh cache extracts one image alone, a
         # reused one extracts the remaining rows in partial batches of other neighbours
         extraction_batch_size=8, neg_num=3, cache_dir=str(cache))
-    return RunConfig(**{**base, **changes})
+    return RunConfig().replace(**{**base, **changes})
 
 
 def _final_model(tmp_path: Path, cfg: RunConfig) -> dict[str, np.ndarray]:

@@ -44,7 +44,7 @@ def tiny(tmp_path: Path, cache_dir: Path, **changes) -> RunConfig:
         diffusion_model="tiny-sd", diffusion_image_size=0, extraction_batch_size=64,
         cache_dir=str(cache_dir), probe_train_samples=100, neg_num=3,
     )
-    return RunConfig(**{**base, **changes})
+    return RunConfig().replace(**{**base, **changes})
 
 
 @pytest.mark.slow
