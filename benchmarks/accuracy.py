@@ -40,18 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import accuracy_report as report
-
+from benchmarks import accuracy_report as report
+from benchmarks import inprocess
 from feddifrc_core.algorithms import Algorithm, algorithm_names, get_algorithm
 from feddifrc_core.checkpoint import atomic_write_text
-from feddifrc_core.config import BOOKKEEPING_KEYS
+from feddifrc_core.config import BOOKKEEPING_KEYS, ConfigError, RunConfig
 from feddifrc_core.options import option_fields
 from feddifrc_core.provenance import git_revision
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: flwr depends on tomli
-    import tomli as tomllib
+from scripts.run_config import app_defaults, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "accuracy"
@@ -321,14 +317,8 @@ def target_defaults() -> dict[str, Any]:
     """The run config's target settings (reduction, align-head), written into every diffusion
     run's overrides: a change of these defaults changes the run's hash instead of silently
     reusing runs recorded under the old default."""
-    defaults = pyproject_defaults()
+    defaults = app_defaults()
     return {key: defaults[key] for key in ("reduction", "align-head")}
-
-
-def pyproject_defaults() -> dict[str, Any]:
-    """[tool.flwr.app.config]: what `flwr run` starts from (the in-process engine does the same)."""
-    with open(ROOT / "pyproject.toml", "rb") as handle:
-        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
 
 
 def launch(spec: RunSpec, out: Path, args: argparse.Namespace) -> Path:
@@ -347,12 +337,11 @@ def launch(spec: RunSpec, out: Path, args: argparse.Namespace) -> Path:
            "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0",
            "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or git_revision()}
     if args.engine == "inprocess":
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(config_path),
-               "--clients", str(args.clients), "--cpus-per-client", str(args.cpus_per_client),
-               "--gpus-per-client", str(args.gpus_per_client)]
+        cmd = inprocess.command(config_path, args.clients, args.cpus_per_client,
+                                args.gpus_per_client)
     else:  # flwr-run: the `flwr run` path with its own SuperLink (scripts/run_simulation.py)
         toml_path = config_path.with_suffix(".toml")
-        toml_path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in config.items()))
+        toml_path.write_text(to_toml(config))
         cmd = [sys.executable, str(ROOT / "scripts" / "run_simulation.py"),
                "--supernodes", str(args.clients), "--cpus-per-client", str(args.cpus_per_client),
                "--gpus-per-client", str(args.gpus_per_client), "-c", str(toml_path)]
@@ -419,7 +408,7 @@ def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
     trained = [r for r in evaluated if int(r["round"]) > 0]
     accs = [float(r["test-accuracy"]) for r in trained]
     extra_metrics = sorted({k for r in rows for k in r if "knn" in k or "probe" in k})
-    start = next((r for r in evaluated if int(r["round"]) == 0), {})  # the initial model
+    start: dict[str, Any] = next((r for r in evaluated if int(r["round"]) == 0), {})  # round 0
     knn = [r.get("test-knn-accuracy") for r in trained]  # self-supervised runs: beside the probe
     has_knn = bool(knn) and all(isinstance(v, (int, float)) for v in knn)
     return {
@@ -524,10 +513,11 @@ def write_reports(store: ResultsStore, out: Path, command: str,
         rivals = [m for m in order if m != target and not _algorithm(m).uses_diffusion]
         # a tagged variant of the target (e.g. feddifrc+no-head) against the target itself
         variants = sorted({report.label_of(r) for r in subset if r["method"] == target and r.get("tag")})
-        paired, against, metric = subset, rivals, ""
+        paired: list[report.Record] = list(subset)
+        against, metric = rivals, ""
         knn = [v for v in (report.metric_view(r, "knn-accuracy") for r in subset) if v] if is_ssl else []
         if is_ssl:  # paired with the encoder the runs start from, too: does training improve it?
-            paired = subset + report.initial_runs(subset, target, RANDOM_INIT)
+            paired = [*subset, *report.initial_runs(subset, target, RANDOM_INIT)]
             against, metric = [*rivals, RANDOM_INIT], "linear-probe accuracy"
         versus = [report.versus_markdown(paired, target, against, metric)]
         if knn:  # the encoder judged a second way: cosine 20-NN on the same features
@@ -572,48 +562,18 @@ def write_reports(store: ResultsStore, out: Path, command: str,
     return text
 
 
-# --- the in-process child (one simulation) ---------------------------------------------------------
-def child(config_path: Path, clients: int, cpus_per_client: float, gpus_per_client: float) -> int:
-    """Run the project's ServerApp + ClientApp with `flwr.simulation.run_simulation` (Ray)."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    sys.path.insert(0, str(ROOT))
-    from flwr.simulation import run_simulation
-
-    from client_app.app import make_client_app
-    from server_app.app import make_server_app
-
-    overrides = {**pyproject_defaults(), **json.loads(config_path.read_text())}
-    total_cpus = os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": min(cpus_per_client, total_cpus),
-                                    "num_gpus": gpus_per_client},
-               "init_args": {"num_cpus": total_cpus, "include_dashboard": False}}
-    run_simulation(make_server_app(overrides), make_client_app(overrides), num_supernodes=clients,
-                   backend_config=backend)
-    return 0
-
-
 # --- command line ---------------------------------------------------------------------------------
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """`--set key=value` -> typed run-config overrides (types of the pyproject defaults)."""
-    defaults = pyproject_defaults()
+    """`--set key=value` -> typed run-config overrides (each key's own type and rule)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
-        if not sep or key not in defaults:
-            raise ValueError(f"--set expects key=value with a run-config key (pyproject "
-                             f"[tool.flwr.app.config]), got {item!r}")
-        kind = type(defaults[key])
-        if kind is bool:
-            if text.lower() not in ("true", "false"):
-                raise ValueError(f"--set {key} expects true/false, got {text!r}")
-            out[key] = text.lower() == "true"
-        else:
-            try:
-                out[key] = kind(text)
-            except ValueError:
-                raise ValueError(f"--set {key} expects {kind.__name__}, got {text!r}") from None
+        if not sep:
+            raise ValueError(f"--set expects key=value with a run-config key, got {item!r}")
+        try:
+            out[key] = RunConfig.parse_text(key, text)
+        except ConfigError as err:
+            raise ValueError(f"--set {item!r}: {err}") from None
     return out
 
 
@@ -646,10 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="rewrite table/plot from results.json")
     p.add_argument("--publish", type=Path, default=None, metavar="DOC",
                    help="also write the tables into DOC's marked blocks (e.g. docs/results.md)")
-    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
-        return child(args.child, args.clients, args.cpus_per_client, args.gpus_per_client)
 
     # 1. what to run
     suite = SUITES[args.suite] if args.suite else None
@@ -724,14 +681,6 @@ def _resolved_config(folder: Path) -> dict[str, Any] | None:
 def _mean(values: Sequence[Any]) -> float | None:
     nums = [float(v) for v in values if isinstance(v, (int, float))]
     return sum(nums) / len(nums) if nums else None
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stats import fmt_interval, fmt_mean_sd, mean_sd, paired_differences, t_interval
-
+from benchmarks.stats import fmt_interval, fmt_mean_sd, mean_sd, paired_differences, t_interval
 from feddifrc_core.checkpoint import atomic_write_bytes, atomic_write_text
 
 LAST = 5  # rounds averaged by the "last 5" column

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from compute_ceiling import flops_per_pass, matmul_ceiling_tflops
 
+from benchmarks.compute_ceiling import flops_per_pass, matmul_ceiling_tflops
 from feddifrc_core.diffusion.backbone import DiffusionBackbone, load_backbone
 from feddifrc_core.diffusion.extractor import DiffusionFeatureExtractor, to_model_pixels
 from feddifrc_core.diffusion.reduction import MeanPool
@@ -167,7 +167,7 @@ def build_variant(name: str, batch: int, backbones: dict[torch.dtype, DiffusionB
     if name == "compile":  # its own copy: compiling changes the modules in place
         backbone = copy.deepcopy(backbone)
     extractor = DiffusionFeatureExtractor(
-        backbone, **settings,  # type: ignore[arg-type]
+        backbone, **settings,
         autocast=torch.bfloat16 if name == "bf16-mixed" else None,
         once_per_image=name not in ("today", "no-share", "reference"))
     return Variant(name, batch, extractor, channels_last=name == "channels-last",

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from compute_ceiling import flops_per_pass, matmul_ceiling_tflops, synchronize
 
+from benchmarks.compute_ceiling import flops_per_pass, matmul_ceiling_tflops, synchronize
 from feddifrc_core.diffusion.backbone import load_backbone
 from feddifrc_core.diffusion.extractor import DiffusionFeatureExtractor
 

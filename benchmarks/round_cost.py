@@ -26,13 +26,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from benchmarks.accuracy import (
+    CPU_BUDGET,
+    DIFFUSION_DEFAULTS,
+    teacher_recommendation,
+)
+from scripts.run_config import app_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from accuracy import CPU_BUDGET, DIFFUSION_DEFAULTS, pyproject_defaults, teacher_recommendation  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "round_cost"
 TARGET_RATIO = 1.15  # issue 6: FedDifRC's round may cost at most 15% more than FedAvg's
@@ -43,7 +46,7 @@ def build_configs(diffusion_model: str, alpha: float, seed: int, cache_dir: str,
     """(feddifrc config, fedavg config): identical except the algorithm."""
     from feddifrc_core.config import RunConfig
 
-    raw = {**pyproject_defaults(), **CPU_BUDGET, **DIFFUSION_DEFAULTS,
+    raw = {**app_defaults(), **CPU_BUDGET, **DIFFUSION_DEFAULTS,
            **teacher_recommendation(diffusion_model), "diffusion-model": diffusion_model,
            "algorithm": "feddifrc", "dirichlet-alpha": alpha, "seed": seed,
            "cache-dir": cache_dir, **extra}
@@ -74,7 +77,8 @@ def measure(diffusion_model: str, repeats: int, partition: int, alpha: float, se
         model = build_global_model(cfg_dif, *session.shape)
         t0 = time.perf_counter()
         stats = proj.arrays_to_stats(session.answer(PROJECTION_STATS, {}))
-        bases = proj.shared_bases(cfg_dif.projection, model.feature_dim, [s.dim for s in stats],
+        feature_dim = cast(int, model.feature_dim)  # every project model has one
+        bases = proj.shared_bases(cfg_dif.projection, feature_dim, [s.dim for s in stats],
                                   cfg_dif.seed, stats)
         reps = session.view.diffusion.representations(bases)
         cold = time.perf_counter() - t0

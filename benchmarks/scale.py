@@ -30,36 +30,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import inprocess
+from feddifrc_core.processes import descendants
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # --- /proc sampling (no psutil) --------------------------------------------------------------------
-def _children_map() -> dict[int, list[int]]:
-    """ppid -> pids for every live process (one pass over /proc/*/stat)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                stat = handle.read()
-        except OSError:  # exited meanwhile
-            continue
-        # the command name may contain spaces and parentheses: fields start after the last ')'
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
 def process_tree(root: int) -> list[int]:
     """`root` and all its live descendants."""
-    children, out, todo = _children_map(), [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+    return [root, *descendants(root)]
 
 
 def rss_pss(pid: int) -> tuple[int, int]:
@@ -134,6 +115,7 @@ def run_config(clients: int, args: argparse.Namespace, out: Path) -> dict[str, o
     return {
         "algorithm": "feddifrc",
         "dataset": "digits",
+        "data-subset": "all",
         "partition": "iid",
         "seed": 7,
         "train-samples": args.per_client * clients,
@@ -147,42 +129,20 @@ def run_config(clients: int, args: argparse.Namespace, out: Path) -> dict[str, o
         "local-epochs": 1,
         "batch-size": 16,
         "diffusion-model": "tiny-sd",
+        "diffusion-timestep": 300,
+        "up-blocks": "1,2,3",
         "diffusion-image-size": 0,
         "extraction-batch-size": 8,
         "neg-num": 3,
         "torch-threads": 1,
         "device": "cpu",
         "round-timeout": 1800.0,
+        "eval-batch-size": 512,
         # scratch: run folders and feature caches (the cache is deleted after each point)
         "output-dir": str(out / "work" / "runs"),
         "run-name": f"clients-{clients}",
         "cache-dir": str(out / "work" / "cache" / f"clients-{clients}"),
     }
-
-
-def child(config_path: Path, clients: int) -> int:
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    sys.path.insert(0, str(ROOT))
-    from flwr.simulation import run_simulation
-
-    from client_app.app import make_client_app
-    from server_app.app import make_server_app
-
-    # 2 Ray CPUs, 1 per ClientApp: two worker processes serve all clients, one after another
-    backend = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": 2, "include_dashboard": False},
-    }
-    overrides = json.loads(config_path.read_text())
-    run_simulation(
-        make_server_app(overrides),
-        make_client_app(overrides),
-        num_supernodes=clients,
-        backend_config=backend,
-    )
-    return 0
 
 
 def measure(clients: int, args: argparse.Namespace, out: Path) -> dict[str, object]:
@@ -207,7 +167,8 @@ def measure(clients: int, args: argparse.Namespace, out: Path) -> dict[str, obje
     t0, load_start = time.time(), os.getloadavg()[0]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", str(config_path), "--clients", str(clients)],
+            # 2 Ray CPUs, 1 per ClientApp: two worker processes serve all clients in turn
+            inprocess.command(config_path, clients, cpus_per_client=1, ray_cpus=2),
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -313,10 +274,7 @@ def main() -> int:
     parser.add_argument("--sampled", type=int, default=10, help="clients sampled per round")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale")
     parser.add_argument("--replot", action="store_true", help="redraw the plot from scale.json")
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        return child(args.child, int(args.clients))
     if args.replot:
         plot(json.loads((args.out / "scale.json").read_text())["records"], args.out / "scale.png")
         return 0

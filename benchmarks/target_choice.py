@@ -24,14 +24,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import accuracy
+from benchmarks.stats import fmt_interval as _ci
+from benchmarks.stats import fmt_mean_sd as _fmt
+from benchmarks.stats import mean_sd as _mean_sd
+from benchmarks.stats import t_interval
 
-import accuracy  # noqa: E402
-from stats import fmt_interval as _ci  # noqa: E402
-from stats import fmt_mean_sd as _fmt  # noqa: E402
-from stats import mean_sd as _mean_sd  # noqa: E402
-from stats import t_interval  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 # tag -> (method, run-config overrides); the order is the table's.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {

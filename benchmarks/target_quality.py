@@ -34,22 +34,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from feddifrc_core.client_extraction import (  # noqa: E402
+from feddifrc_core.client_extraction import (
     extract_client_representations,
     extract_position_stats,
 )
-from feddifrc_core.datasets import load_dataset, select_subset, subsample  # noqa: E402
-from feddifrc_core.diffusion.backbone import load_backbone  # noqa: E402
-from feddifrc_core.losses import tdcl_loss  # noqa: E402
-from feddifrc_core.probe import knn_accuracy, linear_probe_accuracy  # noqa: E402
-from feddifrc_core.projection import PROJECTIONS, merge_all, shared_bases  # noqa: E402
-from feddifrc_core.representations import RepresentationSettings  # noqa: E402
-from feddifrc_core.targets import DiffusionTargets  # noqa: E402
+from feddifrc_core.config import RunConfig
+from feddifrc_core.datasets import load_dataset, select_subset, subsample
+from feddifrc_core.diffusion.backbone import load_backbone
+from feddifrc_core.diffusion.reduction import REDUCTIONS
+from feddifrc_core.losses import tdcl_loss
+from feddifrc_core.probe import knn_accuracy, linear_probe_accuracy
+from feddifrc_core.projection import PROJECTIONS, merge_all, shared_bases
+from feddifrc_core.representations import RepresentationSettings
+from feddifrc_core.targets import DiffusionTargets
 
-REDUCTIONS = ("mean-pool", "spatial-norm", "spatial-norm-centred")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def quality(fit: DiffusionTargets, test: DiffusionTargets, fit_labels: torch.Tensor,
@@ -126,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     grids = [int(g) for g in args.pool_grids.split(",")]
     # (reduction, grid) pairs: a pooling grid applies to mean-pool only
     variants = [(r, g) for r in reductions for g in (grids if r == "mean-pool" else [1])]
-    settings = {v: RepresentationSettings(
-        timestep=args.timestep, up_blocks=tuple(int(b) for b in args.up_blocks.split(",")),
-        image_size=0, batch_size=64, seed=args.seed, dataset="fashion-mnist",
-        reduction=v[0], pool_grid=v[1]) for v in variants}
+    # the run config's view (float32, the backbone's native size), one per variant
+    settings = {v: RepresentationSettings.from_run_config(RunConfig(
+        diffusion_timestep=args.timestep, up_blocks=args.up_blocks, diffusion_image_size=0,
+        extraction_batch_size=64, seed=args.seed, dataset="fashion-mnist", reduction=v[0],
+        pool_grid=v[1], diffusion_dtype="float32"), label_free=False) for v in variants}
     cache = args.cache_dir
     # test ids are offset so that their noise differs from the training images'
     fit_args = (fit.images, fit.labels, fit_rows, fit.class_names)

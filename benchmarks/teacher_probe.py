@@ -25,25 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from feddifrc_core.datasets import load_dataset, select_subset, subsample  # noqa: E402
-from feddifrc_core.diffusion.extractor import (  # noqa: E402
+from feddifrc_core.datasets import load_dataset, select_subset, subsample
+from feddifrc_core.diffusion.extractor import (
     DiffusionFeatureExtractor,
     to_model_pixels,
 )
-from feddifrc_core.diffusion.teacher_backbone import (  # noqa: E402
+from feddifrc_core.diffusion.teacher_backbone import (
     TEACHER_JSON,
     TeacherBackbone,
     load_teacher_backbone,
     resolve_teacher_path,
 )
-from feddifrc_core.probe import knn_accuracy  # noqa: E402
-from feddifrc_core.prompts import class_prompts  # noqa: E402
-from teacher.config import build_unet, config_from_info  # noqa: E402
-from teacher.export import model_card, recommendation  # noqa: E402
+from feddifrc_core.probe import knn_accuracy
+from feddifrc_core.prompts import class_prompts
+from teacher.config import build_unet, config_from_info
+from teacher.export import model_card, recommendation
 
+ROOT = Path(__file__).resolve().parents[1]
 BLOCK_SETS = ("0", "1", "2", "1,2", "0,1,2")  # globally pooled: what the extractor computes
 BLOCK_SETS_2X2 = ("1,2", "0,1,2")  # 2x2 pooled: only to show what global pooling discards
 
@@ -221,13 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     # 1. data: private train/val (disjoint, stratified) and a stratified test subset
     private, _ = select_subset(load_dataset("fashion-mnist", "train"), "private")
-    pool, pool_idx = subsample(private, args.train_samples + args.val_samples, seed=1)
-    order = np.random.RandomState(2).permutation(len(pool))
+    drawn, drawn_idx = subsample(private, args.train_samples + args.val_samples, seed=1)
+    order = np.random.RandomState(2).permutation(len(drawn))
     tr_sel, va_sel = order[: args.train_samples], order[args.train_samples :]
     test, test_idx = subsample(load_dataset("fashion-mnist", "test"), args.test_samples, seed=1)
     sets = {
-        "train": (pool.images[tr_sel], pool.labels[tr_sel], pool_idx[tr_sel]),
-        "val": (pool.images[va_sel], pool.labels[va_sel], pool_idx[va_sel]),
+        "train": (drawn.images[tr_sel], drawn.labels[tr_sel], drawn_idx[tr_sel]),
+        "val": (drawn.images[va_sel], drawn.labels[va_sel], drawn_idx[va_sel]),
         "test": (test.images, test.labels, 10**6 + test_idx),
     }  # ids only seed the noise
     y = {k: v[1] for k, v in sets.items()}
@@ -285,17 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, backbone, steps in models:
-        for t in steps:
+        for step in steps:
             per = {
-                k: null_prompt_features(backbone, v[0], v[2], t, args.batch_size)
+                k: null_prompt_features(backbone, v[0], v[2], step, args.batch_size)
                 for k, v in sets.items()
             }
-            ab = round(float(backbone.scheduler.alphas_cumprod[t]), 4)
+            ab = round(float(backbone.scheduler.alphas_cumprod[step]), 4)
             for pool, specs in ((1, BLOCK_SETS), (2, BLOCK_SETS_2X2)):
                 for spec in specs:
                     add(
                         name,
-                        t,
+                        step,
                         ab,
                         spec,
                         pool,

@@ -33,11 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
-from feddifrc_core.processes import descendants
+from feddifrc_core.processes import descendants, stop_tree
 from feddifrc_core.provenance import git_revision
+from scripts.run_config import check_run_config, merge_run_config, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of the same environment
@@ -63,9 +64,10 @@ def main() -> int:
     port = _free_port()
     home = Path(os.environ.get("FLWR_HOME") or ROOT / ".flwr-home") / f"sim-{port}"
     home.mkdir(parents=True, exist_ok=True)
-    # Ray's session folders (logs, object spill) of this run only; removed at the end. A short
-    # path: Ray's socket paths inside must stay below the 107-byte limit of Unix sockets.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="feddifrc-ray-"))
+    # Ray's session folders (logs, object spill) of this run only, below $RAY_TMPDIR if set;
+    # removed at the end. A short path: Ray's socket paths inside must stay below the 107-byte
+    # limit of Unix sockets.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="feddifrc-ray-", dir=os.environ.get("RAY_TMPDIR")))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -107,7 +109,7 @@ def main() -> int:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _die_with_parent(parent: int):  # noqa: ANN202 - a preexec_fn
+def _die_with_parent(parent: int) -> Callable[[], None]:
     """SIGTERM the child when this script dies, however it dies (Linux PR_SET_PDEATHSIG).
 
     The SuperLink's own children follow it: SuperExec and the simulation process watch their
@@ -136,7 +138,7 @@ def _run(args: argparse.Namespace, overrides: dict[str, object], env: dict[str, 
            "--federation-config", federation]
     if overrides:
         overrides_file = home / "run-config.toml"
-        overrides_file.write_text(_to_toml(overrides))
+        overrides_file.write_text(to_toml(overrides))
         cmd += ["--run-config", str(overrides_file)]
     submitted = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     run_id = _run_id(submitted.stdout)
@@ -191,8 +193,6 @@ def _stage_app(home: Path) -> Path:
     `flwr run DIR` packs every non-ignored *.py/*.json/*.md/... file under DIR (10 MB at most), so
     untracked outputs in the checkout (benchmark results, caches) could break or bloat the bundle.
     """
-    import shutil
-
     app = home / "feddifrc"  # the folder name must be a valid Flower app name
     shutil.rmtree(app, ignore_errors=True)
     app.mkdir(parents=True)
@@ -205,62 +205,6 @@ def _stage_app(home: Path) -> Path:
     return app
 
 
-_PAIR = r"([A-Za-z0-9_-]+)=('[^']*'|\"[^\"]*\"|[^\s'\"]+)"
-
-
-def merge_run_config(items: list[str]) -> dict[str, object]:
-    """Merge -c arguments in order: TOML files and 'k=v k2=v2' strings (later ones win).
-
-    `flwr run` takes one TOML file or key-value strings, never both; merging here lets settings
-    files stack (conf/paper-cifar10.toml + conf/paper-cifar10-fedavg.toml + a one-off change).
-    Text that is neither is an error naming it, never silently dropped.
-    """
-    merged: dict[str, object] = {}
-    for item in items:
-        if item.endswith(".toml"):
-            path = Path(item).expanduser()
-            if not path.is_file():
-                raise SystemExit(f"ERROR: run-config file {item} does not exist")
-            try:
-                merged.update(tomllib.loads(path.read_text()))
-            except tomllib.TOMLDecodeError as err:
-                raise SystemExit(f"ERROR: run-config file {item} is not valid TOML: {err}") from None
-            continue
-        if not re.fullmatch(rf"\s*{_PAIR}(\s+{_PAIR})*\s*", item):
-            hint = (f"; did you mean the file {item}.toml?" if Path(f"{item}.toml").is_file() else
-                    "; a settings file must end in .toml" if "=" not in item else
-                    "; write key=value without spaces around '=', strings in quotes")
-            raise SystemExit(f"ERROR: cannot read -c {item!r}: expected key=value pairs (e.g. "
-                             f"-c \"algorithm='moon' num-rounds=3\") or a .toml file{hint}")
-        pairs = re.findall(_PAIR, item)  # values are TOML literals, as for `flwr run`
-        try:
-            merged.update(tomllib.loads("\n".join(f"{k} = {v}" for k, v in pairs)))
-        except tomllib.TOMLDecodeError as err:
-            raise SystemExit(f"ERROR: cannot parse run-config {item!r} ({err}); write strings "
-                             "in quotes, e.g. -c \"algorithm='moon' num-rounds=3\"") from None
-    return merged
-
-
-def check_run_config(overrides: dict[str, object], supernodes: int) -> None:
-    """Everything the ServerApp would refuse, said before a SuperLink starts: unknown keys (with
-    the closest known ones), wrong types and ranges, and too few SuperNodes for the run."""
-    sys.path.insert(0, str(ROOT))
-    from feddifrc_core.config import ConfigError, RunConfig
-
-    check_run_config_keys(overrides)  # the SuperLink only answers "Invalid run configuration"
-    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    try:
-        cfg = RunConfig.from_flower({**defaults, **overrides})
-    except ConfigError as err:
-        raise SystemExit(f"ERROR: {err}") from None
-    if supernodes < cfg.min_available_nodes:
-        raise SystemExit(
-            f"ERROR: --supernodes {supernodes} is below min-available-nodes "
-            f"({cfg.min_available_nodes}): the run would wait for nodes forever. Use "
-            f"--supernodes {cfg.min_available_nodes} or more, or lower min-available-nodes and "
-            "min-train-nodes (-c \"min-available-nodes=1 min-train-nodes=1\").")
-
-
 def failure_hint(lines: list[str]) -> str:
     """Where the user finds why the run failed: the ServerApp's error in the streamed log, or,
     when the log shows none, that the ServerApp process ended without one (killed, OOM)."""
@@ -270,36 +214,12 @@ def failure_hint(lines: list[str]) -> str:
             "e.g. by the out-of-memory killer or `kill`?)")
 
 
-def _to_toml(values: dict[str, object]) -> str:
-    def literal(value: object) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, (int, float)):
-            return repr(value)
-        return json.dumps(str(value))  # a TOML basic string
-
-    return "".join(f"{key} = {literal(value)}\n" for key, value in values.items())
-
-
-def check_run_config_keys(values: dict[str, object]) -> None:
-    """Name unknown run-config keys (with the closest known ones) before submitting."""
-    import difflib
-
-    known = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        hints = "; ".join(f"{key!r}: did you mean {difflib.get_close_matches(key, known, n=2)}?"
-                          for key in unknown)
-        raise SystemExit(f"ERROR: unknown run-config key(s) {unknown} ({hints}). The keys are "
-                         "those of pyproject.toml [tool.flwr.app.config] (docs/running.md).")
-
-
 def _status(flwr: str, env: dict[str, str], run_id: int) -> str:
     for _ in range(30):  # the status can lag the end of the log stream by a moment
         out = subprocess.run([flwr, "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
                              env=env, capture_output=True, text=True, cwd=ROOT)
         try:
-            status = json.loads(out.stdout)["runs"][0]["status"]
+            status = str(json.loads(out.stdout)["runs"][0]["status"])
         except (ValueError, KeyError, IndexError):
             status = f"unknown ({out.stdout.strip() or out.stderr.strip()})"
         if status.startswith("finished"):
@@ -350,33 +270,10 @@ def _flwr_stop(env: dict[str, str], run_id: int) -> None:
         pass
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen[bytes]) -> None:
     """Stop the SuperLink and every process it started (executor, ServerApp, Ray)."""
-    pids = [process.pid, *descendants(process.pid)] if process.poll() is None else []
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 20
-        while time.time() < deadline and any(_alive(pid) for pid in pids):
-            time.sleep(0.3)
-            process.poll()  # reap the SuperLink itself
-        pids = [pid for pid in pids if _alive(pid)]
-        if not pids:
-            return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+    if process.poll() is None:
+        stop_tree([process.pid, *descendants(process.pid)], reap=process.poll)
 
 
 if __name__ == "__main__":

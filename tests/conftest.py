@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,19 @@ def _one_torch_thread():
     """The CI machine has 2 cores shared by many jobs: one intra-op thread per test process."""
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _private_ray_and_flower_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+                                   ) -> Iterator[Path]:
+    """Every test's Ray session folders and Flower home are its own, and go with it: a test never
+    reads or removes what another run on the machine made. Ray's folder is short (its socket
+    paths must stay below 107 bytes); the children of a test inherit both."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="t-ray-"))
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    yield ray_tmp
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture

@@ -182,8 +182,7 @@ def test_a_node_with_other_classes_fails_the_round_naming_both_lists(tmp_path, n
 
 def test_run_script_names_unknown_keys_before_submitting():
     # The SuperLink rejects them too, but only as "[code: 15] Invalid run configuration."
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from run_simulation import check_run_config_keys, merge_run_config
+    from scripts.run_config import check_run_config_keys, merge_run_config
 
     check_run_config_keys(merge_run_config(["num-rounds=2 lr=0.1"]))
     with pytest.raises(

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-import sys
 from pathlib import Path
 
 import pytest
 from deploy_helpers import REPO, missing_tls_tools, write_probe_app
 
-sys.path.insert(0, str(REPO / "scripts" / "deploy"))
-import compose_local as cl  # noqa: E402
-import deploy  # noqa: E402
+from scripts.deploy import compose_local as cl
+from scripts.deploy import deploy
 
 DOCKER = REPO / "docker"
 BASE, TLS, CPU = DOCKER / "compose.yaml", DOCKER / "compose.tls.yaml", DOCKER / "compose.cpu.yaml"

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
-from deploy_helpers import REPO, free_ports
+from deploy_helpers import free_ports
 
-sys.path.insert(0, str(REPO / "scripts" / "deploy"))
-import soak  # noqa: E402
+from scripts.deploy import soak
 
 pytestmark = [
     pytest.mark.slow,

@@ -9,22 +9,19 @@ skipped with the reason otherwise. Images are reused while their inputs are unch
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 from deploy_helpers import REPO, free_ports
 
-sys.path.insert(0, str(REPO / "scripts" / "docker"))
-import compose_demo as cd  # noqa: E402
+from scripts.docker import compose_demo as cd
 
-# The compose network of the test: fixed, next to the demo's 10.78.0.0/24 (docker/compose.yaml).
-TEST_SUBNET = "10.78.1.0/24"
 TINY_RUN = ("num-rounds=2 dataset='digits' model='small-cnn' diffusion-model='tiny-sd' "
             "train-samples=200 test-samples=100 local-epochs=1 fraction-train=1.0 "
             "min-train-nodes=2 partition='iid' data-subset='all'")
@@ -91,9 +88,10 @@ def _intruder_key(folder: Path) -> Path:
 @pytest.mark.timeout(1800)  # the first run on a machine builds every image
 def test_compose_tls_deployment_runs_feddifrc_and_refuses_an_unregistered_node(images, tmp_path):
     control_port, fleet_port = free_ports(2)
+    subnet = cd.free_subnet()  # beside the demo's 10.78.0.0/24, where no other network is
     (tmp_path / "data").mkdir()  # digits ship with scikit-learn: the /data mount stays empty
     dc = cd.new_deployment(f"feddifrc-test-{uuid.uuid4().hex[:8]}", tmp_path / "compose", images,
-                           str(tmp_path / "data"), TEST_SUBNET, control_port, fleet_port)
+                           str(tmp_path / "data"), subnet, control_port, fleet_port)
     try:
         # 1. Up: certificates, TLS SuperLink, registration, 2 authenticated SuperNodes, executors.
         cd.up(dc, timeout=240)
@@ -104,8 +102,9 @@ def test_compose_tls_deployment_runs_feddifrc_and_refuses_an_unregistered_node(i
         network = json.loads(subprocess.run(
             ["docker", "network", "inspect", f"{dc.project}_default"], capture_output=True,
             text=True, check=True).stdout)[0]
-        assert network["IPAM"]["Config"][0]["Subnet"] == TEST_SUBNET
-        assert all(c["IPv4Address"].startswith("10.78.1.") for c in network["Containers"].values())
+        assert network["IPAM"]["Config"][0]["Subnet"] == subnet
+        assert all(ipaddress.ip_address(c["IPv4Address"].split("/")[0])
+                   in ipaddress.ip_network(subnet) for c in network["Containers"].values())
         # The published Fleet API speaks TLS with the compose CA's certificate.
         hello = subprocess.run(
             ["openssl", "s_client", "-connect", f"127.0.0.1:{fleet_port}", "-CAfile",

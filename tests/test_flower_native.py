@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from feddifrc_core.processes import alive, descendants
+from scripts.run_config import to_toml
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "run_simulation.py"
 TINY = {"num-rounds": 1, "dataset": "digits", "model": "small-cnn", "model-width": 8,
@@ -34,24 +37,7 @@ def _free_port() -> int:
 
 def _tree(pid: int) -> list[int]:
     """pid and every process below it."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        child, parent = (int(x) for x in line.split())
-        children.setdefault(parent, []).append(child)
-    found, todo = [pid], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+    return [pid, *descendants(pid)]
 
 
 def _kill_all(pids: list[int]) -> None:
@@ -70,17 +56,13 @@ def _is_our_superlink(cmdline: Path, home: Path) -> bool:
     return any(a.endswith("flower-superlink") for a in args) and any(str(home) in a for a in args)
 
 
-def _toml(values: dict) -> str:
-    return "".join(f"{k} = {json.dumps(v) if isinstance(v, str) else v}\n" for k, v in values.items())
-
-
 @pytest.mark.slow
 def test_plain_flwr_run_in_the_activated_environment(tmp_path):
     """`source .venv/bin/activate && flwr run . --stream` in a fresh FLWR_HOME: the local SuperLink
     that flwr starts installs nothing (no `uv sync` per run) and the run completes."""
     home = tmp_path / "flwr-home"
     conf = tmp_path / "tiny.toml"
-    conf.write_text(_toml({**TINY, "output-dir": str(tmp_path / "runs"),
+    conf.write_text(to_toml({**TINY, "output-dir": str(tmp_path / "runs"),
                            "cache-dir": str(tmp_path / "cache")}))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("FLWR_", "FEDDIFRC_", "VIRTUAL_ENV"))}  # what the user has
@@ -127,15 +109,15 @@ def test_killing_the_run_script_ends_everything_it_started(tmp_path):
                 break
         started = [pid for pid in _tree(script.pid) if pid != script.pid]
         names = " ".join(Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-                         for pid in started if _alive(pid))
+                         for pid in started if alive(pid))
         assert "flower-superlink" in names and "flower-superexec" in names, names
         script.send_signal(signal.SIGKILL)
         script.wait()
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(_alive(pid) for pid in started):
+        while time.monotonic() < deadline and any(alive(pid) for pid in started):
             time.sleep(0.5)
         left = [Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:120]
-                for pid in started if _alive(pid)]
+                for pid in started if alive(pid)]
         assert not left, left
     finally:
         script.kill()
@@ -143,9 +125,10 @@ def test_killing_the_run_script_ends_everything_it_started(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_run_script_removes_the_flower_home_and_ray_folders_it_made(tmp_path):
+def test_the_run_script_removes_the_flower_home_and_ray_folders_it_made(
+        tmp_path, _private_ray_and_flower_folders):
     base = tmp_path / "flwr-home"
-    ray_before = set(Path("/tmp").glob("feddifrc-ray-*"))
+    ray_tmp = _private_ray_and_flower_folders  # the script's Ray folder goes below it
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--supernodes", "2", "-c",
          " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in TINY.items())],
@@ -153,4 +136,4 @@ def test_the_run_script_removes_the_flower_home_and_ray_folders_it_made(tmp_path
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert list(base.iterdir()) == []  # no sim-<port> folder left
-    assert set(Path("/tmp").glob("feddifrc-ray-*")) == ray_before
+    assert list(ray_tmp.iterdir()) == []

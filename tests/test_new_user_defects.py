@@ -19,7 +19,6 @@ from server_app.run_lock import RunFolderBusyError, RunFolderLock
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "run_simulation.py"
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 # --- 2. one writer per run folder -----------------------------------------------------------------
@@ -59,7 +58,7 @@ def test_run_server_takes_the_lock_before_any_work(tmp_path):
     ("num-rounds=2 junk", "expected key=value pairs"),
 ])
 def test_malformed_run_config_text_is_an_error_naming_it(text, expected, monkeypatch):
-    from run_simulation import merge_run_config
+    from scripts.run_config import merge_run_config
 
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit, match=rf"cannot read -c '{text}'.*{expected}"):
@@ -67,7 +66,7 @@ def test_malformed_run_config_text_is_an_error_naming_it(text, expected, monkeyp
 
 
 def test_a_malformed_toml_file_is_named(tmp_path):
-    from run_simulation import merge_run_config
+    from scripts.run_config import merge_run_config
 
     bad = tmp_path / "bad.toml"
     bad.write_text("num-rounds = \n")
@@ -150,15 +149,14 @@ def test_a_run_that_fails_during_set_up_leaves_no_run_folder(tmp_path):
 
 
 def test_the_run_script_says_when_the_log_holds_no_error():
-    from run_simulation import failure_hint
+    from scripts.run_simulation import failure_hint
 
     assert "in the log above" in failure_hint(["INFO: x", "ERROR: RoundFailedError: round 1"])
     assert "ended without reporting one" in failure_hint(["INFO: round 1: test-accuracy=0.1"])
 
 
 def test_the_deploy_cli_says_tls_is_expected_without_a_root_certificate(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts" / "deploy"))
-    from deploy import Deployment, tls_hint
+    from scripts.deploy.deploy import Deployment, tls_hint
 
     (tmp_path / "config.toml").write_text(
         '[superlink.feddifrc-deployment]\naddress = "127.0.0.1:9093"\n')

@@ -49,7 +49,9 @@ def test_a_killed_ray_worker_costs_only_its_round(tmp_path):
         for server_round in range(1, 6):
             messages = [Message(RecordDict({"c": ConfigRecord({"round": server_round})}),
                                 dst_node_id=node, message_type="query") for node in nodes]
-            replies = list(grid.send_and_receive(messages, timeout=120))
+            # no timeout: the killed worker's message still gets its error reply (pytest's own
+            # timeout bounds the test), so a slow machine cannot turn a round into a failure
+            replies = list(grid.send_and_receive(messages, timeout=None))
             failures.append(sum(m.has_error() for m in replies))
             pids.append({int(m.content.metric_records["m"]["pid"]) for m in replies
                          if not m.has_error()})

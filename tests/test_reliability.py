@@ -346,12 +346,13 @@ def test_twenty_clients_one_round_keep_per_process_state_bounded(tmp_path):
 
 
 def test_scale_benchmark_reads_the_process_tree():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from scale import process_tree, rss_pss
+    from benchmarks.scale import process_tree, rss_pss
 
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); time.sleep(30)"],
+                               stdout=subprocess.PIPE)
     try:
-        time.sleep(0.2)
+        assert sleeper.stdout is not None
+        sleeper.stdout.readline()  # the interpreter is up: its memory is what it will be
         tree = process_tree(os.getpid())
         assert os.getpid() in tree and sleeper.pid in tree
         rss, pss = rss_pss(sleeper.pid)

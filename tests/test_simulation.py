@@ -188,8 +188,7 @@ def test_run_script_exits_nonzero_when_the_flower_run_fails(tmp_path):
 
 
 def test_run_script_stacks_settings_files_and_overrides():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from run_simulation import merge_run_config
+    from scripts.run_config import merge_run_config
 
     merged = merge_run_config([str(ROOT / "conf/paper-cifar10.toml"),
                                str(ROOT / "conf/paper-cifar10-moon.toml"),
@@ -208,8 +207,7 @@ def test_the_flower_app_bundle_carries_the_ssl_vocabulary(tmp_path):
 
     from flwr.cli.build import build_fab_from_disk
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from run_simulation import _stage_app
+    from scripts.run_simulation import _stage_app
 
     with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(_stage_app(tmp_path)))) as fab:
         names = set(fab.namelist())

@@ -13,9 +13,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import hosts  # sibling module (scripts/deploy is a script folder, on sys.path)
-
 from feddifrc_core.checkpoint import atomic_write_text
+from feddifrc_core.processes import alive
+from scripts.deploy import hosts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,15 +100,7 @@ class Deployment:
 # Processes
 
 
-def pid_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie counts as dead)."""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
+pid_alive = alive  # True while `pid` runs (a zombie counts as dead)
 
 
 _CHILDREN: dict[int, subprocess.Popen] = {}

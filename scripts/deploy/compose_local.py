@@ -18,15 +18,13 @@ import json
 import re
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import deploy  # noqa: E402  (sibling module)
+from scripts.deploy import deploy
 
 FLWR_IMAGE_ENTRYPOINTS = {
     "flwr/superlink": ["flower-superlink"],
@@ -66,7 +64,7 @@ def _construct_override(loader: yaml.SafeLoader, node: yaml.Node) -> _Override:
         return _Override(loader.construct_mapping(node, deep=True))
     if isinstance(node, yaml.SequenceNode):
         return _Override(loader.construct_sequence(node, deep=True))
-    return _Override(loader.construct_scalar(node))  # type: ignore[arg-type]
+    return _Override(loader.construct_scalar(node))
 
 
 _Loader.add_constructor("!reset", _construct_reset)

@@ -24,12 +24,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-# Sibling modules of this script. Their names are re-exported here: `deploy.X` is the script's
-# interface for soak.py and the tests.
-import hosts  # noqa: E402
-from components import (  # noqa: E402, F401
+# The modules beside this script; their names are re-exported here: `deploy.X` is the script's
+# interface for soak.py, compose_demo.py and the tests.
+from scripts.deploy import hosts
+from scripts.deploy.components import (  # noqa: F401
     EXIT_COMPONENT_DIED,
     EXIT_RUN_FAILED,
     EXIT_START_FAILED,
@@ -50,7 +50,7 @@ from components import (  # noqa: E402, F401
     stop,
     wait_for_log,
 )
-from flwr_commands import (  # noqa: E402, F401
+from scripts.deploy.flwr_commands import (  # noqa: F401
     CONNECTION,
     child_env,
     flwr_bin_dir,
@@ -220,7 +220,7 @@ def down(dep: Deployment) -> None:
 # run
 
 
-def _pump(stream, log_path: Path, echo: bool) -> None:
+def _pump(stream: IO[str], log_path: Path, echo: bool) -> None:
     """Copy the `flwr run --stream` output to its log (and to our stdout when asked)."""
     with open(log_path, "a") as log:
         for line in stream:

@@ -12,8 +12,10 @@ import time
 import warnings
 from pathlib import Path
 
-import hosts  # sibling modules (scripts/deploy is a script folder, on sys.path)
-from components import (
+from feddifrc_core.checkpoint import atomic_write_text
+from feddifrc_core.provenance import git_revision
+from scripts.deploy import hosts
+from scripts.deploy.components import (
     EXIT_RUN_FAILED,
     EXIT_START_FAILED,
     EXIT_SUPERLINK_UNREACHABLE,
@@ -27,9 +29,6 @@ from components import (
     pid_alive,
     wait_for_log,
 )
-
-from feddifrc_core.checkpoint import atomic_write_text
-from feddifrc_core.provenance import git_revision
 
 CERTS_SCRIPT = Path(__file__).resolve().parent / "make_certs.sh"
 CONNECTION = "feddifrc-deployment"
@@ -195,7 +194,7 @@ def flwr_json(dep: Deployment, args: list[str], timeout: float = 120.0) -> dict:
                               f"(`flwr {args[0]} {args[1] if len(args) > 1 else ''}`): {message}"
                               f"{tls_hint(dep)}", EXIT_SUPERLINK_UNREACHABLE)
         raise DeployError("flwr CLI", f"`flwr {' '.join(args)}` failed: {message}", EXIT_RUN_FAILED)
-    return out
+    return dict(out)
 
 
 def register_node(dep: Deployment, public_key: Path) -> str:

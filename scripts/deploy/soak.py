@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from scripts.deploy import deploy
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import deploy  # noqa: E402  (sibling module)
 
 
 def _deploy_cli(state: Path, flwr_home: Path, *args: str, timeout: float = 300.0

@@ -19,6 +19,7 @@ Exits non-zero when a step fails, with the failing service's last log lines.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -30,9 +31,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scripts.deploy import deploy  # flwr CLI helpers shared with the process deployment
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "scripts" / "deploy"))
-import deploy  # noqa: E402  (flwr CLI helpers shared with the process deployment)
 
 DOCKER_DIR = REPO / "docker"
 COMPOSE_FILES = [DOCKER_DIR / f for f in ("compose.yaml", "compose.tls.yaml", "compose.cpu.yaml")]
@@ -142,6 +143,26 @@ class ComposeDeployment:
             state_dir=str(self.work_dir), flwr_home=str(self.flwr_home), num_nodes=2,
             secure=True, hosts="docker", isolation="process", fleet_address="superlink:9092",
             control_address=f"127.0.0.1:{self.control_port}", certs_dir=str(self.certs_dir))
+
+
+def free_subnet(candidates: str = "10.78.0.0/16", prefix: int = 24) -> str:
+    """The first /`prefix` of `candidates` that no Docker network and no host route overlaps
+    (a fixed subnet fails with "Pool overlaps" while another network holds it)."""
+    taken = [ipaddress.ip_network(line.split()[0], strict=False) for line in subprocess.run(
+        ["ip", "-4", "route", "show"], capture_output=True, text=True, timeout=30,
+    ).stdout.splitlines() if line.split() and line.split()[0][0].isdigit()]
+    ids = subprocess.run(["docker", "network", "ls", "-q"], capture_output=True, text=True,
+                         timeout=60).stdout.split()
+    if ids:
+        inspected = json.loads(subprocess.run(
+            ["docker", "network", "inspect", *ids], capture_output=True, text=True,
+            timeout=60).stdout or "[]")
+        taken += [ipaddress.ip_network(c["Subnet"], strict=False) for net in inspected
+                  for c in (net.get("IPAM") or {}).get("Config") or [] if "Subnet" in c]
+    for subnet in ipaddress.ip_network(candidates).subnets(new_prefix=prefix):
+        if not any(subnet.overlaps(other) for other in taken if other.version == 4):
+            return str(subnet)
+    raise StepError(f"no free /{prefix} subnet in {candidates} for the compose network", EXIT_UP)
 
 
 def new_deployment(project: str, work_dir: Path, images: dict[str, str], data_dir: str,

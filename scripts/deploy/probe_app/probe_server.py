@@ -1,7 +1,9 @@
 """Probe ServerApp: FedAvg that fails the run when a round gets too few replies."""
 
+from collections.abc import Iterable
+
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -11,7 +13,8 @@ app = ServerApp()
 class StrictFedAvg(FedAvg):
     """Fails the run when a round gets fewer replies than min-nodes (FedAvg only logs it)."""
 
-    def aggregate_train(self, server_round, replies):
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         ok = [r for r in replies if r.has_content()]
         if len(ok) < self.min_train_nodes:

@@ -1,0 +1,1 @@
+"""Command-line tools around the Flower apps: simulation runs, deployments, Docker."""

@@ -1,0 +1,1 @@
+"""A Flower deployment of SuperLink and SuperNodes as separate processes (`deploy.py`)."""

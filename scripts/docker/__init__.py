@@ -1,0 +1,1 @@
+"""The Docker compose deployment (`compose_demo.py`)."""
