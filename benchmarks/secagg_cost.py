@@ -27,29 +27,22 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from client_app.secure_upload import secure_sum_reply, secure_upload_mod
+from feddifrc_core import projection
+from feddifrc_core.secure_encoding import SecAggSettings, sum_error_bound
+from feddifrc_core.secure_uploads import pca_from_sums, pca_upload, weighted_update
+from server_app.secure_aggregation import secure_bounds, secure_sum
+from tests.secure_grid import SecureLoopbackGrid, _wire  # the tests' serializing grid
+from wire import protocol
+from wire.protocol import secure_sum_request
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the serializing in-process grid of the tests
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from secure_grid import SecureLoopbackGrid, _wire  # noqa: E402
-
-from client_app.records import to_flower_arrays  # noqa: E402
-from client_app.secure_upload import (  # noqa: E402
-    secure_sum_reply,
-    secure_sum_request,
-    secure_upload_mod,
-)
-from feddifrc_core import projection  # noqa: E402
-from feddifrc_core.secure_encoding import SecAggSettings, sum_error_bound  # noqa: E402
-from feddifrc_core.secure_uploads import pca_from_sums, pca_upload, weighted_update  # noqa: E402
-from server_app.secure_aggregation import secure_bounds, secure_sum  # noqa: E402
-
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "secagg"
 NUM_CLIENTS = 10
 
@@ -58,8 +51,7 @@ def model_uploads(num_clients: int) -> tuple[list[dict[str, np.ndarray]], list[d
     """(secure uploads, plaintext uploads): the weighted update vs the local model (float32)."""
     import torch
 
-    from feddifrc_core.models import build_model
-    from feddifrc_core.run_setup import model_state
+    from feddifrc_core.models import build_model, model_state
 
     torch.manual_seed(0)
     g = model_state(build_model("small-cnn", 1, 10, 32, align_head="linear"))
@@ -87,17 +79,17 @@ def synthetic_stats(channels: int, num_clients: int) -> list[list[projection.Pca
 
 def demo_stats(cache_dir: Path, num_clients: int) -> list[list[projection.PcaStats]]:
     """The demo's real projection statistics (pyproject defaults), cached by the feature cache."""
-    import tomllib
-
+    from feddifrc_core.algorithms.feddifrc import PROJECTION_STATS
     from feddifrc_core.client_session import ClientSession
     from feddifrc_core.config import NodeConfig, RunConfig
+    from scripts.run_config import app_defaults
 
-    raw = tomllib.load(open(ROOT / "pyproject.toml", "rb"))["tool"]["flwr"]["app"]["config"]
-    cfg = RunConfig.from_flower({**raw, "cache-dir": str(cache_dir)})
+    cfg = RunConfig.from_flower({**app_defaults(), "cache-dir": str(cache_dir)})
     out = []
     for p in range(num_clients):
         node = NodeConfig.from_flower({"partition-id": p, "num-partitions": num_clients})
-        out.append(projection.arrays_to_stats(ClientSession.get(cfg, node).projection_stats()))
+        stats = ClientSession.get(cfg, node).answer(PROJECTION_STATS, {})
+        out.append(projection.arrays_to_stats(stats))
     return out
 
 
@@ -128,7 +120,8 @@ def measure(name: str, uploads: list[dict[str, np.ndarray]], plain: list[dict[st
     nodes = {n: grid.partition(n) for n in grid.contexts}
     row: dict[str, Any] = {"upload": name, "values per client": int(sum(v.size for v in uploads[0].values()))}
     for label in ("bounds", "sum"):
-        grid.bytes_down.clear(), grid.bytes_up.clear()
+        grid.bytes_down.clear()
+        grid.bytes_up.clear()
         timed.seconds, t0 = 0.0, time.perf_counter()
         if label == "bounds":
             bounds, _ = secure_bounds(grid, nodes, RecordDict(), settings, seed=1, stage=name + ".b")
@@ -143,7 +136,7 @@ def measure(name: str, uploads: list[dict[str, np.ndarray]], plain: list[dict[st
     # The plaintext upload the project sends today: one reply with the client's arrays.
     request = Message(RecordDict(), dst_node_id=1, message_type="train")
     request.metadata.__dict__["_message_id"] = "m0"
-    reply = Message(RecordDict({"arrays": ArrayRecord(to_flower_arrays(plain[0])),
+    reply = Message(RecordDict({"arrays": protocol.to_record(plain[0]),
                                 "config": ConfigRecord({})}), reply_to=request)
     row["plain up B"] = _wire(reply)[1]
     q = settings.quantization_for(len(uploads))
@@ -196,7 +189,7 @@ def ray_timing(uploads: list[dict[str, np.ndarray]], plain: list[dict[str, np.nd
             node_ids = sorted(grid.get_node_ids())
         asks = [Message(RecordDict(), dst_node_id=n, message_type="query.partition")
                 for n in node_ids]
-        nodes = {m.metadata.src_node_id: int(m.content.config_records["p"]["id"])
+        nodes = {m.metadata.src_node_id: int(cast(int, m.content.config_records["p"]["id"]))
                  for m in grid.send_and_receive(asks)}
         for r in range(repeats):
             t0 = time.perf_counter()
@@ -217,7 +210,7 @@ def ray_timing(uploads: list[dict[str, np.ndarray]], plain: list[dict[str, np.nd
     def train(msg: Message, context: Context) -> Message:
         p = int(context.node_config["partition-id"])
         if secure_sum_request(msg) is None:  # the plaintext round trip
-            return Message(RecordDict({"arrays": ArrayRecord(to_flower_arrays(plain[p]))}),
+            return Message(RecordDict({"arrays": protocol.to_record(plain[p])}),
                            reply_to=msg)
         return secure_sum_reply(msg, uploads[p])
 

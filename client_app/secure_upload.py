@@ -1,6 +1,7 @@
 """Client half of the secure sums: answer Flower's SecAgg+ stages with a plaintext vector.
 
-Contract (the server half is server_app/secure_aggregation.py):
+Contract (the server half is server_app/secure_aggregation.py; the request's record, the
+layout key and the modes are wire/protocol.py's):
 - One secure sum is four "train" messages (Flower's SecAgg+ stages: set-up, key sharing, masked
   vectors, unmasking). Flower's `secaggplus_mod` answers three of them itself; only the
   masked-vector stage reaches the ClientApp's train handler, with the server's own content plus
@@ -30,11 +31,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -43,45 +42,17 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from feddifrc_core.secure_encoding import encode, encode_octaves
+from wire.protocol import (
+    LAYOUT,
+    MODE_BOUNDED,
+    MODE_ENCODED,
+    MODE_OCTAVES,
+    secure_sum_request,
+)
 
-# Wire format shared with server_app/secure_aggregation.py.
-REQUEST = "secure-sum"  # ConfigRecord of the masked-vector stage
-LAYOUT = "secure-sum-layout"  # FitRes metric: JSON [[name, shape, dtype], ...] (public)
-MODE_BOUNDED, MODE_OCTAVES, MODE_ENCODED = "bounded", "octaves", "encoded"
 # True only while secure_upload_mod hands a masked-vector stage to the handler: a reply built
 # anywhere else would leave in plaintext (no mod installed, or a request without SecAgg+).
 _MASKING: ContextVar[bool] = ContextVar("secure_upload_masking", default=False)
-
-
-@dataclass(frozen=True)
-class SecureSumRequest:
-    stage: str  # the server's id of this sum, e.g. "round-3.model-update"
-    mode: str  # bounded: scale by `bounds`; octaves: magnitude round; encoded: already in [-c, c]
-    clipping_range: float
-    rounding_seed: int  # per (run seed, stage, partition): Flower's stochastic rounding
-    bounds: dict[str, float]  # public bound per array name (mode "bounded")
-
-
-def request_record(stage: str, mode: str, clipping_range: float, rounding_seed: int,
-                   bounds: Mapping[str, float] | None = None) -> ConfigRecord:
-    """The `secure-sum` record the server adds to a node's masked-vector-stage content."""
-    names = list(bounds or {})
-    return ConfigRecord({"stage": stage, "mode": mode, "clipping-range": float(clipping_range),
-                         "rounding-seed": int(rounding_seed), "bound-names": names,
-                         "bound-values": [float((bounds or {})[n]) for n in names]})
-
-
-def secure_sum_request(msg: Message) -> SecureSumRequest | None:
-    """The secure-sum request in `msg`, or None for any other message (plain training)."""
-    if msg.metadata.message_type != MessageType.TRAIN or REQUEST not in msg.content.config_records:
-        return None
-    rec = msg.content.config_records[REQUEST]
-    names = cast(list[str], rec.get("bound-names", []))
-    values = cast(list[float], rec.get("bound-values", []))
-    return SecureSumRequest(stage=str(rec["stage"]), mode=str(rec["mode"]),
-                            clipping_range=float(cast(float, rec["clipping-range"])),
-                            rounding_seed=int(cast(int, rec["rounding-seed"])),
-                            bounds=dict(zip(names, values, strict=True)))
 
 
 def secure_sum_reply(msg: Message, arrays: Mapping[str, np.ndarray]) -> Message:

@@ -1,6 +1,7 @@
 """Secure sums over a Flower Grid with Flower's own SecAgg+ (flwr 1.39 `SecAggPlusWorkflow`).
 
-Contract (the client half is client_app/secure_upload.py):
+Contract (the client half is client_app/secure_upload.py; the shared records are in
+wire/protocol.py):
 - `secure_sum(grid, nodes, content, settings, seed=, stage=, bounds=)` sums named float arrays
   from `nodes` (node id -> partition id) and returns only the sum (`SecureSum.arrays`), with the
   node ids whose arrays are in it (`contributors`) and what happened to the others (`dropped`).
@@ -43,14 +44,6 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from client_app.secure_upload import (
-    LAYOUT,
-    MODE_BOUNDED,
-    MODE_ENCODED,
-    MODE_OCTAVES,
-    REQUEST,
-    request_record,
-)
 from feddifrc_core.secure_encoding import (
     SecAggSettings,
     bounds_from_octaves,
@@ -58,6 +51,7 @@ from feddifrc_core.secure_encoding import (
     decode,
 )
 from feddifrc_core.seeding import hashed_seed
+from wire.protocol import LAYOUT, MODE_BOUNDED, MODE_ENCODED, MODE_OCTAVES, REQUEST, request_record
 
 STAGES = ("set-up", "key sharing", "masked vectors", "unmasking")
 

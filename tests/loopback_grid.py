@@ -29,7 +29,8 @@ class ServerKilled(RuntimeError):
 
 
 class LoopbackGrid(Grid):
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any], *,
+    def __init__(self, client_app: ClientApp, num_nodes: int,
+                 run_config: Mapping[str, Any] | None = None, *,
                  node_id_base: int = 1000, fail: dict[int, set[int]] | None = None,
                  silent: dict[int, set[int]] | None = None,
                  crash_after: int | None = None) -> None:
@@ -39,7 +40,7 @@ class LoopbackGrid(Grid):
         self.contexts = {
             node_id_base + 7 * k: Context(run_id=1, node_id=node_id_base + 7 * k,
                                           node_config={"partition-id": k, "num-partitions": num_nodes},
-                                          state=RecordDict(), run_config=dict(run_config))
+                                          state=RecordDict(), run_config=dict(run_config or {}))
             for k in range(num_nodes)
         }
         self.fail = fail or {}

@@ -20,7 +20,8 @@ from flwr.app import Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.serde import message_from_proto, message_to_proto
-from loopback_grid import LoopbackGrid
+
+from tests.loopback_grid import LoopbackGrid
 
 
 def secagg_stage(msg: Message) -> str:

@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
-from loopback_grid import LoopbackGrid
-from micro_config import micro_run_config
 from PIL import Image
 
 from client_app.app import app as client_app
@@ -32,6 +30,8 @@ from feddifrc_core.config import ConfigError, NodeConfig, RunConfig
 from feddifrc_core.datasets import DatasetFormatError, DatasetNotFoundError, clear_dataset_cache
 from server_app.app import make_server_app, run_server
 from server_app.replies import RoundFailedError
+from tests.loopback_grid import LoopbackGrid
+from tests.micro_config import micro_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from loopback_grid import run_loopback
 from safetensors.numpy import load_file
 
 from feddifrc_core.config import RunConfig
+from tests.loopback_grid import run_loopback
 
 
 def _config(tmp_path: Path, cache: Path, **changes) -> RunConfig:

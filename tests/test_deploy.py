@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from deploy_helpers import (
+
+from tests.deploy_helpers import (
     DEPLOY_SCRIPT,
     REPO,
     established_tcp,

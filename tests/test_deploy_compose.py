@@ -10,10 +10,10 @@ import re
 from pathlib import Path
 
 import pytest
-from deploy_helpers import REPO, missing_tls_tools, write_probe_app
 
 from scripts.deploy import compose_local as cl
 from scripts.deploy import deploy
+from tests.deploy_helpers import REPO, missing_tls_tools, write_probe_app
 
 DOCKER = REPO / "docker"
 BASE, TLS, CPU = DOCKER / "compose.yaml", DOCKER / "compose.tls.yaml", DOCKER / "compose.cpu.yaml"

@@ -8,9 +8,9 @@ import json
 import os
 
 import pytest
-from deploy_helpers import free_ports
 
 from scripts.deploy import soak
+from tests.deploy_helpers import free_ports
 
 pytestmark = [
     pytest.mark.slow,

@@ -18,9 +18,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from deploy_helpers import REPO, free_ports
 
 from scripts.docker import compose_demo as cd
+from tests.deploy_helpers import REPO, free_ports
 
 TINY_RUN = ("num-rounds=2 dataset='digits' model='small-cnn' diffusion-model='tiny-sd' "
             "train-samples=200 test-samples=100 local-epochs=1 fraction-train=1.0 "

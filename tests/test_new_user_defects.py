@@ -134,9 +134,8 @@ def test_a_vanished_node_counts_once_and_errors_shared_by_clients_are_reported_o
 
 
 def test_a_run_that_fails_during_set_up_leaves_no_run_folder(tmp_path):
-    from loopback_grid import run_loopback
-
     from server_app.replies import RoundFailedError
+    from tests.loopback_grid import run_loopback
 
     cfg = RunConfig(seed=3, num_rounds=1, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2,
                     output_dir=str(tmp_path / "runs"), torch_threads=1, device="cpu",

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from micro_config import micro_run_config
 
 from feddifrc_core import checkpoint as ckpt
 from feddifrc_core.feature_cache import FeatureCache, FeatureCacheError
+from tests.micro_config import micro_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # 32 rows x 64 x 128 fp16 = 512 KiB per chunk: a write takes long enough to be hit by a kill.
@@ -330,9 +330,8 @@ def test_twenty_clients_one_round_keep_per_process_state_bounded(tmp_path):
     """20 clients through the real ServerApp/ClientApp in one process (the in-process grid;
     FedDifRC with 10-100 clients on Ray is benchmarks/scale.py): client sessions are memoised
     with a bound, so a process's memory does not grow with the number of clients it serves."""
-    from loopback_grid import run_loopback
-
     from feddifrc_core.client_session import ClientSession
+    from tests.loopback_grid import run_loopback
 
     cfg = micro_run_config(tmp_path, fraction_train=0.5, min_train_nodes=10,
                            min_available_nodes=20, train_samples=240, test_samples=50)
@@ -375,13 +374,14 @@ def test_server_process_sigkilled_mid_run_resumes_to_the_same_model(tmp_path):
     """tests/test_simulation.py kills the server with an exception; here a real process running
     the ServerApp is SIGKILLed right after a checkpoint (metrics lines, checkpoint pruning, temp
     files may be cut anywhere) and the resumed run still ends bit-identical to a straight run."""
-    from loopback_grid import run_loopback
     from safetensors.numpy import load_file
+
+    from tests.loopback_grid import run_loopback
 
 
     proc = child(f"""
         from pathlib import Path
-        from loopback_grid import LoopbackGrid, run_loopback
+        from tests.loopback_grid import LoopbackGrid, run_loopback
         from client_app.app import app as client_app
         from server_app.app import run_server
         run_loopback(resume_config(Path({str(tmp_path)!r}), "killed"), 3)

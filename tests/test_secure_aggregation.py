@@ -12,18 +12,11 @@ from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.common.serde import message_to_proto
-from secure_grid import SecureLoopbackGrid
 
-from client_app.secure_upload import (
-    request_record,
-    secure_sum_reply,
-    secure_sum_request,
-    secure_upload_mod,
-)
+from client_app.secure_upload import secure_sum_reply, secure_upload_mod
 from feddifrc_core import projection
 from feddifrc_core.aggregation import weighted_average
-from feddifrc_core.models import build_model
-from feddifrc_core.run_setup import model_state
+from feddifrc_core.models import build_model, model_state
 from feddifrc_core.secure_encoding import SecAggSettings, encode, sum_error_bound
 from feddifrc_core.secure_uploads import (
     apply_weighted_update,
@@ -32,9 +25,11 @@ from feddifrc_core.secure_uploads import (
     weighted_update,
 )
 from server_app.secure_aggregation import SecureAggregationError, secure_bounds, secure_sum
+from tests.secure_grid import SecureLoopbackGrid
+from wire.protocol import request_record, secure_sum_request
 
 SETTINGS = SecAggSettings()  # the proposed defaults: all neighbours, 2/3 threshold, auto Q
-GLOBAL = model_state(build_model("small-cnn", 1, 10, 16))
+GLOBAL = model_state(build_model("small-cnn", 1, 10, 16, align_head="none"))
 SIZES = {0: 120, 1: 35, 2: 310, 3: 64, 4: 9}  # num-examples per partition
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from loopback_grid import LoopbackGrid, ServerKilled, run_loopback
 from safetensors.numpy import load_file
 
 from client_app.app import app as client_app
@@ -23,6 +22,7 @@ from feddifrc_core.algorithms import algorithm_names, get_algorithm
 from feddifrc_core.config import RunConfig
 from server_app.app import make_server_app, run_server
 from server_app.replies import RoundFailedError
+from tests.loopback_grid import LoopbackGrid, ServerKilled, run_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = {"config.json", "metrics.jsonl", "metrics.csv", "metrics.png", "tensorboard",

@@ -10,7 +10,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
-from loopback_grid import LoopbackGrid
 
 from feddifrc_core import projection
 from feddifrc_core.aggregation import Rule, Upload, sample_partitions, sum_arrays, weighted_average
@@ -21,6 +20,7 @@ from feddifrc_core.run_setup import build_global_model
 from server_app.aggregator import Aggregator
 from server_app.replies import RoundFailedError
 from server_app.strategy import AlgorithmStrategy
+from tests.loopback_grid import LoopbackGrid
 from wire import protocol
 
 NUM_NODES = 4

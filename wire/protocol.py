@@ -162,3 +162,42 @@ def reply(msg: Message, arrays: Mapping[str, np.ndarray], metrics: Mapping[str, 
     if payload:
         content[PAYLOAD] = to_record(payload)
     return Message(content, reply_to=msg)
+
+
+# --- secure sums (Flower's SecAgg+; server_app/secure_aggregation.py, client_app/secure_upload.py)
+# The masked-vector stage's content carries a `secure-sum` ConfigRecord; the reply's FitRes names
+# its arrays' layout (names, shapes, dtypes: public) in the metric `secure-sum-layout`.
+REQUEST = "secure-sum"
+LAYOUT = "secure-sum-layout"
+MODE_BOUNDED, MODE_OCTAVES, MODE_ENCODED = "bounded", "octaves", "encoded"
+
+
+@dataclass(frozen=True)
+class SecureSumRequest:
+    stage: str  # the server's id of this sum, e.g. "round-3.model-update"
+    mode: str  # bounded: scale by `bounds`; octaves: magnitude round; encoded: already in [-c, c]
+    clipping_range: float
+    rounding_seed: int  # per (run seed, stage, partition): Flower's stochastic rounding
+    bounds: dict[str, float]  # public bound per array name (mode "bounded")
+
+
+def request_record(stage: str, mode: str, clipping_range: float, rounding_seed: int,
+                   bounds: Mapping[str, float] | None = None) -> ConfigRecord:
+    """The `secure-sum` record the server adds to a node's masked-vector-stage content."""
+    names = list(bounds or {})
+    return ConfigRecord({"stage": stage, "mode": mode, "clipping-range": float(clipping_range),
+                         "rounding-seed": int(rounding_seed), "bound-names": names,
+                         "bound-values": [float((bounds or {})[n]) for n in names]})
+
+
+def secure_sum_request(msg: Message) -> SecureSumRequest | None:
+    """The secure-sum request in `msg`, or None for any other message (plain training)."""
+    if msg.metadata.message_type != MessageType.TRAIN or REQUEST not in msg.content.config_records:
+        return None
+    rec = msg.content.config_records[REQUEST]
+    names = cast(list[str], rec.get("bound-names", []))
+    values = cast(list[float], rec.get("bound-values", []))
+    return SecureSumRequest(stage=str(rec["stage"]), mode=str(rec["mode"]),
+                            clipping_range=float(cast(float, rec["clipping-range"])),
+                            rounding_seed=int(cast(int, rec["rounding-seed"])),
+                            bounds=dict(zip(names, values, strict=True)))
