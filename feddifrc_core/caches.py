@@ -9,7 +9,7 @@ from typing import TypeVar, cast
 
 import numpy as np
 
-from feddifrc_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from feddifrc_core.checkpoint import CheckpointError, load_arrays, save_checkpoint
 
 T = TypeVar("T")
 
@@ -72,7 +72,7 @@ class LocalModelStore:
             if r >= server_round:
                 continue
             try:
-                return load_checkpoint(path).arrays
+                return load_arrays(path).arrays
             except CheckpointError:
                 continue  # damaged by a kill: fall back to an older one
         return None

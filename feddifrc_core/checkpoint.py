@@ -34,21 +34,26 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    """A verified checkpoint: arrays by name and the JSON meta (always has `round`)."""
+class ArrayFile:
+    """A verified file of named arrays and its JSON meta (caches, stored models, checkpoints)."""
 
     path: Path
     arrays: dict[str, np.ndarray]
     meta: dict[str, Any]
 
-    @property
-    def round(self) -> int:
-        return int(self.meta["round"])
-
     def group(self, prefix: str) -> dict[str, np.ndarray]:
         """The arrays whose names start with `prefix.`, with the prefix removed."""
         cut = len(prefix) + 1
         return {k[cut:]: v for k, v in self.arrays.items() if k.startswith(prefix + ".")}
+
+
+@dataclass(frozen=True)
+class Checkpoint(ArrayFile):
+    """A verified checkpoint of a run: its meta always has `round`."""
+
+    @property
+    def round(self) -> int:
+        return int(self.meta["round"])
 
 
 # --- atomic file writes ----------------------------------------------------------------------------
@@ -105,7 +110,7 @@ def save_arrays(
     path: str | Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
 ) -> Path:
     """Write named arrays + a JSON-serialisable `meta` atomically, with the checksum that
-    `load_checkpoint` verifies (caches and the teacher's training state, which have no round)."""
+    `load_arrays` verifies (caches and the teacher's training state, which have no round)."""
     from safetensors.numpy import save
 
     contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
@@ -115,7 +120,15 @@ def save_arrays(
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and verify one checkpoint; any damage raises CheckpointError naming the file."""
+    """Read and verify one checkpoint of a run; any damage raises CheckpointError naming it."""
+    found = load_arrays(path)
+    if "round" not in found.meta:
+        raise CheckpointError(f"checkpoint {path} has no round in its meta: not a run's checkpoint")
+    return Checkpoint(found.path, found.arrays, found.meta)
+
+
+def load_arrays(path: str | Path) -> ArrayFile:
+    """Read and verify a file `save_arrays` wrote; any damage raises CheckpointError naming it."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -132,7 +145,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     meta_json = header.get("meta", "")
     if header.get("sha256") != _digest(arrays, meta_json):
         raise CheckpointError(f"checkpoint {path} fails its SHA-256 check (damaged file)")
-    return Checkpoint(path=path, arrays=arrays, meta=json.loads(meta_json))
+    return ArrayFile(path=path, arrays=arrays, meta=json.loads(meta_json))
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:

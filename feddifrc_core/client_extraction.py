@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from feddifrc_core.checkpoint import CheckpointError, load_checkpoint, save_arrays
+from feddifrc_core.checkpoint import CheckpointError, load_arrays, save_arrays
 from feddifrc_core.diffusion.backbone import DiffusionBackbone
 from feddifrc_core.diffusion.extractor import DiffusionFeatureExtractor
 from feddifrc_core.diffusion.reduction import (
@@ -196,7 +196,7 @@ def extract_position_stats(
     path = None if cache_dir is None else Path(cache_dir) / f"{job.prefix}-stats-{key[:16]}.safetensors"
     if path is not None and path.is_file():
         try:
-            return arrays_to_stats(load_checkpoint(path).arrays)
+            return arrays_to_stats(load_arrays(path).arrays)
         except CheckpointError as err:
             logger.warning("recomputing position statistics: %s", err)
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ named by its content, under a folder keyed by the settings alone:
 
 A part holds the rows' sample ids, each image's sha256, the prompt ids and the pooled blocks
 (fp16, as the client cache stores them). Parts are written atomically and verified on read
-(`checkpoint.save_arrays` / `load_checkpoint`); a row is reused only when its image bytes and its
+(`checkpoint.save_arrays` / `load_arrays`); a row is reused only when its image bytes and its
 prompt ids match the request. A damaged part is reported, removed and its rows extracted again.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from feddifrc_core.checkpoint import CheckpointError, load_checkpoint, save_arrays
+from feddifrc_core.checkpoint import CheckpointError, load_arrays, save_arrays
 from feddifrc_core.feature_cache import cache_io_error, fingerprint_sha256, safe_folder_name
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class RowStore:
 
     def _read(self, path: Path) -> dict[str, np.ndarray] | None:
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_arrays(path)
         except CheckpointError as err:
             logger.warning("row store: removing damaged part (its rows are extracted again): %s", err)
             path.unlink(missing_ok=True)

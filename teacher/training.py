@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from feddifrc_core.checkpoint import CheckpointError, load_checkpoint, save_arrays
+from feddifrc_core.checkpoint import CheckpointError, load_arrays, save_arrays
 from feddifrc_core.diffusion.minilm import encode_texts
 from teacher.config import TeacherConfig, build_scheduler, build_unet, captions_for, lr_factor
 
@@ -69,7 +69,7 @@ def save_checkpoint(
 
 
 def load_checkpoint_state(path: Path, cfg: TeacherConfig) -> TrainState:
-    ckpt = load_checkpoint(path)  # verified; CheckpointError names the damaged file
+    ckpt = load_arrays(path)  # verified; CheckpointError names the damaged file
     meta = ckpt.meta
     if meta.get("kind") != _KIND:
         raise CheckpointError(f"{path} is not a teacher-training checkpoint")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from feddifrc_core.checkpoint import load_checkpoint
+from feddifrc_core.checkpoint import load_arrays
 from feddifrc_core.client_extraction import extract_client_representations, extract_position_stats
 from feddifrc_core.config import RunConfig
 from feddifrc_core.diffusion import extractor as extractor_module
@@ -338,7 +338,7 @@ def test_another_partition_of_the_same_images_reuses_their_rows(
     calls.clear()
     again = _client(backbone, data, slice(4), tmp_path)
     assert sorted(calls) == ids[:4].tolist()
-    load_checkpoint(first)  # written again, whole (same rows -> same content-addressed name)
+    load_arrays(first)  # written again, whole (same rows -> same content-addressed name)
     for got, want in zip(again.features, reference.features, strict=True):
         assert torch.equal(got, want[:4])  # a repaired cache holds the same bits
 
