@@ -104,12 +104,13 @@ def test_eval_every_is_honoured_and_label_free_runs_log_probe_and_knn(tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["moon", "feddifrc"])
+@pytest.mark.parametrize("algorithm", ["moon", "feddifrc", "fedavgm"])
 def test_resume_after_a_kill_gives_the_same_final_model(tmp_path, cache_dir, algorithm):
     """Killed after the clients of round 2 replied, resumed from round 1's checkpoint: the final
     model is bit-identical (CPU, one thread): sampling and client seeds are functions of (seed,
     round, partition), aggregation runs in partition order, MOON's previous models are tagged by
-    round, the projection bases come from the checkpoint."""
+    round, the algorithm's server state (FedDifRC's bases, FedAvgM's momentum) comes from the
+    checkpoint."""
     cfg = tiny(tmp_path, cache_dir, algorithm=algorithm, num_rounds=3)
     run_loopback(cfg.replace(run_name="straight"), 3)
 
