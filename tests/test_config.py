@@ -35,6 +35,14 @@ def test_pyproject_keys_equal_the_run_config_keys():
     assert len(RunConfig.keys()) == len(fields)  # no key twice
 
 
+def test_pyproject_repeats_the_algorithms_own_defaults():
+    """One source for an algorithm's defaults, its file: the demo profile changes none of them."""
+    app = _app_config()
+    declared = RunConfig().to_flower()
+    own = {k for name in algorithm_names() for k in option_fields(get_algorithm(name).Params)}
+    assert own and {k: app[k] for k in own} == {k: declared[k] for k in own}
+
+
 def test_every_algorithm_declares_its_parameters_with_help():
     for name in algorithm_names():
         params = get_algorithm(name).Params
