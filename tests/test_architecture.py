@@ -71,3 +71,24 @@ def test_core_does_not_import_flower_or_the_teacher_trainer():
         imports = _runtime_imports(path)
         assert not any(i == "flwr" or i.startswith("flwr.") for i in imports), path
         assert not any(i == "teacher" or i.startswith("teacher.") for i in imports), path
+
+
+def _imports_of(folder: str) -> dict[Path, set[str]]:
+    return {p: _runtime_imports(p) for p in (ROOT / folder).rglob("*.py")}
+
+
+def test_the_apps_share_only_the_wire_protocol():
+    """Neither app imports the other; what travels between them is spelled once, in wire/."""
+    for app, other in (("server_app", "client_app"), ("client_app", "server_app")):
+        for path, imports in _imports_of(app).items():
+            assert not any(i == other or i.startswith(other + ".") for i in imports), path
+    for app in ("server_app/app.py", "server_app/strategy.py", "client_app/app.py"):
+        assert "wire.protocol" in _runtime_imports(ROOT / app) or "wire" in _runtime_imports(
+            ROOT / app), app
+
+
+def test_tools_are_packages_without_path_hacks():
+    for folder in ("benchmarks", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert "sys.path" not in path.read_text(), path
+        assert (ROOT / folder / "__init__.py").is_file()
