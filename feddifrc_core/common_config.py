@@ -22,6 +22,7 @@ from feddifrc_core.options import ConfigError
 from feddifrc_core.options import option as _opt
 from feddifrc_core.partition import METHODS as PARTITION_METHODS
 from feddifrc_core.projection import PROJECTIONS
+from feddifrc_core.robust_aggregation import AGGREGATORS, aggregator_problem
 
 # Run-config keys that say where and how fast a run goes, not what it computes: changing one
 # keeps a run the same run (a resumed run may change them; benchmark records leave them out of
@@ -49,6 +50,15 @@ class CommonConfig:
     resume: bool = _opt(False)  # continue the named run from its last complete round
     device: str = _opt("auto")  # auto | cpu | cuda | cuda:N; a node's `device` overrides it
     torch_threads: int = _opt(0, lo=0)  # 0 = torch default; simulation sets it per client
+    # --- how the server combines the model updates (docs/privacy.md, "Robust aggregation") ------
+    # fedavg = the weighted mean (the paper's); the others are Flower's robust rules, unweighted,
+    # which read each client's update (so not with secure aggregation)
+    aggregator: str = _opt("fedavg", choices=AGGREGATORS)
+    # Flower's Krum/Bulyan name: attackers per round to tolerate (0 = Flower's default); Krum and
+    # Bulyan compute with it, and min-train-nodes is checked against it for every aggregator
+    num_malicious_nodes: int = _opt(0, lo=0)
+    # Flower's FedTrimmedAvg `beta` (and default): the fraction cut from each tail, in [0, 0.5)
+    trimmed_avg_beta: float = _opt(0.2, lo=0.0, hi=0.5, hi_open=True)
     # --- data -------------------------------------------------------------------------------
     dataset: str = _opt("cifar10", choices=DATASET_NAMES)  # paper's headline data set
     data_path: str = _opt("")  # "" -> the data set's standard location; a node's `data-path` overrides
@@ -119,6 +129,11 @@ class CommonConfig:
                 f"pool-grid={self.pool_grid} applies to reduction 'mean-pool' only; "
                 f"reduction {self.reduction!r} keeps every position: set pool-grid=1"
             )
+        # With the `secure-aggregation` key (issue #21), pass secure_aggregation=its value.
+        problem = aggregator_problem(self.aggregator, self.num_malicious_nodes,
+                                     self.trimmed_avg_beta, self.min_train_nodes)
+        if problem:
+            raise ConfigError(problem)
         if self.min_available_nodes < self.min_train_nodes:
             raise ConfigError(
                 f"min-available-nodes ({self.min_available_nodes}) must be >= min-train-nodes "

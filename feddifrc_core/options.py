@@ -19,10 +19,13 @@ class ConfigError(ValueError):
 
 
 def option(default: Any, *, choices: tuple[Any, ...] = (), lo: float | None = None,
-           hi: float | None = None, lo_open: bool = False, help: str = "") -> Any:
-    """A settings field with its validation rule (and its help line) kept beside its default."""
+           hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+           help: str = "") -> Any:
+    """A settings field with its validation rule (and its help line) kept beside its default;
+    `lo_open` / `hi_open` exclude the bound itself."""
     return dataclasses.field(default=default, metadata={
-        "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "help": help})
+        "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+        "help": help})
 
 
 def kebab(name: str) -> str:
@@ -62,8 +65,9 @@ def parse_value(f: dataclasses.Field[Any], key: str, value: Any, what: str,
     if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
         bound = f"> {lo}" if meta["lo_open"] else f">= {lo}"
         raise ConfigError(f"{what}: '{key}' must be {bound}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{what}: '{key}' must be <= {hi}, got {value!r}")
+    if hi is not None and (value > hi or (meta["hi_open"] and value == hi)):
+        bound = f"< {hi}" if meta["hi_open"] else f"<= {hi}"
+        raise ConfigError(f"{what}: '{key}' must be {bound}, got {value!r}")
     return value
 
 
