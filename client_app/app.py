@@ -13,11 +13,12 @@ node whose config differs refuses to work.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.common.logger import FLOWER_LOGGER
 
 from feddifrc_core.algorithms import UpdateInfo
@@ -30,15 +31,17 @@ from wire import protocol
 _configs = ProcessCache(max_items=8)  # parsed run and node configs, by their raw values
 
 
-def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose run config is `context.run_config` updated with `overrides`.
+def make_client_app(overrides: Mapping[str, Any] | None = None,
+                    mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp whose run config is `context.run_config` updated with `overrides`, with
+    Flower mods `mods` around its handlers (outermost first).
 
     `flwr run` fills run_config from pyproject + `--run-config`, on every node alike;
     `flwr.simulation.run_simulation` leaves it empty, so in-process runs give both apps the
     same `overrides`.
     """
     route_core_logs(FLOWER_LOGGER.handlers)  # extraction progress, in the run's log
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
 
     def session(context: Context, request: protocol.Request) -> ClientSession:
         return _session({**context.run_config, **(overrides or {})}, context, request)

@@ -22,7 +22,7 @@ from feddifrc_core.models import model_state
 from feddifrc_core.progress import route_core_logs
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
 from feddifrc_core.run_setup import set_torch_threads
-from server_app.aggregator import Aggregator
+from server_app.aggregator import make_aggregator
 from server_app.ray_workers import exit_with_parent, replace_dead_ray_workers
 from server_app.run_lock import RunFolderLock
 from server_app.strategy import AlgorithmStrategy
@@ -106,7 +106,8 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
         log(INFO, "resuming %s after round %d", run_name, resumed.round)
     first_round = resumed.round + 1 if resumed else 1
     header = protocol.Header(cfg.digest(), run_name, run_key, tuple(evaluator.test.class_names))
-    aggregator = Aggregator()  # every upload of every stage is combined by this one component
+    # Every upload of every stage is combined by this one component (the run's `aggregator`).
+    aggregator = make_aggregator(cfg)
     strategy = AlgorithmStrategy(cfg, algorithm, header, aggregator)
 
     # 3. set-up over Flower messages: which node holds which partition; the algorithm's stages
