@@ -20,6 +20,8 @@ from client_app.app import app as client_app
 from client_app.app import make_client_app
 from feddifrc_core.algorithms import algorithm_names, get_algorithm
 from feddifrc_core.config import RunConfig
+from feddifrc_core.robust_aggregation import ROBUST
+from server_app.aggregator import RobustAggregator
 from server_app.app import make_server_app, run_server
 from server_app.replies import RoundFailedError
 from tests.loopback_grid import LoopbackGrid, ServerKilled, run_loopback
@@ -59,6 +61,32 @@ def test_every_algorithm_runs_end_to_end(tmp_path, cache_dir, algorithm):
     assert all(r["train-examples"] > 0 and r["train-seconds"] > 0 for r in rows[1:])
     label_free = get_algorithm(algorithm).label_free  # judged by a linear probe and kNN
     assert all(("test-knn-accuracy" in r) == label_free for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", algorithm_names())
+def test_every_algorithm_runs_with_a_robust_aggregator(tmp_path, cache_dir, algorithm,
+                                                     monkeypatch):
+    """The client objective does not care how the server combines: each algorithm with one of
+    Flower's robust rules (in turn), one round of all 3 clients; the rule combines the model,
+    FedDifRC's set-up statistics stay exact sums."""
+    rule = ROBUST[algorithm_names().index(algorithm) % len(ROBUST)]
+    rules_seen: list[str] = []
+    robust_combine = RobustAggregator.combine
+
+    def spy(self, uploads, how):
+        rules_seen.append(how)
+        return robust_combine(self, uploads, how)
+
+    monkeypatch.setattr(RobustAggregator, "combine", spy)
+    cfg = tiny(tmp_path, cache_dir, algorithm=algorithm, aggregator=rule, num_rounds=1,
+               fraction_train=1.0, min_train_nodes=3, min_available_nodes=3)
+    summary = run_loopback(cfg, 3)
+    assert summary["rounds"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "runs/run/metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["clients"] == "0 1 2" and rows[1]["failures"] == 0
+    assert rules_seen.count("mean") == 1  # the model, once per round
+    assert ("sum" in rules_seen) == get_algorithm(algorithm).uses_diffusion  # set-up statistics
 
 
 @pytest.mark.slow
@@ -104,14 +132,18 @@ def test_eval_every_is_honoured_and_label_free_runs_log_probe_and_knn(tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["moon", "feddifrc", "fedavgm"])
-def test_resume_after_a_kill_gives_the_same_final_model(tmp_path, cache_dir, algorithm):
+@pytest.mark.parametrize(("algorithm", "changes"), [
+    ("moon", {}), ("feddifrc", {}), ("fedavgm", {}),
+    # Flower's Krum under FedAvgM's momentum: the robust rule keeps no state of its own
+    ("fedavgm", {"aggregator": "krum", "fraction_train": 1.0, "min_train_nodes": 3,
+                 "min_available_nodes": 3})])
+def test_resume_after_a_kill_gives_the_same_final_model(tmp_path, cache_dir, algorithm, changes):
     """Killed after the clients of round 2 replied, resumed from round 1's checkpoint: the final
     model is bit-identical (CPU, one thread): sampling and client seeds are functions of (seed,
-    round, partition), aggregation runs in partition order, MOON's previous models are tagged by
-    round, the algorithm's server state (FedDifRC's bases, FedAvgM's momentum) comes from the
-    checkpoint."""
-    cfg = tiny(tmp_path, cache_dir, algorithm=algorithm, num_rounds=3)
+    round, partition), aggregation runs in partition order (a robust rule too), MOON's previous
+    models are tagged by round, the algorithm's server state (FedDifRC's bases, FedAvgM's
+    momentum) comes from the checkpoint."""
+    cfg = tiny(tmp_path, cache_dir, algorithm=algorithm, num_rounds=3, **changes)
     run_loopback(cfg.replace(run_name="straight"), 3)
 
     killed = cfg.replace(run_name="killed")
