@@ -7,7 +7,7 @@
       metrics.png            accuracy / loss over rounds
       tensorboard/           TensorBoard events of the same scalars
       checkpoints/           round-NNNN.safetensors (model, strategy state, RNG, config, history)
-      final_model.safetensors
+      final_model.safetensors  the last global model; identical runs give identical files
       summary.json           best and mean test accuracy over rounds (the paper reports both), wall time
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -26,11 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from feddifrc_core.checkpoint import atomic_write_bytes, atomic_write_text
+from feddifrc_core.checkpoint import atomic_write_bytes, atomic_write_text, write_error
 from feddifrc_core.config import ConfigError, RunConfig
+from feddifrc_core.divergence import check_metrics
 from feddifrc_core.provenance import git_revision
 
 ACCURACY_KEY = "test-accuracy"
+# Summary keys that differ between two runs of one config (how long it took, what it was called):
+# they stay in summary.json and out of final_model.safetensors, so identical runs give
+# byte-identical model files (hashes can be compared).
+PER_RUN_KEYS = frozenset({"wall-seconds", "run-name"})
 # Label-free algorithms: test-accuracy is the linear probe's; the kNN accuracy is reported beside it.
 KNN_KEY = "test-knn-accuracy"
 
@@ -166,24 +170,33 @@ class RunFolder:
     def log_round(self, row: Mapping[str, Any]) -> None:
         """Append one round's metrics to JSONL, CSV, TensorBoard and the plot."""
         row = {k: _plain(v) for k, v in row.items()}
+        # JSON has no NaN: a non-finite value is refused, never written as a bare `NaN` token
+        check_metrics(row, f"round {row.get('round')}", "metrics.jsonl was not written.")
+        try:
+            with open(self.metrics_jsonl, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row, sort_keys=True, allow_nan=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:  # a full disk, a read-only or immutable run folder
+            raise write_error(self.metrics_jsonl, err) from None
         self.rows.append(row)
-        with open(self.metrics_jsonl, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
         self._write_tables()
-        writer = self._tensorboard()
-        if writer is not None:
+        try:
+            writer = self._tensorboard()
             for key, value in row.items():
-                if key != "round" and isinstance(value, (int, float)) and math.isfinite(value):
+                if key != "round" and isinstance(value, (int, float)):
                     writer.add_scalar(key, value, global_step=int(row["round"]))
             writer.flush()
+        except OSError as err:
+            raise write_error(self.path / "tensorboard", err) from None
 
     def write_final(self, model: Mapping[str, np.ndarray], summary: Mapping[str, Any]) -> None:
         from safetensors.numpy import save
 
         arrays = {k: np.ascontiguousarray(v) for k, v in model.items()}
-        atomic_write_bytes(self.final_model, save(arrays, metadata={"summary": json.dumps(dict(summary))}))
+        results = {k: v for k, v in summary.items() if k not in PER_RUN_KEYS}
+        metadata = {"summary": json.dumps(results, sort_keys=True)}
+        atomic_write_bytes(self.final_model, save(arrays, metadata=metadata))
         atomic_write_text(self.summary_json, json.dumps(dict(summary), indent=2) + "\n")
         self.close()
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from feddifrc_core.algorithms import Batch, TrainTransform, algorithm_names, get_algorithm
 from feddifrc_core.config import RunConfig
+from feddifrc_core.divergence import DivergedError, describe, nonfinite_tensors
 from feddifrc_core.targets import DiffusionTargets
 
 EvalTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -185,9 +186,14 @@ def train_local(
                 bar.update(1)
             means = {key: float(value) / seen for key, value in sums.items()}
             means["accuracy"] = float(correct) / seen if algorithm.needs_labels else 0.0
-            if not math.isfinite(means["loss"]):
-                raise RuntimeError(
-                    f"{cfg.algorithm}: the local loss became {means['loss']} in epoch {epoch + 1}; "
+            # The loss can stay finite (4e22 at lr=1e6) while the weights are already inf/NaN:
+            # check both, once per epoch, so a client never sends a diverged model.
+            bad = nonfinite_tensors(model)
+            if not math.isfinite(means["loss"]) or bad:
+                what = (f"NaN or inf in {describe(bad, len(model.state_dict()), 'tensors')}"
+                        if bad else f"the local loss became {means['loss']}")
+                raise DivergedError(
+                    f"{cfg.algorithm}: training diverged in epoch {epoch + 1} ({what}); "
                     f"lower `lr` (now {cfg.lr}) or check the inputs and targets for NaN/inf"
                 )
             history.append(means)

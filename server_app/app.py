@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client_app.records import from_flower_arrays, to_flower_arrays
 from feddifrc_core import checkpoint as ckpt
+from feddifrc_core import divergence
 from feddifrc_core.config import RESUMABLE_KEYS, RunConfig
 from feddifrc_core.evaluation import CentralEvaluator
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
@@ -75,7 +76,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
 def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str, Any]:
     # 1. run folder, and the last complete checkpoint when resuming
     folder = RunFolder.open(cfg, run_name)
-    resumed = ckpt.latest_checkpoint(folder.checkpoints) if cfg.resume else None
+    # the newest checkpoint that verifies and whose model is finite (older versions of this
+    # server could checkpoint a diverged aggregate)
+    resumed = ckpt.latest_checkpoint(folder.checkpoints, skip=_diverged) if cfg.resume else None
     if cfg.resume and resumed is None:
         raise RuntimeError(f"resume=true but no checkpoint in {folder.checkpoints} verifies; "
                            "start a new run (resume=false, another run-name)")
@@ -104,7 +107,9 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
     if cfg.uses_diffusion and not strategy.projection:
         strategy.setup_projection(grid, evaluator.model.feature_dim)
     if resumed is None:
-        folder.log_round({"round": 0, **evaluator(state)})
+        row0 = {"round": 0, **evaluator(state)}
+        divergence.check_metrics(row0, "round 0 (the initial model)", _advice(cfg, 0))
+        folder.log_round(row0)
         _save(folder, cfg, run_name, 0, state, strategy)
 
     # 4. rounds: train on the sampled clients, aggregate, evaluate centrally, checkpoint
@@ -117,9 +122,13 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
         if arrays is None or client_metrics is None:  # aggregate_train raises before this
             raise RuntimeError(f"round {server_round}: no aggregate")
         state = from_flower_arrays(arrays)
+        # a NaN anywhere fails the run here, before this round reaches the run folder
+        divergence.check_model(state, f"round {server_round}: the aggregated model",
+                               _advice(cfg, server_round))
         row: dict[str, Any] = {"round": server_round, **_prefixed(dict(client_metrics))}
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
             row.update(evaluator(state))
+        divergence.check_metrics(row, f"round {server_round}", _advice(cfg, server_round))
         report = strategy.last_report
         row.update({"clients": " ".join(map(str, report.succeeded)),
                     "failures": len(report.failures), "round-seconds": time.time() - t0})
@@ -146,6 +155,18 @@ def _save(folder: RunFolder, cfg: RunConfig, run_name: str, server_round: int,
             "rng": rng_meta, "history": folder.rows}
     ckpt.save_checkpoint(ckpt.checkpoint_path(folder.checkpoints, server_round), arrays, meta)
     ckpt.prune_checkpoints(folder.checkpoints, KEEP_CHECKPOINTS)
+
+
+def _advice(cfg: RunConfig, server_round: int) -> str:
+    if server_round == 0:  # nothing trained yet: the data, not the learning rate
+        return "Nothing was saved. Check the test data for NaN/inf."
+    return (f"Nothing of round {server_round} was saved. Start a new run with a lower lr (now "
+            f"{cfg.lr:g}), or check the data for NaN/inf.")
+
+
+def _diverged(checkpoint: ckpt.Checkpoint) -> str | None:
+    bad = divergence.nonfinite_arrays(checkpoint.group("model"))
+    return f"its model holds NaN or inf in {len(bad)} arrays" if bad else None
 
 
 def _check_same_run(cfg: RunConfig, saved: Mapping[str, Any]) -> None:

@@ -9,8 +9,10 @@ The file names the holder (PID, host, start time) so that the refusal can say wh
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -19,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 LOCK_NAME = ".lock"
+log = logging.getLogger(__name__)
 
 
 class RunFolderBusyError(RuntimeError):
@@ -63,15 +66,23 @@ class RunFolderLock:
         return self
 
     def release(self, remove_folder: bool = False) -> None:
-        """Drop the lock; `remove_folder` deletes the folder first (a set-up that failed)."""
+        """Drop the lock; `remove_folder` deletes the folder first (a set-up that failed).
+
+        Never raises: it runs while a run ends, often because of an error already on its way
+        (a full disk, a read-only folder), which a second error here would only bury."""
         if self._fd is None:
             return
-        if remove_folder:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        else:
-            os.ftruncate(self._fd, 0)  # the file stays: unlinking it would race a waiting opener
-        os.close(self._fd)
-        self._fd = None
+        fd, self._fd = self._fd, None
+        try:
+            if remove_folder:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            else:
+                os.ftruncate(fd, 0)  # the file stays: unlinking it would race a waiting opener
+        except OSError as err:  # only the holder's note stays behind; the lock itself goes
+            log.warning("could not clear the lock file %s: %s", self.path, err.strerror or err)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # closing drops the OS lock
 
     def __enter__(self) -> RunFolderLock:
         return self.acquire()

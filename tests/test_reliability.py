@@ -411,3 +411,174 @@ def test_server_process_sigkilled_mid_run_resumes_to_the_same_model(tmp_path):
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
     rows = (tmp_path / "runs/killed/metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["round"] for r in rows] == [0, 1, 2, 3, 4]
+
+
+# --- 6. a diverged model never reaches the run folder (issue 25, item 1) --------------------------
+def _strict_json_rows(path: Path) -> list[dict]:
+    """metrics.jsonl as strict JSON: a bare NaN/Infinity token is an error."""
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{path} holds the non-JSON token {token}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_a_client_whose_weights_diverge_under_a_finite_loss_reports_it(tmp_path):
+    """At lr=1e3 this small CNN's mean loss stays finite (4.8e20) while 2 of its tensors are
+    already inf/NaN: the client's check looks at the weights, not only at the loss."""
+    from feddifrc_core.divergence import DivergedError
+    from feddifrc_core.run_setup import build_global_model, load_train_set
+    from feddifrc_core.training import train_local
+
+    cfg = micro_run_config(tmp_path, model_width=4, lr=1e3, batch_size=32,
+                           train_samples=200, seed=11)
+    data = load_train_set(cfg)
+    model = build_global_model(cfg, data.channels, data.num_classes, data.image_size)
+    with pytest.raises(DivergedError, match=r"fedavg: training diverged in epoch 1 \(NaN or inf "
+                                            r"in 2 of \d+ tensors .*lower `lr` \(now 1000.0\)"):
+        train_local(model, data.images, data.labels, cfg, "cpu")
+
+
+def test_a_nonfinite_test_loss_fails_the_run_before_anything_of_the_round_is_saved(tmp_path):
+    """lr=1e6 on the micro budget: the clients' weights stay finite, the test loss is NaN."""
+    from loopback_grid import LoopbackGrid
+
+    from client_app.app import app as client_app
+    from feddifrc_core.divergence import DivergedError
+    from server_app.app import run_server
+
+    with pytest.raises(DivergedError, match=r"round 1: test-loss=nan is not finite: training "
+                                            r"diverged. Nothing of round 1 was saved"):
+        run_server(LoopbackGrid(client_app, 2), micro_run_config(tmp_path, lr=1e6))
+    assert not (tmp_path / "runs" / "run").exists()  # failed before its first round: removed
+
+
+def test_a_diverged_aggregate_is_never_checkpointed_and_resume_starts_from_the_last_finite_round(
+        tmp_path, caplog):
+    """A client that sends NaN weights (one without the client-side check) in round 2: the run
+    fails naming the aggregate, keeps rounds 0-1 as valid JSON and finite checkpoints, and a
+    resume continues after round 1, also past a NaN checkpoint an older server had written."""
+    import numpy as np
+    from flwr.app import ArrayRecord
+    from loopback_grid import LoopbackGrid
+
+    from client_app.app import app as client_app
+    from client_app.records import from_flower_arrays, to_flower_arrays
+    from feddifrc_core.divergence import DivergedError, nonfinite_arrays
+    from server_app.app import run_server
+
+    class NaNInRound2(LoopbackGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = list(super().send_and_receive(messages, timeout=timeout))
+            if self.train_rounds == 2:
+                arrays = from_flower_arrays(replies[0].content.array_records["arrays"])
+                poisoned = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
+                            for k, v in arrays.items()}
+                replies[0].content.array_records["arrays"] = ArrayRecord(to_flower_arrays(poisoned))
+            return replies
+
+    cfg = micro_run_config(tmp_path, num_rounds=3)
+    with pytest.raises(DivergedError, match=r"round 2: the aggregated model holds NaN or inf in "
+                                            r"\d+ of \d+ arrays .*Nothing of round 2 was saved"):
+        run_server(NaNInRound2(client_app, 2), cfg)
+    folder = tmp_path / "runs" / "run"
+    assert [r["round"] for r in _strict_json_rows(folder / "metrics.jsonl")] == [0, 1]
+    saved = ckpt.list_checkpoints(folder / "checkpoints")
+    assert [p.name for p in saved] == ["round-0000.safetensors", "round-0001.safetensors"]
+    assert not any(nonfinite_arrays(ckpt.load_checkpoint(p).arrays) for p in saved)
+
+    # what an older server left: round 2's non-finite aggregate, checkpointed
+    last = ckpt.load_checkpoint(saved[-1])
+    nan_model = {k: np.full_like(v, np.nan) if k.startswith("model.") and v.dtype.kind == "f"
+                 else v for k, v in last.arrays.items()}
+    ckpt.save_checkpoint(ckpt.checkpoint_path(folder / "checkpoints", 2), nan_model,
+                         {**last.meta, "round": 2})
+    with caplog.at_level("WARNING"):
+        summary = run_server(LoopbackGrid(client_app, 2, node_id_base=5000),
+                             cfg.replace(resume=True))
+    assert "round-0002.safetensors: its model holds NaN or inf" in caplog.text
+    assert summary["rounds"] == 3
+    assert [r["round"] for r in _strict_json_rows(folder / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_metrics_jsonl_refuses_a_nonfinite_value(tmp_path):
+    from feddifrc_core.divergence import DivergedError
+    from feddifrc_core.reporting import RunFolder
+
+    folder = RunFolder.open(micro_run_config(tmp_path), "run")
+    folder.log_round({"round": 0, "test-loss": 2.3})
+    with pytest.raises(DivergedError, match=r"round 1: test-loss=inf is not finite"):
+        folder.log_round({"round": 1, "test-loss": float("inf")})
+    assert [r["round"] for r in _strict_json_rows(folder.metrics_jsonl)] == [0]
+    folder.close()
+
+
+# --- 7. identical runs give identical model files (issue 25, item 8) ------------------------------
+def test_identical_runs_give_byte_identical_final_model_files(tmp_path):
+    from loopback_grid import LoopbackGrid
+
+    from client_app.app import app as client_app
+    from server_app.app import run_server
+
+    for name in ("first", "second"):  # another name and another wall time, the same run
+        run_server(LoopbackGrid(client_app, 2), micro_run_config(tmp_path, run_name=name))
+    first, second = (tmp_path / "runs" / name for name in ("first", "second"))
+    assert (first / "final_model.safetensors").read_bytes() == \
+        (second / "final_model.safetensors").read_bytes()
+    # what varies stays in summary.json
+    assert json.loads((first / "summary.json").read_text())["run-name"] == "first"
+    assert "wall-seconds" in json.loads((second / "summary.json").read_text())
+
+
+# --- 8. a read-only run folder: one clear error, and the lock still goes (issue 25, item 5) -------
+def _immutable(paths: list[Path], on: bool) -> bool:
+    """`chattr +i/-i`: root cannot write an immutable file either (chmod does not stop root)."""
+    done = subprocess.run(["chattr", "+i" if on else "-i", *map(str, paths)],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+def test_a_run_folder_that_turns_read_only_mid_run_is_one_clear_error(tmp_path, caplog):
+    from loopback_grid import LoopbackGrid
+
+    from client_app.app import app as client_app
+    from feddifrc_core.checkpoint import WriteError
+    from server_app.app import run_server
+    from server_app.run_lock import RunFolderLock
+
+    folder = tmp_path / "runs" / "run"
+    frozen = [folder / "metrics.jsonl", folder / ".lock"]
+
+    class FreezeAfterRound1(LoopbackGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            if self.train_rounds == 1 and not _immutable(frozen, on=True):
+                pytest.skip("chattr +i is not available on this file system")
+            return super().send_and_receive(messages, timeout=timeout)
+
+    try:
+        with pytest.raises(WriteError) as info, caplog.at_level("WARNING"):
+            run_server(FreezeAfterRound1(client_app, 2), micro_run_config(tmp_path, num_rounds=2))
+        # one message naming the file and the fix, not a PermissionError chain
+        assert str(info.value) == (f"could not write {folder / 'metrics.jsonl'}: Operation not "
+                                   f"permitted. Check free disk space and that the folder "
+                                   f"{folder} is writable.")
+        assert info.value.__cause__ is None and info.value.__suppress_context__
+        # releasing the lock could not clear the immutable lock file: said, not raised
+        assert f"could not clear the lock file {folder / '.lock'}" in caplog.text
+        RunFolderLock.check_free(folder)  # and the lock itself is gone
+    finally:
+        _immutable(frozen, on=False)
+
+
+def test_releasing_the_lock_never_fails_a_second_time(tmp_path, monkeypatch, caplog):
+    from server_app.run_lock import RunFolderLock
+
+    lock = RunFolderLock(tmp_path / "run").acquire()
+
+    def denied(fd: int, length: int) -> None:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "ftruncate", denied)
+    with caplog.at_level("WARNING"):
+        lock.release()  # no exception
+    assert f"could not clear the lock file {tmp_path / 'run' / '.lock'}" in caplog.text
+    RunFolderLock.check_free(tmp_path / "run")  # released all the same
