@@ -124,23 +124,29 @@ class RunFolder:
     def open(cls, cfg: RunConfig, run_name: str) -> RunFolder:
         """Create `<output-dir>/<run_name>`; with `cfg.resume` it must already hold checkpoints."""
         path = cfg.resolved_output_dir() / run_name
-        has_checkpoints = (path / "checkpoints").is_dir() and any((path / "checkpoints").iterdir())
-        if cfg.resume and not has_checkpoints:
-            raise ConfigError(
-                f"resume=true but {path} holds no checkpoint; check run-name ({run_name!r}) and "
-                "output-dir, or start a new run with resume=false"
-            )
-        if not cfg.resume and has_checkpoints:
-            raise ConfigError(
-                f"run folder {path} already holds checkpoints; set resume=true to continue it or "
-                "choose another run-name"
-            )
+        cls.check_resume(path, cfg.resume, run_name)
         try:
             (path / "checkpoints").mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OSError(f"cannot create the run folder {path}: {err.strerror}; set output-dir to a "
                           "writable folder") from err
         return cls(path=path)
+
+    @staticmethod
+    def check_resume(path: Path, resume: bool, run_name: str) -> None:
+        """ConfigError unless `path` holds checkpoints exactly when `resume` asks to continue it
+        (reads only: launchers call it before they start anything)."""
+        has_checkpoints = (path / "checkpoints").is_dir() and any((path / "checkpoints").iterdir())
+        if resume and not has_checkpoints:
+            raise ConfigError(
+                f"resume=true but {path} holds no checkpoint; check run-name ({run_name!r}) and "
+                "output-dir, or start a new run with resume=false"
+            )
+        if not resume and has_checkpoints:
+            raise ConfigError(
+                f"run folder {path} already holds checkpoints; set resume=true to continue it or "
+                "choose another run-name"
+            )
 
     # --- writing -----------------------------------------------------------------------------------
     def write_config(self, cfg: RunConfig, run_name: str, extra: Mapping[str, Any]) -> None:

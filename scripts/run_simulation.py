@@ -55,9 +55,9 @@ def main() -> int:
                         help="run-config overrides, 'k=v k2=v2' or a TOML file (repeatable)")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before giving up")
     args = parser.parse_args()
-    # 0. the settings, checked before anything starts
+    # 0. the settings (and the run folder they name), checked before anything starts
     overrides = merge_run_config(args.run_config)
-    check_run_config(overrides, args.supernodes)
+    check_run_config(overrides, args.supernodes, runs_dir())
 
     # 1. environment: a private Flower home per invocation, offline, no dependency installation
     port = _free_port()
@@ -70,7 +70,7 @@ def main() -> int:
            "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or git_revision(),
-           "FEDDIFRC_RUNS_DIR": os.environ.get("FEDDIFRC_RUNS_DIR") or str(ROOT / "runs"),
+           "FEDDIFRC_RUNS_DIR": str(runs_dir()),
            "FEDDIFRC_CACHE_DIR": os.environ.get("FEDDIFRC_CACHE_DIR") or str(ROOT / ".cache" / "feddifrc"),
            # The app bundle (FAB) carries only code: the offline teacher's weights stay here.
            "FEDDIFRC_MODELS_DIR": os.environ.get("FEDDIFRC_MODELS_DIR") or str(ROOT / "models")}
@@ -241,11 +241,19 @@ def merge_run_config(items: list[str]) -> dict[str, object]:
     return merged
 
 
-def check_run_config(overrides: dict[str, object], supernodes: int) -> None:
+def runs_dir() -> Path:
+    """Where the ServerApp puts run folders without an output-dir (it gets this in its env)."""
+    return Path(os.environ.get("FEDDIFRC_RUNS_DIR") or ROOT / "runs").expanduser()
+
+
+def check_run_config(overrides: dict[str, object], supernodes: int, runs: Path) -> None:
     """Everything the ServerApp would refuse, said before a SuperLink starts: unknown keys (with
-    the closest known ones), wrong types and ranges, and too few SuperNodes for the run."""
+    the closest known ones), wrong types and ranges, too few SuperNodes for the run, and a named
+    run folder that another run writes into or that does not fit `resume`."""
     sys.path.insert(0, str(ROOT))
     from feddifrc_core.config import ConfigError, RunConfig
+    from feddifrc_core.reporting import RunFolder
+    from server_app.run_lock import RunFolderBusyError, RunFolderLock
 
     check_run_config_keys(overrides)  # the SuperLink only answers "Invalid run configuration"
     defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -259,6 +267,13 @@ def check_run_config(overrides: dict[str, object], supernodes: int) -> None:
             f"({cfg.min_available_nodes}): the run would wait for nodes forever. Use "
             f"--supernodes {cfg.min_available_nodes} or more, or lower min-available-nodes and "
             "min-train-nodes (-c \"min-available-nodes=1 min-train-nodes=1\").")
+    if cfg.run_name:  # a default name is new by construction (it holds the start time)
+        folder = Path(cfg.output_dir).expanduser() if cfg.output_dir else runs
+        try:
+            RunFolderLock.check_free(folder / cfg.run_name)
+            RunFolder.check_resume(folder / cfg.run_name, cfg.resume, cfg.run_name)
+        except (RunFolderBusyError, ConfigError) as err:
+            raise SystemExit(f"ERROR: {err}") from None
 
 
 def failure_hint(lines: list[str]) -> str:

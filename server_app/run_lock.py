@@ -53,17 +53,30 @@ class RunFolderLock:
         except OSError:  # BlockingIOError: held by another open file (another run)
             holder = _read_holder(fd)
             os.close(fd)
-            raise RunFolderBusyError(
-                f"run folder {self.folder} is in use by another run ({holder}); two runs must not "
-                "write into one folder. Wait for that run to end or stop it (`flwr stop RUN_ID`), "
-                "or choose another run-name."
-            ) from None
+            raise _busy(self.folder, holder) from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self._fd = fd
         return self
+
+    @staticmethod
+    def check_free(folder: Path) -> None:
+        """RunFolderBusyError if another process holds `folder`'s lock; creates nothing.
+
+        For launchers that refuse a second writer before they start anything (a run takes
+        the lock itself, first thing: this check only makes the refusal come sooner)."""
+        try:
+            fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+        except OSError:  # no lock file (no run ever wrote there) or unreadable: the run decides
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise _busy(Path(folder), _read_holder(fd)) from None
+        finally:
+            os.close(fd)  # also drops the lock this probe may have taken
 
     def release(self, remove_folder: bool = False) -> None:
         """Drop the lock; `remove_folder` deletes the folder first (a set-up that failed).
@@ -90,6 +103,13 @@ class RunFolderLock:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+def _busy(folder: Path, holder: str) -> RunFolderBusyError:
+    return RunFolderBusyError(
+        f"run folder {folder} is in use by another run ({holder}); two runs must not write into "
+        "one folder. Wait for that run to end or stop it (`flwr stop RUN_ID`), or choose another "
+        "run-name.")
 
 
 def _read_holder(fd: int) -> str:

@@ -582,3 +582,39 @@ def test_releasing_the_lock_never_fails_a_second_time(tmp_path, monkeypatch, cap
         lock.release()  # no exception
     assert f"could not clear the lock file {tmp_path / 'run' / '.lock'}" in caplog.text
     RunFolderLock.check_free(tmp_path / "run")  # released all the same
+
+
+# --- 9. a second writer is refused before Flower starts (issue 25, item 4) ------------------------
+def _run_script(tmp_path: Path, run_config: str) -> subprocess.CompletedProcess[str]:
+    home = tmp_path / "flwr-home"
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run_simulation.py"), "--supernodes", "2",
+         "-c", run_config], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "FLWR_HOME": str(home), "FEDDIFRC_RUNS_DIR": str(tmp_path / "runs")})
+
+
+def test_the_run_script_refuses_a_busy_or_mismatched_run_folder_before_starting(tmp_path):
+    """Before, the second writer was refused only when its ServerApp took the lock (64 s in)."""
+    holder = child(f"""
+        from pathlib import Path
+        from server_app.run_lock import RunFolderLock
+        RunFolderLock(Path({str(tmp_path / "runs" / "dup")!r})).acquire()
+        print("LOCKED", flush=True)
+        import time; time.sleep(600)
+    """)
+    try:
+        wait_for_line(holder, "LOCKED")
+        busy = _run_script(tmp_path, "run-name='dup' dataset='digits'")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert busy.returncode == 1 and busy.stderr.count("ERROR") == 1, busy.stderr
+    assert f"run folder {tmp_path / 'runs' / 'dup'} is in use by another run (PID {holder.pid}" \
+        in busy.stderr
+    assert not (tmp_path / "flwr-home").exists()  # no SuperLink was started
+
+    (tmp_path / "runs" / "old" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "old" / "checkpoints" / "round-0000.safetensors").write_bytes(b"x")
+    reused = _run_script(tmp_path, "run-name='old'")
+    assert reused.returncode == 1 and "already holds checkpoints; set resume=true" in reused.stderr
+    assert not (tmp_path / "flwr-home").exists()
