@@ -20,6 +20,7 @@ from feddifrc_core.config import RESUMABLE_KEYS, RunConfig
 from feddifrc_core.evaluation import CentralEvaluator
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
 from feddifrc_core.run_setup import model_state, set_torch_threads
+from server_app.failures import report_expected_failures_in_one_line
 from server_app.ray_workers import exit_with_parent, replace_dead_ray_workers
 from server_app.run_lock import RunFolderLock
 from server_app.strategy import FedDifRCStrategy
@@ -38,6 +39,8 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        # a bad setting, a busy run folder or a diverged round ends the run with one log line
+        report_expected_failures_in_one_line()
         cfg = RunConfig.from_flower({**context.run_config, **(overrides or {})})
         replace_dead_ray_workers()  # simulation: a killed ClientApp worker costs one round only
         exit_with_parent()  # simulation: no orphaned run when the launching processes die

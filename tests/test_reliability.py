@@ -618,3 +618,43 @@ def test_the_run_script_refuses_a_busy_or_mismatched_run_folder_before_starting(
     reused = _run_script(tmp_path, "run-name='old'")
     assert reused.returncode == 1 and "already holds checkpoints; set resume=true" in reused.stderr
     assert not (tmp_path / "flwr-home").exists()
+
+
+# --- 10. an expected failure ends the run with one log line (issue 25, item 6) --------------------
+def test_a_bad_setting_ends_the_server_app_with_one_log_line():
+    """Flower logs a ServerApp's exception with its traceback; for the project's own expected
+    failures (bad settings, too few clients, a busy run folder, divergence, a failed write) the
+    message is the whole story. `flwr run` with a bad value: tests/test_flower_native.py."""
+    import io
+    import logging
+
+    from flwr.app import Context, RecordDict
+    from flwr.common.logger import LOGGER_NAME, log
+    from loopback_grid import LoopbackGrid
+
+    from client_app.app import app as client_app
+    from feddifrc_core.config import ConfigError
+    from server_app.app import make_server_app
+
+    server_app = make_server_app({"num-rounds": "abc"})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError) as info:
+        server_app(grid=LoopbackGrid(client_app, 2), context=context)
+    try:
+        {}["surprise"]
+    except KeyError as err:
+        surprise = err
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    try:  # what Flower's simulation and ServerApp processes do with an exception
+        log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=info.value)
+        one_line = text.getvalue()
+        log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=surprise)
+    finally:
+        logger.removeHandler(handler)
+    assert one_line == ("ERROR ServerApp raised an exception: ConfigError: run config: "
+                        "'num-rounds' expects an integer, got 'abc' (str)\n")
+    assert "Traceback" in text.getvalue()[len(one_line):]  # anything else keeps its traceback
