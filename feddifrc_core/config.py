@@ -28,7 +28,7 @@ from feddifrc_core.projection import PROJECTIONS
 # their configuration hash).
 BOOKKEEPING_KEYS = frozenset({
     "output-dir", "run-name", "resume", "cache-dir", "data-path", "device", "torch-threads",
-    "eval-batch-size", "round-timeout"})
+    "eval-batch-size", "round-timeout", "setup-timeout"})
 # What a resumed run may change besides: more rounds, and the nodes it waits for.
 RESUMABLE_KEYS = BOOKKEEPING_KEYS | {"num-rounds", "min-available-nodes"}
 
@@ -52,6 +52,11 @@ class RunConfig:
     min_train_nodes: int = _opt(2, lo=1)  # below this many replies a round fails loudly
     min_available_nodes: int = _opt(2, lo=1)
     round_timeout: float = _opt(3600.0, lo=1.0)  # seconds a round waits for replies
+    # Set-up stages (node discovery, the one-time extraction for the projection) give up only
+    # after this many seconds without any client replying: clients queued behind others (fewer
+    # parallel slots than clients) keep the stage alive, so a slower machine takes longer but
+    # does not fail. Per-client budget, like round-timeout (server_app/progress_wait.py).
+    setup_timeout: float = _opt(3600.0, lo=1.0)
     eval_every: int = _opt(1, lo=1)  # central test evaluation period in rounds
     eval_batch_size: int = _opt(512, lo=1)
     output_dir: str = _opt("")  # "" -> $FEDDIFRC_RUNS_DIR or ./runs

@@ -27,6 +27,7 @@ from feddifrc_core import projection
 from feddifrc_core.aggregation import sample_partitions, weighted_average
 from feddifrc_core.config import RunConfig
 from feddifrc_core.targets import TARGET_COUNT, TARGET_OFFSET, TARGET_SUM
+from server_app.progress_wait import send_and_receive_with_progress
 
 # Message types and record keys shared with client_app/app.py.
 QUERY_NODE_INFO = f"{MessageType.QUERY}.node_info"
@@ -88,7 +89,7 @@ class FedDifRCStrategy(FedAvg):
                 mapping[msg.metadata.src_node_id] = cast(int, info["partition-id"])
         self.node_partitions = mapping
         self._require("node discovery", len(mapping), len(node_ids),
-                      self._describe_failures(replies, sent))
+                      self._describe_failures(replies, sent, self._setup_wait))
         duplicates = len(mapping) - len(set(mapping.values()))
         if duplicates:
             raise RoundFailedError(
@@ -156,7 +157,8 @@ class FedDifRCStrategy(FedAvg):
         ok = self._ordered_ok(replies)
         report = self.last_report
         report.succeeded = [self.node_partitions[m.metadata.src_node_id] for m in ok]
-        report.failures = self._describe_failures(replies, self._sent)
+        report.failures = self._describe_failures(
+            replies, self._sent, f"round-timeout ({self.cfg.round_timeout:g} s)")
         self._require(f"round {server_round}", len(ok), len(report.sampled), report.failures)
 
         weights = [cast(float, m.content.metric_records[METRICS]["num-examples"]) for m in ok]
@@ -195,22 +197,29 @@ class FedDifRCStrategy(FedAvg):
         node_ids = sorted(self.node_partitions, key=self.node_partitions.__getitem__)
         sent, replies = self._query(grid, node_ids, message_type, record)
         ok = self._ordered_ok(replies)
-        self._require(stage, len(ok), len(node_ids), self._describe_failures(replies, sent))
+        self._require(stage, len(ok), len(node_ids),
+                      self._describe_failures(replies, sent, self._setup_wait))
         return ok
+
+    @property
+    def _setup_wait(self) -> str:
+        return f"setup-timeout ({self.cfg.setup_timeout:g} s) after the stage's last reply"
 
     def _query(self, grid: Grid, node_ids: list[int], message_type: str,
                record: RecordDict) -> tuple[list[Message], list[Message]]:
-        """(the messages sent, the replies)."""
+        """(the messages sent, the replies). Set-up stages wait while clients make progress:
+        queued clients (fewer parallel slots than clients) start only when others finish."""
         messages = list(self._construct_messages(record, node_ids, message_type))
-        return messages, list(grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        return messages, send_and_receive_with_progress(grid, messages, self.cfg.setup_timeout)
 
     def _ordered_ok(self, replies: list[Message]) -> list[Message]:
         ok = [m for m in replies if not m.has_error()
               and m.metadata.src_node_id in self.node_partitions]
         return sorted(ok, key=lambda m: self.node_partitions[m.metadata.src_node_id])
 
-    def _describe_failures(self, replies: list[Message], sent: list[Message]) -> list[str]:
-        """One entry per failed node: its error, or no reply before round-timeout.
+    def _describe_failures(self, replies: list[Message], sent: list[Message],
+                           waited: str) -> list[str]:
+        """One entry per failed node: its error, or no reply within `waited` (the deadline).
 
         A reply is matched to the node it was sent to by its reply-to id: when a node is gone,
         the SuperLink answers in its place (source node 1), which is the same node's failure,
@@ -226,7 +235,7 @@ class FedDifRCStrategy(FedAvg):
                 reason = (msg.error.reason or "").strip().splitlines()
                 failed[node] = reason[-1] if reason else f"error code {msg.error.code}"
         for node in set(node_of.values()) - answered:
-            failed[node] = f"no reply within round-timeout ({self.cfg.round_timeout:g} s)"
+            failed[node] = f"no reply within {waited}"
         order = sorted(failed, key=lambda n: (self.node_partitions.get(n, -1), n))
         failures = [f"partition {self.node_partitions.get(n, '?')} (node {n}): {failed[n]}"
                     for n in order]
@@ -240,7 +249,8 @@ class FedDifRCStrategy(FedAvg):
         raise RoundFailedError(
             f"{stage}: only {ok} of {expected} clients replied successfully, min-train-nodes is "
             f"{self.min_train_nodes}. Failures: {'; '.join(group_failures(failures)) or 'none reported'}. "
-            "Fix the client error above, raise round-timeout, or lower min-train-nodes."
+            "Fix the client error above, raise round-timeout (training) or setup-timeout "
+            "(set-up stages), or lower min-train-nodes."
         )
 
 

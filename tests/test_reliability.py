@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
 import signal
@@ -658,3 +659,61 @@ def test_a_bad_setting_ends_the_server_app_with_one_log_line():
     assert one_line == ("ERROR ServerApp raised an exception: ConfigError: run config: "
                         "'num-rounds' expects an integer, got 'abc' (str)\n")
     assert "Traceback" in text.getvalue()[len(one_line):]  # anything else keeps its traceback
+
+
+# --- 11. the one-time extraction waits for queued clients (issue 25, item 9) ----------------------
+def _queued_run(tmp_path: Path, monkeypatch, nodes: int, **grid_kw):
+    """FedDifRC with the tiny extractor through a grid whose clients share few parallel slots,
+    on a simulated clock (the server's set-up wait reads it too); returns (grid, config)."""
+    from loopback_grid import FakeClock, QueuedGrid
+
+    from client_app.app import app as client_app
+    from server_app import progress_wait
+
+    clock = FakeClock()
+    monkeypatch.setattr(progress_wait, "monotonic", clock)
+    monkeypatch.setattr(progress_wait, "sleep", clock.sleep)
+    # round-timeout 300 s: the deadline the whole stage had before setup-timeout existed
+    cfg = micro_run_config(tmp_path, algorithm="feddifrc", diffusion_model="tiny-sd",
+                           diffusion_image_size=0, extraction_batch_size=64, neg_num=3,
+                           min_train_nodes=nodes, min_available_nodes=nodes, round_timeout=300.0,
+                           setup_timeout=300.0)
+    return QueuedGrid(client_app, nodes, clock=clock, **grid_kw), cfg
+
+
+def test_clients_queued_behind_others_keep_the_set_up_alive(tmp_path, monkeypatch):
+    """6 clients, one at a time, 100 s of extraction each and one deliberately slowed to 250 s:
+    the stage takes 750 s against a setup-timeout of 300 s and still succeeds. With one deadline
+    for the whole stage (Flower's `send_and_receive`, as before) the same run fails."""
+    from server_app import strategy as strategy_module
+    from server_app.app import run_server
+    from server_app.strategy import RoundFailedError
+
+    grid, cfg = _queued_run(tmp_path, monkeypatch, 6, slots=1, extract_seconds=100.0,
+                            seconds={5: 250.0})
+    summary = run_server(grid, cfg)
+    assert summary["rounds"] == 1 and summary["client-failures"] == 0
+    assert grid.clock.now >= 750.0 > cfg.setup_timeout
+
+    def one_deadline(grid, messages, timeout):  # the stage before this change
+        return list(grid.send_and_receive(messages, timeout=timeout))
+
+    monkeypatch.setattr(strategy_module, "send_and_receive_with_progress", one_deadline)
+    grid, cfg = _queued_run(tmp_path / "before", monkeypatch, 6, slots=1, extract_seconds=100.0,
+                            seconds={5: 250.0})
+    with pytest.raises(RoundFailedError, match=r"projection set-up: only 2 of 6"):
+        run_server(grid, cfg)
+
+
+def test_a_client_that_hangs_in_set_up_is_given_up_after_the_last_progress(tmp_path, monkeypatch):
+    from server_app.app import run_server
+    from server_app.strategy import RoundFailedError
+
+    grid, cfg = _queued_run(tmp_path, monkeypatch, 4, slots=2, extract_seconds=100.0,
+                            seconds={3: math.inf})
+    with pytest.raises(RoundFailedError, match=r"projection set-up: only 3 of 4 .*partition 3 "
+                                               r"\(node \d+\): no reply within setup-timeout "
+                                               r"\(300 s\) after the stage's last reply"):
+        run_server(grid, cfg)
+    # the last reply came at 200 s (partition 2, second in its slot): given up 300 s later
+    assert 500.0 <= grid.clock.now <= 502.0
