@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
 	# open-clip-torch ships the real CLIP BPE vocabulary; --no-deps because it requires torchvision.
 	$(PY) -m pip install -q --no-deps "$(OPEN_CLIP_SPEC)"
+	# Ray has no authentication: simulations keep it on loopback with a bind() shim that needs a
+	# C compiler (scripts/ray_loopback.py); without one they warn and Ray listens everywhere.
+	-$(PY) scripts/ray_loopback.py
 	# `source .venv/bin/activate` also sets what plain `flwr run .` needs (scripts/flower_env.sh).
 	@grep -q 'scripts/flower_env.sh' $(VENV)/bin/activate || \
 	  echo '. "$(CURDIR)/scripts/flower_env.sh" "$(CURDIR)"  # feddifrc: docs/running.md' >> $(VENV)/bin/activate

@@ -342,9 +342,10 @@ def launch(spec: RunSpec, out: Path, args: argparse.Namespace) -> Path:
     config_path.write_text(json.dumps(config, indent=2))
     log_path = out / "logs" / f"{spec.run_name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0",
-           "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or git_revision()}
+    env = loopback_ray_env({**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
+                            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                            "RAY_DEDUP_LOGS": "0",
+                            "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or git_revision()})
     if args.engine == "inprocess":
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(config_path),
                "--clients", str(args.clients), "--cpus-per-client", str(args.cpus_per_client),
@@ -370,6 +371,17 @@ def launch(spec: RunSpec, out: Path, args: argparse.Namespace) -> Path:
 
 
 LOAD_FILE = "machine-load.json"
+
+
+def loopback_ray_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with the settings that keep the child's Ray on 127.0.0.1 (scripts/ray_loopback.py)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from ray_loopback import WARNING, build, loopback_env
+
+    library = build()
+    if library is None:
+        print(WARNING, file=sys.stderr)
+    return loopback_env(env, library)
 
 
 class LoadSampler:

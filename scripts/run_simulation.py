@@ -16,7 +16,8 @@ on top of it:
   and everything below it at the end, also when the script itself is killed (parent-death
   signal); it removes the Flower home and Ray session folders it made;
 - the installed copy of the app is not a git checkout, so the git revision travels in
-  $FEDDIFRC_GIT_SHA.
+  $FEDDIFRC_GIT_SHA;
+- Ray, which has no authentication, listens on 127.0.0.1 only (scripts/ray_loopback.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
+
+from ray_loopback import WARNING as NO_LOOPBACK_WARNING
+from ray_loopback import build as build_loopback
+from ray_loopback import loopback_env
 
 from feddifrc_core.processes import descendants
 from feddifrc_core.provenance import git_revision
@@ -78,6 +83,11 @@ def main() -> int:
     for key, value in (("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error"),
                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")):
         env.setdefault(key, value)
+    # Ray listens on loopback only: every process below the SuperLink gets the bind() shim
+    library = build_loopback()
+    if library is None:
+        print(NO_LOOPBACK_WARNING, file=sys.stderr)
+    env = loopback_env(env, library)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n')

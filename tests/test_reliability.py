@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from micro_config import micro_run_config
+from sockets import is_loopback
 
 from feddifrc_core import checkpoint as ckpt
 from feddifrc_core.feature_cache import FeatureCache, FeatureCacheError
@@ -717,3 +719,62 @@ def test_a_client_that_hangs_in_set_up_is_given_up_after_the_last_progress(tmp_p
         run_server(grid, cfg)
     # the last reply came at 200 s (partition 2, second in its slot): given up 300 s later
     assert 500.0 <= grid.clock.now <= 502.0
+
+
+# --- 12. Ray on loopback only (issue 25, item 3) ---------------------------------------------------
+def _loopback_env() -> dict[str, str]:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from ray_loopback import build, loopback_env
+
+    library = build()
+    if library is None:
+        pytest.skip("no C compiler to build scripts/ray_loopback.c")
+    return loopback_env(os.environ, library)
+
+
+def test_the_bind_shim_turns_only_wildcard_addresses_into_loopback():
+    code = textwrap.dedent("""
+        import socket
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::"),
+                             (socket.AF_INET, "127.0.0.2")):
+            with socket.socket(family) as sock:
+                sock.bind((host, 0))
+                print(sock.getsockname()[0])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=_loopback_env(), capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    assert out == ["127.0.0.1", "::ffff:127.0.0.1", "127.0.0.2"]  # a chosen address stays
+
+
+def test_a_local_ray_listens_on_loopback_only(tmp_path):
+    """What a simulation starts (GCS, raylet, workers, the driver) lists only loopback sockets.
+    Ray 2.55.1 alone listens on every interface even with `_node_ip_address="127.0.0.1"`."""
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="feddifrc-ray-")  # short: Ray's socket paths live inside
+    code = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        import ray
+        from sockets import listening_sockets, process_tree
+        ray.init(num_cpus=1, include_dashboard=False, _temp_dir={ray_tmp!r})
+
+        @ray.remote
+        class Worker:
+            def pid(self):
+                return os.getpid()
+
+        ray.get(Worker.remote().pid.remote())
+        print(json.dumps(listening_sockets(process_tree(os.getpid()))), flush=True)
+        ray.shutdown()
+    """)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=_loopback_env(),
+                              capture_output=True, text=True, timeout=240)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = {name for _, name, _ in found}
+    assert {"gcs_server", "raylet"} <= names, found  # the test saw Ray's servers
+    assert [s for s in found if not is_loopback(s[2])] == []
