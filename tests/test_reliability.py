@@ -1,5 +1,8 @@
 """Cache and checkpoint safety with real processes: SIGKILL mid-write, concurrent writers sharing
-one cache folder, a full disk (RLIMIT_FSIZE), read-only / not-a-folder paths.
+one cache folder, a full disk (RLIMIT_FSIZE), read-only / not-a-folder paths; and the run-level
+reliability items of issue 25 (sections 6-13): diverged training, identical model files, a
+read-only run folder, the run script's early refusal, one-line failures, set-up waits, Ray on
+loopback, reaped ClientApps.
 
 Child processes import this module (tests/ on sys.path) so that parent and children build the
 same caches and the same expected data.
@@ -778,3 +781,29 @@ def test_a_local_ray_listens_on_loopback_only(tmp_path):
     names = {name for _, name, _ in found}
     assert {"gcs_server", "raylet"} <= names, found  # the test saw Ray's servers
     assert [s for s in found if not is_loopback(s[2])] == []
+
+
+# --- 13. deployment: finished ClientApps are reaped (issue 25, item 7) -----------------------------
+def test_the_superexec_reaper_waits_for_finished_client_apps_only(tmp_path):
+    """flwr 1.39's SuperExec drops the Popen of every ClientApp it starts: a finished one stays a
+    zombie until the next launch. The reaper (scripts/deploy/bin/flower-superexec runs it) waits
+    for exited `flwr-*` children, and never for a child someone else still waits for."""
+    sys.path.insert(0, str(ROOT / "scripts" / "deploy"))
+    from reaper import exited_task_children, reap_exited_tasks
+
+    app = tmp_path / "flwr-clientapp"  # the process name Flower's task processes have
+    go = tmp_path / "go"  # they end together, after the last launch (which reaps earlier ones)
+    app.write_text(f"#!/bin/sh\nwhile [ ! -e {go} ]; do sleep 0.05; done\n")
+    app.chmod(0o755)
+    other = subprocess.Popen(["sh", "-c", "exit 3"])
+    for _ in range(3):
+        subprocess.Popen([str(app)])  # dropped, as Flower's SubprocessExecutor does
+    go.touch()
+    deadline = time.monotonic() + 30
+    while len(exited_task_children(os.getpid())) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    zombies = exited_task_children(os.getpid())
+    assert len(zombies) == 3  # what the nodes kept until teardown
+    assert sorted(reap_exited_tasks()) == sorted(zombies)
+    assert exited_task_children(os.getpid()) == []
+    assert other.wait(timeout=30) == 3  # its exit status was left to its owner

@@ -32,6 +32,7 @@ from feddifrc_core.checkpoint import atomic_write_text
 from feddifrc_core.provenance import git_revision
 
 CERTS_SCRIPT = Path(__file__).resolve().parent / "make_certs.sh"
+REAPING_BIN = Path(__file__).resolve().parent / "bin"  # flower-superexec that reaps (reaper.py)
 CONNECTION = "feddifrc-deployment"
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +59,9 @@ def child_env(flwr_home: str) -> dict[str, str]:
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
         TOKENIZERS_PARALLELISM="false",
-        PATH=f"{flwr_bin_dir()}{os.pathsep}{env.get('PATH', '')}",
+        # bin/ first: its `flower-superexec` (Flower's, plus a reaper of finished ClientApps)
+        # is what SuperLink and SuperNodes start by name, and what process isolation runs
+        PATH=os.pathsep.join([str(REAPING_BIN), str(flwr_bin_dir()), env.get("PATH", "")]),
     )
     # The ServerApp runs from an installed copy of the app (no .git): its run folder records
     # the revision from here. Runs and caches default to the repository's folders.
