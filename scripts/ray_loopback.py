@@ -29,11 +29,12 @@ LIBRARY = Path(sys.prefix) / "lib" / "feddifrc-ray-loopback.so"  # .venv/lib/ un
 
 
 def build(target: Path = LIBRARY) -> Path | None:
-    """The library, compiled from SOURCE when missing or older; None without a C compiler."""
+    """The library, compiled from SOURCE when missing or older; None without a C compiler or
+    a writable lib/ folder (the caller warns); RuntimeError when the compiler fails."""
     if target.is_file() and target.stat().st_mtime >= SOURCE.stat().st_mtime:
         return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    if compiler is None or not os.access(_existing_parent(target), os.W_OK):
         return None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
@@ -46,6 +47,12 @@ def build(target: Path = LIBRARY) -> Path | None:
     return target
 
 
+def _existing_parent(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def loopback_env(env: Mapping[str, str], library: Path | None) -> dict[str, str]:
     """`env` plus the settings that keep Ray on loopback (`library`: the built bind() shim)."""
     out = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -55,9 +62,10 @@ def loopback_env(env: Mapping[str, str], library: Path | None) -> dict[str, str]
     return out
 
 
-WARNING = ("WARNING: no C compiler to build the loopback shim (scripts/ray_loopback.c): Ray will "
-           "listen on every network interface during this simulation. Install a C compiler (e.g. "
-           "apt-get install gcc) and run `make venv` (docs/running.md, \"Network exposure\").")
+WARNING = ("WARNING: could not build the loopback shim (scripts/ray_loopback.c: no C compiler, or "
+           f"{LIBRARY.parent} is not writable): Ray will listen on every network interface during "
+           "this simulation. Install a C compiler (e.g. apt-get install gcc) and run `make venv` "
+           "(docs/running.md, \"Network exposure\").")
 
 if __name__ == "__main__":
     built = build()
