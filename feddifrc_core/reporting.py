@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from feddifrc_core.checkpoint import atomic_write_bytes, atomic_write_text, write_error
+from feddifrc_core.checkpoint import WriteError, atomic_write_bytes, atomic_write_text, write_error
 from feddifrc_core.config import ConfigError, RunConfig
 from feddifrc_core.divergence import check_metrics
 from feddifrc_core.provenance import git_revision
@@ -128,8 +128,8 @@ class RunFolder:
         try:
             (path / "checkpoints").mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise OSError(f"cannot create the run folder {path}: {err.strerror}; set output-dir to a "
-                          "writable folder") from err
+            raise WriteError(f"cannot create the run folder {path}: {err.strerror}; set output-dir "
+                             "to a writable folder") from err
         return cls(path=path)
 
     @staticmethod

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from feddifrc_core.checkpoint import WriteError
+
 LOCK_NAME = ".lock"
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,8 @@ class RunFolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise OSError(f"cannot create the run folder {self.folder}: {err.strerror}; set "
-                          "output-dir to a writable folder") from err
+            raise WriteError(f"cannot create the run folder {self.folder}: {err.strerror}; set "
+                             "output-dir to a writable folder") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # BlockingIOError: held by another open file (another run)
