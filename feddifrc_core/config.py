@@ -70,6 +70,10 @@ class RunConfig:
     data_subset: str = _opt("all", choices=("all", "private"))  # private = half not seen by the teacher
     train_samples: int = _opt(0, lo=0)  # 0 = all; a seeded subsample keeps CPU demos short
     test_samples: int = _opt(0, lo=0)  # 0 = whole test set
+    # Images of the test split held out for model selection (the round a summary reports), drawn
+    # stratified and seeded from what the test subset leaves: disjoint from it. 0 = none, as in
+    # the paper (it reports on the whole test set and picks its best round there).
+    validation_samples: int = _opt(0, lo=0)
     partition: str = _opt("dirichlet-reference", choices=PARTITION_METHODS)
     dirichlet_alpha: float = _opt(0.05, lo=0.0, lo_open=True)  # README example of the reference code
     imb_factor: float = _opt(1.0, lo=0.0, hi=1.0, lo_open=True)  # 1 = balanced; reference example 0.1
@@ -82,6 +86,14 @@ class RunConfig:
     # losses act, so z >= 0 can still match signed targets. "linear": chosen by a 3-seed training
     # comparison (docs/results.md, "Choice of the targets"; docs/method.md, "Targets").
     align_head: str = _opt("linear", choices=("none", "linear", "mlp"))
+    # The global model the server starts from: "random" = seeded initialisation (the paper);
+    # "public-supervised" = that model trained centrally by the server on the labelled public half
+    # of the training split (data-subset 'private' only: the clients never hold it), a control
+    # that gives any algorithm the data the diffusion teacher saw (feddifrc_core/warm_start.py).
+    init_model: str = _opt("random", choices=("random", "public-supervised"))
+    # Epochs of that central training (SGD with lr / momentum / weight-decay / batch-size, the
+    # run's augmentation): a few minutes for the small CNN on 2 cores (docs/results.md).
+    init_epochs: int = _opt(2, lo=1)
     local_epochs: int = _opt(10, lo=1)  # paper: 10 local epochs
     batch_size: int = _opt(64, lo=1)  # paper: 64
     lr: float = _opt(0.01, lo=0.0, lo_open=True)  # paper: SGD 0.01
@@ -97,6 +109,13 @@ class RunConfig:
     tau: float = _opt(0.04, lo=0.0, lo_open=True)  # reference InfoNCE temperature
     ndcr_loss: str = _opt("l2", choices=NDCR_KINDS)  # project decision (METHOD.md)
     neg_num: int = _opt(10, lo=1)  # reference: 10 negative class prompts per sample
+    # fedavg-kd (a control, not in the paper): CE + kd-weight * T^2 * KL(teacher || student) at
+    # temperature T toward the diffusion teacher's zero-shot class logits on the client's images.
+    kd_weight: float = _opt(1.0, lo=0.0)  # the weight FedDifRC's two terms have (reference 1)
+    kd_temperature: float = _opt(1.0, lo=0.0, lo_open=True)  # the classifier's own scale: logits
+    # are -E||eps - eps_theta||^2, log-likelihood ratios up to a constant (zero_shot.py)
+    zero_shot_timesteps: int = _opt(5, lo=1)  # stratified timesteps per image (teacher probe: 5)
+    zero_shot_draws: int = _opt(1, lo=1)  # noise draws per timestep (shared by all prompts)
     # --- diffusion representations -------------------------------------------------------------
     diffusion_model: str = _opt("stabilityai/stable-diffusion-2-1")  # or a folder, offline-teacher, tiny-sd
     diffusion_revision: str = _opt("")  # hub revision; "" = default branch
@@ -176,6 +195,18 @@ class RunConfig:
             raise ConfigError(
                 f"pool-grid={self.pool_grid} applies to reduction 'mean-pool' only; "
                 f"reduction {self.reduction!r} keeps every position: set pool-grid=1"
+            )
+        if self.validation_samples > 0 and self.test_samples == 0:
+            raise ConfigError(
+                f"validation-samples={self.validation_samples} needs images the test subset "
+                "leaves, but test-samples=0 takes the whole test split: set test-samples to at "
+                "most the split's size minus validation-samples, or validation-samples=0"
+            )
+        if self.init_model == "public-supervised" and self.data_subset != "private":
+            raise ConfigError(
+                f"init-model='public-supervised' trains on the public half of the training split, "
+                f"which the clients also hold with data-subset={self.data_subset!r}: set "
+                "data-subset='private' (or init-model='random')"
             )
         if self.min_available_nodes < self.min_train_nodes:
             raise ConfigError(

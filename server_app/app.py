@@ -188,8 +188,8 @@ def _prefixed(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _short(row: Mapping[str, Any]) -> str:
-    keys = ("test-accuracy", "test-knn-accuracy", "test-loss", "train-loss", "failures",
-            "round-seconds")
+    keys = ("test-accuracy", "val-accuracy", "test-knn-accuracy", "test-loss", "train-loss",
+            "failures", "round-seconds")
     return ", ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
                      for k in keys if k in row)
 
