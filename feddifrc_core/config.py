@@ -93,7 +93,7 @@ class RunConfig:
     init_model: str = _opt("random", choices=("random", "public-supervised"))
     # Epochs of that central training (SGD with lr / momentum / weight-decay / batch-size, the
     # run's augmentation): a few minutes for the small CNN on 2 cores (docs/results.md).
-    init_epochs: int = _opt(2, lo=1)
+    init_epochs: int = _opt(3, lo=1)
     local_epochs: int = _opt(10, lo=1)  # paper: 10 local epochs
     batch_size: int = _opt(64, lo=1)  # paper: 64
     lr: float = _opt(0.01, lo=0.0, lo_open=True)  # paper: SGD 0.01

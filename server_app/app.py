@@ -20,6 +20,7 @@ from feddifrc_core.config import RESUMABLE_KEYS, RunConfig
 from feddifrc_core.evaluation import CentralEvaluator
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
 from feddifrc_core.run_setup import model_state, set_torch_threads
+from feddifrc_core.warm_start import initial_state
 from server_app.failures import report_expected_failures_in_one_line
 from server_app.ray_workers import exit_with_parent, replace_dead_ray_workers
 from server_app.run_lock import RunFolderLock
@@ -91,7 +92,10 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
 
     # 2. test data and the global model (seeded initialisation; restored when resuming)
     evaluator = CentralEvaluator(cfg)
-    state = model_state(evaluator.model)  # seeded initialisation
+    # seeded initialisation, or init-model's warm start (trained once, then read from the cache)
+    state, how = ((model_state(evaluator.model), "from the checkpoint") if resumed
+                  else initial_state(cfg, evaluator.model, device=evaluator.device))
+    log(INFO, "initial model: %s", how)
     # Names the clients' per-run files (MOON's previous models): a new run that reuses a run-name
     # gets a fresh key, a resumed run keeps its own ("" = checkpoints from before the key existed).
     run_key = str(resumed.meta.get("run-key", "")) if resumed else secrets.token_hex(6)
