@@ -7,6 +7,7 @@ representations from the client's on-disk feature cache.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from feddifrc_core.config import NodeConfig, RunConfig, resolve_device
 from feddifrc_core.diffusion.backbone import DiffusionBackbone
 from feddifrc_core.diffusion.reduction import basis_sha256
 from feddifrc_core.projection import Basis, arrays_to_bases, stats_to_arrays
+from feddifrc_core.prompts import class_prompts
 from feddifrc_core.run_setup import (
     build_global_model,
     client_indices,
@@ -34,7 +36,11 @@ from feddifrc_core.run_setup import (
 )
 from feddifrc_core.seeding import seedsequence_seed
 from feddifrc_core.targets import TARGET_COUNT, TARGET_OFFSET, TARGET_SUM, DiffusionTargets
+from feddifrc_core.teacher_logits import client_teacher_logits
 from feddifrc_core.training import train_local
+from feddifrc_core.zero_shot import ZeroShotSettings
+
+log = logging.getLogger(__name__)
 
 # (images, labels or None, sample ids, class names): one client's inputs to the extraction.
 ExtractionData = tuple[torch.Tensor, torch.Tensor | None, np.ndarray, tuple[str, ...]]
@@ -72,6 +78,7 @@ class ClientSession:
         self.train_transform, _ = make_transforms(cfg, pool.images)
         # (hashes of the bases they were projected with, the representations); None = not yet
         self._representations: tuple[tuple[str, ...], rep.ClientRepresentations] | None = None
+        self._teacher_logits: torch.Tensor | None = None  # [N, C], distillation control only
 
     @property
     def num_examples(self) -> int:
@@ -135,6 +142,23 @@ class ClientSession:
         offset = None if projection is None else projection.get(TARGET_OFFSET)
         return self.representations(bases).targets(bases, feature_dim, offset)
 
+    def teacher_logits(self) -> torch.Tensor:
+        """The teacher's zero-shot class logits [N, C] of this client's images: computed once per
+        image and kept on this node's disk (never sent anywhere), memoised per process."""
+        if self._teacher_logits is None:
+            cfg = self.cfg
+            backbone = rep.backbone_from_config(cfg, self.device, self.cache_dir)  # per process
+            settings = ZeroShotSettings(timesteps=cfg.zero_shot_timestep_ids,
+                                        draws=cfg.zero_shot_draws, seed=cfg.seed,
+                                        image_size=cfg.diffusion_image_size)
+            prompts = class_prompts(self.data.class_names, cfg.prompt_template)
+            self._teacher_logits, info = client_teacher_logits(
+                backbone, self.data.images, self.sample_ids, prompts, settings, self.cache_dir)
+            log.info("partition %d: teacher logits of %d images (%d reused, %d computed in "
+                     "%.1f s) in %s", self.node.partition_id, len(self.data), info["reused"],
+                     info["computed"], info["seconds"], info["folder"])
+        return self._teacher_logits
+
     @staticmethod
     def _bases(projection: Mapping[str, np.ndarray] | None) -> list[Basis]:
         if not projection:
@@ -154,6 +178,7 @@ class ClientSession:
         t0 = time.perf_counter()
         feature_dim = cast(int, model.feature_dim)  # every project model has one
         targets = self.targets(projection, feature_dim) if algorithm.needs_targets else None
+        teacher = self.teacher_logits() if algorithm.needs_teacher_logits else None
         extract_seconds = time.perf_counter() - t0
         # 3. (MOON) this client's previous local model, from disk (survives restarts)
         # keyed by run: a new run reusing a run-name never reads or prunes the older run's files
@@ -167,7 +192,7 @@ class ClientSession:
         labels = self.data.labels if algorithm.needs_labels else None
         result = train_local(model, self.data.images, labels, cfg, self.device,
                              transform=self.train_transform, targets=targets,
-                             previous_model=previous,
+                             previous_model=previous, teacher_logits=teacher,
                              seed=seedsequence_seed(cfg.seed, server_round, pid))
         state = model_state(model)
         if algorithm.keeps_previous_model:

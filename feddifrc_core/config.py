@@ -114,8 +114,11 @@ class RunConfig:
     kd_weight: float = _opt(1.0, lo=0.0)  # the weight FedDifRC's two terms have (reference 1)
     kd_temperature: float = _opt(1.0, lo=0.0, lo_open=True)  # the classifier's own scale: logits
     # are -E||eps - eps_theta||^2, log-likelihood ratios up to a constant (zero_shot.py)
-    zero_shot_timesteps: int = _opt(5, lo=1)  # stratified timesteps per image (teacher probe: 5)
-    zero_shot_draws: int = _opt(1, lo=1)  # noise draws per timestep (shared by all prompts)
+    # The zero-shot classifier's timesteps and noise draws per timestep (zero_shot.py): one UNet
+    # call of classes x timesteps x draws passes per image, ~0.1 s per pass set on 2 cores; the
+    # choice is measured on private images in docs/results.md ("Controls").
+    zero_shot_timesteps: str = _opt("500")
+    zero_shot_draws: int = _opt(1, lo=1)
     # --- diffusion representations -------------------------------------------------------------
     diffusion_model: str = _opt("stabilityai/stable-diffusion-2-1")  # or a folder, offline-teacher, tiny-sd
     diffusion_revision: str = _opt("")  # hub revision; "" = default branch
@@ -167,6 +170,10 @@ class RunConfig:
         return _parse_up_blocks(self.up_blocks)
 
     @property
+    def zero_shot_timestep_ids(self) -> tuple[int, ...]:
+        return _parse_int_list(self.zero_shot_timesteps, "zero-shot-timesteps", "'500'", sort=False)
+
+    @property
     def algorithm_class(self) -> type[Algorithm]:
         """The registered class of `algorithm` (its flags and local-training hooks)."""
         return get_algorithm(self.algorithm)
@@ -187,6 +194,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _parse_up_blocks(self.up_blocks)
+        _ = self.zero_shot_timestep_ids
         if "{}" not in self.prompt_template:
             raise ConfigError(
                 f"prompt-template must contain '{{}}' where the class name goes, got {self.prompt_template!r}"
@@ -252,13 +260,18 @@ def resolve_device(requested: str) -> str:
 
 
 def _parse_up_blocks(text: str) -> tuple[int, ...]:
+    return _parse_int_list(text, "up-blocks", "'1,2,3'")
+
+
+def _parse_int_list(text: str, key: str, example: str, sort: bool = True) -> tuple[int, ...]:
+    """Comma-separated distinct non-negative integers (sorted unless `sort` is False)."""
     try:
         ids = tuple(int(part) for part in str(text).split(",") if part.strip() != "")
     except ValueError:
-        raise ConfigError(f"up-blocks must be comma-separated integers like '1,2,3', got {text!r}") from None
+        raise ConfigError(f"{key} must be comma-separated integers like {example}, got {text!r}") from None
     if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
-        raise ConfigError(f"up-blocks must be distinct non-negative integers like '1,2,3', got {text!r}")
-    return tuple(sorted(ids))
+        raise ConfigError(f"{key} must be distinct non-negative integers like {example}, got {text!r}")
+    return tuple(sorted(ids)) if sort else ids
 
 
 def _coerce(key: str, value: Any, expected: type, what: str, coerce_strings: bool) -> Any:

@@ -84,6 +84,15 @@ def _check_targets(targets: DiffusionTargets | None, n: int, model: nn.Module, a
         )
 
 
+def _check_teacher_logits(logits: torch.Tensor | None, n: int, algorithm: str) -> None:
+    if logits is None:
+        raise ValueError(f"algorithm {algorithm!r} distils the teacher's zero-shot logits but "
+                         "`teacher_logits` is None; compute them first (teacher_logits.py)")
+    if logits.ndim != 2 or logits.shape[0] != n or not torch.isfinite(logits).all():
+        raise ValueError(f"`teacher_logits` must be finite [N={n}, C], got shape "
+                         f"{tuple(logits.shape)}")
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Row indices of one seeded epoch. A trailing batch of one sample after full batches is
     dropped: BatchNorm cannot train on it and NT-Xent needs two images."""
@@ -113,6 +122,7 @@ def train_local(
     previous_model: nn.Module | None = None,
     progress: bool = False,
     seed: int | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train `model` in place on one client's data with `cfg.algorithm`.
 
@@ -127,6 +137,8 @@ def train_local(
         previous_model: MOON's previous local model of this client; None (its first round) = the
             global model (see algorithms/moon.py).
         seed: shuffling, augmentation and dropout of this update; None = the run seed.
+        teacher_logits: [N, C] class logits of the diffusion teacher on `images`, required by the
+            algorithms with `needs_teacher_logits` (the distillation control).
     """
     # 1. validate inputs; labels are not looked at in the label-free algorithms
     algorithm = cfg.algorithm_class(cfg)
@@ -137,6 +149,8 @@ def train_local(
         check_labels(labels, n, cfg.algorithm)
     if algorithm.needs_targets:
         _check_targets(targets, n, model, cfg.algorithm)
+    if algorithm.needs_teacher_logits:
+        _check_teacher_logits(teacher_logits, n, cfg.algorithm)
     algorithm.check_inputs(n, transform)
     transform = transform or scale_only
 
@@ -146,6 +160,8 @@ def train_local(
     labels_d = labels.to(device) if (algorithm.needs_labels and labels is not None) else None  # [N]
     algorithm.prepare(model, device, targets if algorithm.needs_targets else None, global_model,
                       previous_model)
+    if algorithm.needs_teacher_logits and teacher_logits is not None:
+        algorithm.prepare_teacher_logits(teacher_logits.to(device, torch.float32))
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

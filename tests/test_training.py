@@ -59,6 +59,14 @@ def _targets() -> DiffusionTargets:
                             null=0.5 * protos[labels] + 0.1 * torch.randn(N, D, generator=g))
 
 
+def _teacher_logits(wrong_every: int = 0) -> torch.Tensor:
+    """A teacher sure of the true class, or of the next class on every `wrong_every`-th image."""
+    labels = torch.arange(N) % C
+    wrong = torch.arange(N) % wrong_every == wrong_every - 1 if wrong_every else labels < 0
+    said = torch.where(wrong, (labels + 1) % C, labels)
+    return 4.0 * torch.nn.functional.one_hot(said, C).float()  # [N, C]
+
+
 def flip_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flip + small noise, all drawn from `generator` on the CPU."""
     x = images.float() / 255.0
@@ -95,7 +103,7 @@ class PoisonLabels:
 # The loss parts each algorithm reports (an algorithm added later is checked for the rest).
 EXPECTED_PARTS = {"fedavg": {"ce"}, "fedprox": {"ce", "prox"}, "moon": {"ce", "moon"},
                   "feddifrc": {"ce", "tdcl", "ndcr"}, "feddifrc-ssl": {"tdcl", "ndcr"},
-                  "simclr": {"ntxent"}}
+                  "simclr": {"ntxent"}, "fedavg-kd": {"ce", "kd"}}
 
 
 @pytest.mark.parametrize("algorithm", algorithm_names())
@@ -106,6 +114,8 @@ def test_training_lowers_the_loss(algorithm: str) -> None:
     kwargs = dict(transform=flip_transform, targets=_targets())
     if get_algorithm(algorithm).keeps_previous_model:
         kwargs["previous_model"] = _model(seed=5)  # a distinct previous local model
+    if get_algorithm(algorithm).needs_teacher_logits:
+        kwargs["teacher_logits"] = _teacher_logits()
     res = train_local(model, images, None if ssl else labels, _settings(algorithm),
                       "cpu", **kwargs)
     first, last = res.epochs[0], res.epochs[-1]
@@ -171,6 +181,29 @@ def test_targets_of_wrong_size_are_rejected() -> None:
     short = DiffusionTargets(t.positive[:5], t.negatives[:5], t.null[:5])
     with pytest.raises(ValueError, match="one row per image"):
         train_local(_model(), images, labels, _settings("feddifrc"), "cpu", targets=short)
+
+
+def test_distillation_needs_the_teacher_logits_and_follows_them() -> None:
+    images, labels = _data()
+    with pytest.raises(ValueError, match="teacher_logits` is None"):
+        train_local(_model(), images, labels, _settings("fedavg-kd"), "cpu")
+    with pytest.raises(ValueError, match=r"finite \[N=48, C\]"):
+        train_local(_model(), images, labels, _settings("fedavg-kd"), "cpu",
+                    teacher_logits=_teacher_logits()[:5])
+    teacher = _teacher_logits(wrong_every=3)
+    said = teacher.argmax(dim=1)
+
+    def agreement(**kw: object) -> float:
+        model = _model()
+        train_local(model, images, labels, _settings("fedavg-kd", **kw), "cpu",
+                    teacher_logits=teacher)
+        model.eval()
+        with torch.no_grad():
+            pred = model(images.float() / 255.0)[1].argmax(dim=1)
+        return float((pred == said)[torch.arange(N) % 3 == 2].float().mean())
+
+    # where teacher and labels disagree, the distilled model follows the teacher more often
+    assert agreement(kd_weight=8.0) > agreement(kd_weight=0.0)
 
 
 def test_zero_lambda_skips_the_term() -> None:

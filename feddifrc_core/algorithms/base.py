@@ -49,6 +49,8 @@ class Algorithm:
     needs_labels: ClassVar[bool] = True  # False: labels are never read (label-free algorithms)
     needs_targets: ClassVar[bool] = False  # the client's DiffusionTargets (diffusion extraction)
     keeps_previous_model: ClassVar[bool] = False  # the client's last local model is stored per round
+    # the diffusion teacher's zero-shot class logits of the client's images (teacher_logits.py)
+    needs_teacher_logits: ClassVar[bool] = False
     # RunConfig fields only this algorithm reads (their defaults and validation stay in RunConfig:
     # one place for every knob); benchmarks keep other methods' configs free of them.
     settings: ClassVar[tuple[str, ...]] = ()
@@ -77,6 +79,9 @@ class Algorithm:
     def prepare(self, model: nn.Module, device: torch.device, targets: DiffusionTargets | None,
                 global_model: nn.Module | None, previous_model: nn.Module | None) -> None:
         """Called once per update, after `model` moved to `device` and before the first step."""
+
+    def prepare_teacher_logits(self, logits: torch.Tensor) -> None:
+        """Called after `prepare` with [N, C] logits on the device (needs_teacher_logits only)."""
 
     def batch_loss(self, model: nn.Module, x: torch.Tensor, batch: Batch
                    ) -> tuple[Parts, torch.Tensor | None]:
