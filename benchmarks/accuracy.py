@@ -1,4 +1,5 @@
-"""Accuracy benchmark: FedDifRC against FedAvg, FedProx and MOON through the real Flower app.
+"""Accuracy benchmark: FedDifRC against FedAvg, FedProx, MOON and controls, through the real
+Flower app.
 
 Every run is a full Flower simulation of the project's ServerApp + ClientApp (10 SuperNodes; all
 of them train each round in the CPU budget, 5 in the paper's) on the Fashion-MNIST PRIVATE split
@@ -6,23 +7,33 @@ of them train each round in the CPU budget, 5 in the paper's) on the Fashion-MNI
 method. Methods (`--methods`):
 
     fedavg, fedprox, moon                      baselines
+    fedavg-kd                                  control: FedAvg + distillation toward the teacher's
+                                               zero-shot diffusion classifier (its logits)
     feddifrc                                   CE + TDCL + NDCR
     feddifrc-tdcl, feddifrc-ndcr               ablations (lambda-ndcr = 0 / lambda-tdcl = 0)
     feddifrc-ssl, simclr                       self-supervised entry (`--ssl`): linear-probe accuracy;
                                                round 0 of a run is the randomly initialised encoder
+    <method>+warm, feddifrc+no-head            variants (VARIANTS): warm start from the public half
+                                               (control); FedDifRC aligning without the head
 
-    nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite five-seed --publish docs/results.md
-                                      # the five-seed table, in its run order (3-12 min per run)
+Every run also holds out 2,000 validation images of the test split (disjoint from the 2,000
+test images); tables report the primary metric, the last-5 mean, and the test accuracy at the
+round validation chose (accuracy_report.py).
+
+    nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite ten-seed --publish docs/results.md
+                                      # the ten-seed table with the controls, in its run order
     nice -n 5 .venv/bin/python benchmarks/accuracy.py --seeds 7   # every method, one seed
     nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite ssl-three-seed   # self-supervised
-    nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite confirm-head   # head vs none, seeds 12-16
+    .venv/bin/python benchmarks/accuracy.py --out benchmarks/results/accuracy/cpu-v2 \\
+        --suite five-seed --report-only --publish docs/results.md   # redraw older records
     .venv/bin/python benchmarks/accuracy.py --paper --gpus-per-client 0.2   # paper budget, GPU
     .venv/bin/python benchmarks/accuracy.py --methods feddifrc --set tau=0.1 --tag tau0.1  # a knob
 
 Resumable: each finished (method, alpha, seed) run is recorded in <out>/results.json and skipped on
 a rerun; an interrupted run continues from its last checkpoint (the ServerApp's `resume`). The
 FedDifRC variants of one (alpha, seed) share their clients' cached diffusion representations
-(<out>/cache), and the runs of one seed at another alpha reuse the extracted rows per image.
+(<out>/cache), and the runs of one seed at another alpha reuse the extracted rows per image (and
+fedavg-kd its teacher logits per image); the warm start is trained once per seed and shared.
 Outputs in <out>: results.json, table.md, accuracy.png, runs/<run>/ (run folders).
 """
 
@@ -55,7 +66,9 @@ except ModuleNotFoundError:  # Python 3.10: flwr depends on tomli
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "accuracy"
 RESULTS_FORMAT = 1
-CPU_FOLDER = "cpu-v2"  # the CPU budget's records ("cpu": the earlier 15-round budget, kept)
+# The CPU budget's records: "cpu-v3" with the validation split ("cpu-v2": the same budget without
+# it, five seeds; "cpu": the earlier 15-round budget; both kept, redrawn with --out ... --report-only)
+CPU_FOLDER = "cpu-v3"
 
 # --- what is compared ----------------------------------------------------------------------------
 # Method name -> run-config overrides: every registered algorithm (feddifrc_core/algorithms/) plus
@@ -67,10 +80,31 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 METHODS: dict[str, dict[str, Any]] = {
     **{name: {"algorithm": name} for name in algorithm_names()}, **ABLATIONS}
+# Named variants of any method, labelled <method>+<name> (a record's tag). Each pins every key it
+# sets, so a change of a default makes new runs instead of reusing old ones.
+WARM_START: dict[str, Any] = {"init-model": "public-supervised", "init-epochs": 3}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "no-head": {"align-head": "none"},  # FedDifRC aligning z itself, as the authors do
+    "warm": WARM_START,  # control: start from a model trained on the teacher's public half
+}
+# What the controls answer (docs/results.md, "Controls"): do FedDifRC's arms add accuracy over
+# every method that gets the public half the teacher saw (and over plain FedAvg)?
+CONTROLS = ("fedavg", "fedavg+warm", "fedavg-kd")
+FEDDIFRC_ARMS = ("feddifrc", "feddifrc+warm", "feddifrc+no-head")
 
 
 def _algorithm(method: str) -> type[Algorithm]:
     return get_algorithm(str(METHODS[method]["algorithm"]))
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """'feddifrc+no-head' -> ('feddifrc', 'no-head'); a plain method has the tag ''."""
+    method, _, tag = label.partition("+")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} in {label!r}; choose from {sorted(METHODS)}")
+    if tag and tag not in VARIANTS:
+        raise ValueError(f"unknown variant {tag!r} in {label!r}; choose from {sorted(VARIANTS)}")
+    return method, tag
 
 
 def _methods(labels: bool) -> tuple[str, ...]:
@@ -80,7 +114,7 @@ def _methods(labels: bool) -> tuple[str, ...]:
             *(m for m in chosen if _algorithm(m).needs_targets))
 
 
-SUPERVISED = _methods(labels=True)  # fedavg, fedprox, moon, feddifrc, feddifrc-tdcl, feddifrc-ndcr
+SUPERVISED = _methods(labels=True)  # fedavg, fedavg-kd, fedprox, moon, feddifrc, its ablations
 SELF_SUPERVISED = _methods(labels=False)[::-1]  # feddifrc-ssl, simclr
 RANDOM_INIT = "random-init"  # SSL table row: round 0 (the seeded initial encoder) of an SSL run
 
@@ -112,6 +146,8 @@ CPU_BUDGET: dict[str, Any] = {
     "num-rounds": 40,
     "train-samples": 6000,
     "test-samples": 2000,
+    # held out of the test split, disjoint from the test images: chooses the reported round
+    "validation-samples": 2000,
     "model": "small-cnn",
     "model-width": 32,
     "local-epochs": 1,
@@ -125,7 +161,8 @@ PAPER_BUDGET: dict[str, Any] = {
     **COMMON,
     "num-rounds": 50,
     "train-samples": 0,
-    "test-samples": 0,
+    "test-samples": 8000,  # of 10,000: the other 2,000 are the validation set
+    "validation-samples": 2000,
     "model": "resnet10",
     "model-width": 64,
     "local-epochs": 10,
@@ -134,7 +171,7 @@ PAPER_BUDGET: dict[str, Any] = {
     "eval-batch-size": 1000,
     "probe-train-samples": 5000,
 }
-# Keys only the diffusion methods read (kept out of the baselines' configs and hashes).
+# Keys only the methods reading the teacher use (kept out of the baselines' configs and hashes).
 DIFFUSION_DEFAULTS: dict[str, Any] = {
     "diffusion-model": "offline-teacher",
     "diffusion-image-size": 0,  # the teacher's native 32 px
@@ -145,8 +182,15 @@ DIFFUSION_KEYS = ("diffusion-model", "diffusion-timestep", "up-blocks", "diffusi
                   "extraction-batch-size", "ensemble-size", "projection", "lambda-tdcl",
                   "lambda-ndcr", "tau", "ndcr-loss", "neg-num", "align-head", "diffusion-dtype", "reduction", "pool-grid",
                   "prompt-template", "ssl-positive-prompt", "ssl-null-prompt", "ssl-vocabulary")
-# Bookkeeping keys that do not change what a run computes (not part of the hash).
-FREE_KEYS = tuple(sorted(BOOKKEEPING_KEYS))
+# Of these, what the distillation control's zero-shot classifier reads (the teacher and its input).
+TEACHER_KEYS = ("diffusion-model", "diffusion-image-size", "diffusion-dtype", "prompt-template")
+# Keys outside the hash: where files go, the run's name, resume, and a timeout. The other
+# bookkeeping keys are hashed: on a CPU the number of torch threads changes the order of float
+# sums, and so the curves (two FedAvg runs differing only in torch-threads 1 / 2 differ by up to
+# 0.45 points per round: docs/running.md "Reproducibility"). Same hash = bit-identical curves on
+# the same machine.
+FREE_KEYS = ("cache-dir", "data-path", "output-dir", "resume", "round-timeout", "run-name")
+assert set(FREE_KEYS) <= BOOKKEEPING_KEYS
 
 
 # Keys an algorithm declares as its own (`Algorithm.settings`): set only for the methods that read them.
@@ -155,6 +199,20 @@ OWNED_KEYS = {s.replace("_", "-") for name in algorithm_names() for s in get_alg
 
 def uses_diffusion(method: str) -> bool:
     return _algorithm(method).needs_targets
+
+
+def reads_teacher(method: str) -> bool:
+    """The method runs the diffusion teacher: its targets, or its zero-shot logits (fedavg-kd)."""
+    return uses_diffusion(method) or _algorithm(method).needs_teacher_logits
+
+
+def key_applies(key: str, method: str) -> bool:
+    """Whether the run-config key `key` is read by `method` (only then is it set and hashed)."""
+    if key in OWNED_KEYS and key not in method_keys(method):
+        return False
+    if key in DIFFUSION_KEYS:
+        return uses_diffusion(method) or (key in TEACHER_KEYS and reads_teacher(method))
+    return True
 
 
 def method_keys(method: str) -> set[str]:
@@ -197,7 +255,11 @@ def recommended_settings(info: Mapping[str, Any]) -> dict[str, Any]:
 
 # Whole benchmarks, in the order their runs are worth having (a partial table is still useful):
 # seeds are outermost within a phase, so the pairs of the first comparison complete first.
-Phase = tuple[tuple[str, ...], tuple[float, ...], dict[str, Any], str]  # methods, alphas, overrides, tag
+@dataclass(frozen=True)
+class Phase:
+    arms: tuple[str, ...]  # labels: a method, or <method>+<variant> (VARIANTS)
+    alphas: tuple[float, ...]
+    seeds: tuple[int, ...] = ()  # () = the suite's seeds
 
 
 @dataclass(frozen=True)
@@ -207,36 +269,65 @@ class Suite:
     # appended to the budget's results folder: a suite with its own question keeps its own table
     # (docs/results.md block `accuracy:<folder>`) instead of mixing seeds into another's
     folder_suffix: str = ""
+    # a suite whose question another answers now: --report-only redraws its records, no new runs
+    superseded_by: str = ""
 
 
+ALPHA_01_ARMS = ("fedavg", "feddifrc", "fedavg+warm", "fedavg-kd", "feddifrc+warm",
+                 "feddifrc+no-head")
+SEEDS_10, SEEDS_5 = tuple(range(7, 17)), tuple(range(7, 12))
 SUITES: dict[str, Suite] = {
-    "five-seed": Suite((7, 8, 9, 10, 11), (
-        (("fedavg", "feddifrc"), (0.1,), {}, ""),  # the target's comparison first
-        (("fedprox", "moon"), (0.1,), {}, ""),
+    # Issue 22's evidence, with the validation split: at alpha 0.1 ten seeds (7-16) of FedAvg,
+    # FedDifRC and the controls that get the teacher's public data (warm start, distillation),
+    # FedDifRC from the warm start and without the head; at alpha 0.5 five seeds of the same;
+    # FedProx and MOON five seeds at both. Each seed runs every arm before the next seed starts
+    # (the first comparison, FedDifRC vs FedAvg, first within a seed), so a partial table holds
+    # whole seeds. Seeds 12-16 of fedavg, feddifrc and feddifrc+no-head at alpha 0.1 are the
+    # head-confirmation runs (the rule below is computed by the report).
+    "ten-seed": Suite(SEEDS_10, (
+        Phase(ALPHA_01_ARMS, (0.1,)),
+        Phase(ALPHA_01_ARMS, (0.5,), SEEDS_5),
+        Phase(("fedprox", "moon"), (0.1, 0.5), SEEDS_5),
+    )),
+    "five-seed": Suite(SEEDS_5, (
+        Phase(("fedavg", "feddifrc"), (0.1,)),  # the target's comparison first
+        Phase(("fedprox", "moon"), (0.1,)),
         # ablations next: same partitions as the first comparison, so they reuse its cached
         # features (about 3 min per run instead of 12)
-        (("feddifrc-tdcl", "feddifrc-ndcr"), (0.1,), {}, ""),
-        (("feddifrc",), (0.1,), {"align-head": "none"}, "no-head"),  # the earlier default targets
-        (("fedavg", "fedprox", "moon", "feddifrc"), (0.5,), {}, ""),
+        Phase(("feddifrc-tdcl", "feddifrc-ndcr"), (0.1,)),
+        Phase(("feddifrc+no-head",), (0.1,)),  # the earlier default targets
+        Phase(("fedavg", "fedprox", "moon", "feddifrc"), (0.5,)),
     )),
-    "ssl-three-seed": Suite((7, 8, 9), ((("feddifrc-ssl", "simclr"), (0.1,), {}, ""),)),
+    "ssl-three-seed": Suite((7, 8, 9), (Phase(("feddifrc-ssl", "simclr"), (0.1,)),)),
     # The alignment head on fresh seeds: five-seed's 7-11 could not tell the linear head from none
     # (paired -0.41 best, [-6.4, +5.6]); choosing the default on those same seeds would select on
     # them. Decision rule, fixed before these runs (docs/results.md, "Confirmation"): `align-head`
     # becomes "none" if on seeds 12-16 feddifrc+no-head's paired best-accuracy gain over FedAvg has
     # its 95 % interval above 0 and its mean is not below the linear head's; otherwise it stays.
+    # Its runs are now part of ten-seed (with validation); its 4 records without it stay in
+    # cpu-v2-confirm.
     "confirm-head": Suite((12, 13, 14, 15, 16), (
-        (("fedavg", "feddifrc"), (0.1,), {}, ""),
-        (("feddifrc",), (0.1,), {"align-head": "none"}, "no-head"),  # reuses feddifrc's features
-    ), folder_suffix="-confirm"),
+        Phase(("fedavg", "feddifrc"), (0.1,)),
+        Phase(("feddifrc+no-head",), (0.1,)),  # reuses feddifrc's features
+    ), folder_suffix="-confirm", superseded_by="ten-seed"),
 }
 
 
-def suite_specs(suite: Suite, seeds: Sequence[int], budget: Mapping[str, Any],
+def suite_specs(suite: Suite, seeds: Sequence[int] | None, budget: Mapping[str, Any],
                 extra: Mapping[str, Any]) -> list[RunSpec]:
-    """A suite's runs in its order, with `extra` run-config overrides for every run."""
-    return [spec for methods, alphas, overrides, tag in suite.phases
-            for spec in plan_runs(methods, alphas, seeds, budget, {**extra, **overrides}, tag)]
+    """A suite's runs in its order, with `extra` run-config overrides for every run. `seeds`
+    (None: the suite's own) restricts the phases that name their seeds and replaces the others'."""
+    specs = []
+    for phase in suite.phases:
+        chosen = (phase.seeds or suite.seeds) if seeds is None else (
+            [s for s in phase.seeds if s in seeds] if phase.seeds else list(seeds))
+        for seed in chosen:
+            for alpha in phase.alphas:
+                for arm in phase.arms:
+                    method, tag = split_label(arm)
+                    specs += plan_runs([method], [alpha], [seed], budget,
+                                       {**extra, **VARIANTS.get(tag, {})}, tag)
+    return specs
 
 
 def command_for(keys: set[str], command: str) -> str:
@@ -247,7 +338,7 @@ def command_for(keys: set[str], command: str) -> str:
         return command
     running = words[words.index("--suite") + 1]
     for name, suite in sorted(SUITES.items(), key=lambda item: item[0] != running):
-        if keys <= {s.key for s in suite_specs(suite, suite.seeds, CPU_BUDGET, {})}:
+        if keys <= {s.key for s in suite_specs(suite, None, CPU_BUDGET, {})}:
             return command.replace(f"--suite {running}", f"--suite {name}")
     return command
 
@@ -292,25 +383,28 @@ def plan_runs(methods: Sequence[str], alphas: Sequence[float], seeds: Sequence[i
     unknown = [m for m in methods if m not in METHODS and m != RANDOM_INIT]
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
+    defaults = pyproject_defaults()
     specs = []
     for seed in seeds:
         for alpha in alphas:
             for method in methods:
                 if method == RANDOM_INIT:
                     continue  # read from round 0 of the SSL runs
-                cfg: dict[str, Any] = {**budget, **METHODS[method], "seed": int(seed),
-                                       "dirichlet-alpha": float(alpha)}
+                # the method's own settings are pinned (a changed default makes new runs)
+                cfg: dict[str, Any] = {**budget,
+                                       **{k: defaults[k] for k in sorted(method_keys(method))},
+                                       **METHODS[method],  # an ablation's own values win
+                                       "seed": int(seed), "dirichlet-alpha": float(alpha)}
                 weights = ""
-                if uses_diffusion(method):
+                if reads_teacher(method):
                     model = str(extra.get("diffusion-model", DIFFUSION_DEFAULTS["diffusion-model"]))
                     info = teacher_info(model)  # one read gives the settings and the weights
-                    cfg.update({**DIFFUSION_DEFAULTS, **target_defaults(),
-                                **recommended_settings(info)})
+                    teacher = {**DIFFUSION_DEFAULTS, **target_defaults(),
+                               **recommended_settings(info)}
+                    cfg.update({k: v for k, v in teacher.items() if key_applies(k, method)})
                     weights = str(info.get("weights_sha256", ""))
                 for key, value in extra.items():
-                    applies = ((key not in DIFFUSION_KEYS or uses_diffusion(method))
-                               and (key not in OWNED_KEYS or key in method_keys(method)))
-                    if applies:
+                    if key_applies(key, method):
                         cfg[key] = value
                 specs.append(RunSpec(method, float(alpha), int(seed), cfg, tag, weights))
     return specs
@@ -423,7 +517,8 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
 
 
 def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
-    """The record of one finished run: per-round accuracy, best/mean, timings, config."""
+    """The record of one finished run: per-round test (and validation) accuracy, best/mean,
+    timings, config. Records of runs without a validation set have `val-accuracy` None."""
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
     evaluated = [r for r in rows if isinstance(r.get("test-accuracy"), (int, float))]
@@ -431,8 +526,15 @@ def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
     accs = [float(r["test-accuracy"]) for r in trained]
     extra_metrics = sorted({k for r in rows for k in r if "knn" in k or "probe" in k})
     start = next((r for r in evaluated if int(r["round"]) == 0), {})  # the initial model
-    knn = [r.get("test-knn-accuracy") for r in trained]  # self-supervised runs: beside the probe
-    has_knn = bool(knn) and all(isinstance(v, (int, float)) for v in knn)
+
+    def curve(key: str) -> list[float] | None:  # a per-round metric beside the test accuracy
+        values = [r.get(key) for r in trained]
+        return ([float(v) for v in values]
+                if values and all(isinstance(v, (int, float)) for v in values) else None)
+
+    def initial(key: str) -> float | None:
+        return float(start[key]) if isinstance(start.get(key), (int, float)) else None
+
     return {
         "key": spec.key,
         "method": spec.method,
@@ -446,14 +548,18 @@ def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
         "run-folder": str(folder),
         "rounds": [int(r["round"]) for r in trained],
         "accuracy": accs,
-        "initial-accuracy": float(start["test-accuracy"]) if start else None,
+        "val-accuracy": curve("val-accuracy"),
+        "initial-accuracy": initial("test-accuracy"),
+        "initial-val-accuracy": initial("val-accuracy"),
         "best": max(accs) if accs else None,
         "mean": sum(accs) / len(accs) if accs else None,
         "final": accs[-1] if accs else None,
         "extra": {k: [r.get(k) for r in rows] for k in extra_metrics},
-        "knn-accuracy": [float(v) for v in knn] if has_knn else None,
-        "initial-knn-accuracy": (float(start["test-knn-accuracy"])
-                                 if "test-knn-accuracy" in start else None),
+        # self-supervised runs: the kNN accuracy beside the probe's, on test and validation
+        "knn-accuracy": curve("test-knn-accuracy"),
+        "val-knn-accuracy": curve("val-knn-accuracy"),
+        "initial-knn-accuracy": initial("test-knn-accuracy"),
+        "initial-val-knn-accuracy": initial("val-knn-accuracy"),
         # the last round's client losses (train-tdcl, train-ndcr, ...): how close alignment got
         "last-round": {k: v for k, v in (trained[-1] if trained else {}).items()
                        if k.startswith("train-") and isinstance(v, (int, float))},
@@ -514,10 +620,11 @@ def _plots_line(plots: Sequence[Path], where: Path) -> str:
 
 
 def write_reports(store: ResultsStore, out: Path, command: str,
-                  publish_to: Path | None = None) -> str:
+                  publish_to: Path | None = None, earlier: bool = False) -> str:
     """table.md (+ ssl_table.md), the plots and summary.json from every recorded run; with
     `publish_to`, the same tables replace the marked blocks `accuracy:<folder>` and
-    `accuracy-ssl:<folder>` of that document (docs/results.md)."""
+    `accuracy-ssl:<folder>` of that document (docs/results.md). `earlier`: the records were made
+    with other settings than the command plans today (an older version), and the tables say so."""
     store.reload()
     records = list(store.records.values())
     sup = [r for r in records if r["method"] in SUPERVISED]
@@ -533,6 +640,7 @@ def write_reports(store: ResultsStore, out: Path, command: str,
             initial_row_of=SELF_SUPERVISED[0] if is_ssl else None)
         target = SELF_SUPERVISED[0] if is_ssl else "feddifrc"
         rivals = [m for m in order if m != target and not _algorithm(m).needs_targets]
+        rivals += [c for c in CONTROLS if c not in rivals and not is_ssl]  # fedavg+warm
         # a tagged variant of the target (e.g. feddifrc+no-head) against the target itself
         variants = sorted({report.label_of(r) for r in subset if r["method"] == target and r.get("tag")})
         paired, against, metric = subset, rivals, ""
@@ -548,14 +656,17 @@ def write_reports(store: ResultsStore, out: Path, command: str,
             versus.append(report.versus_markdown(
                 knn + report.initial_runs(knn, target, RANDOM_INIT), target, against,
                 "kNN accuracy"))
-        for extra_table in (*versus,
+        controls = "" if is_ssl else report.controls_markdown(subset, FEDDIFRC_ARMS, CONTROLS)
+        head_rule = "" if is_ssl else report.head_rule_markdown(subset)
+        for extra_table in (*versus, controls,
                             *(report.versus_markdown(subset, v, [target]) for v in variants),
-                            report.losses_markdown(subset)):
+                            head_rule, report.losses_markdown(subset)):
             table += f"\n{extra_table}" if extra_table else ""
         plain = [r for r in subset if not r.get("tag")] or subset  # variants may change budget keys
         budget = {k: v for k, v in plain[0]["run-config"].items()
-                  if k in ("num-rounds", "train-samples", "test-samples", "model", "model-width",
-                           "local-epochs", "lr", "batch-size", "fraction-train")}
+                  if k in ("num-rounds", "train-samples", "test-samples", "validation-samples",
+                           "model", "model-width", "local-epochs", "lr", "batch-size",
+                           "fraction-train", "torch-threads")}
         sampled = [r["machine-load"] for r in subset if r.get("machine-load")]
         loads = [m["load1-mean"] for m in sampled]
         load_line = (f"Machine load during the runs (1-min load average, each run's mean): "
@@ -565,7 +676,10 @@ def write_reports(store: ResultsStore, out: Path, command: str,
         plot = out / f"{'ssl_' if is_ssl else ''}accuracy.png"
         plots = [plot, *([out / "ssl_knn_accuracy.png"] if knn else [])]
         made_by = command_for({r["key"] for r in subset}, command)
-        head = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{made_by}`\n"
+        when = (" at an earlier revision of this benchmark, with other settings than it plans "
+                "today (results.json: `run-config`); redrawn from its records with "
+                "--report-only" if earlier else "")
+        head = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{made_by}`{when}\n"
                 "Per-run configs: results.json (`run-config`). ")
         body = head + _plots_line(plots, out)
         atomic_write_text(out / f"{name}.md", body)
@@ -579,6 +693,8 @@ def write_reports(store: ResultsStore, out: Path, command: str,
             block = f"accuracy{'-ssl' if is_ssl else ''}:{out.name}"
             report.publish(publish_to, block, head + _plots_line(plots, publish_to.resolve().parent))
         text += body
+    summary["primary-metric"] = (f"mean test accuracy of the last {report.LAST} rounds "
+                                 "(docs/results.md, 'Primary metric')")
     _write_json(out / "summary.json", summary)
     return text
 
@@ -644,7 +760,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ssl", action="store_true", help="self-supervised table (linear probe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config override for every run (repeatable), e.g. tau=0.1")
-    p.add_argument("--tag", default="", help="label of a variant (--set) in the table")
+    p.add_argument("--tag", default="", help="label of a variant (--set) in the table; "
+                   f"a named one ({', '.join(VARIANTS)}) brings its settings")
     p.add_argument("--engine", choices=("inprocess", "flwr-run"), default="inprocess",
                    help="inprocess: flwr.simulation.run_simulation in a child process; "
                         "flwr-run: scripts/run_simulation.py (`flwr run` with its own SuperLink)")
@@ -674,20 +791,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if suite:
         if args.methods or args.tag:
             raise SystemExit("--suite plans its own methods and tags: drop --methods/--tag")
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(suite.seeds)
+        if suite.superseded_by and not args.report_only:
+            raise SystemExit(f"--suite {args.suite} is superseded by --suite "
+                             f"{suite.superseded_by}, which makes its runs; --report-only "
+                             "redraws its older records (with --out)")
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         specs = suite_specs(suite, seeds, budget, extra)
     else:
         methods = [m.strip() for m in (args.methods or ",".join(
             SELF_SUPERVISED if args.ssl else SUPERVISED)).split(",") if m.strip()]
         alphas = [float(a) for a in args.alphas.split(",")]
         seeds = [int(s) for s in (args.seeds or "7").split(",")]
-        specs = plan_runs(methods, alphas, seeds, budget, extra, args.tag)
+        # a named variant's tag brings its settings (--set still wins)
+        specs = plan_runs(methods, alphas, seeds, budget, {**VARIANTS.get(args.tag, {}), **extra},
+                          args.tag)
     store = ResultsStore(out / "results.json")
     # the command that makes the runs: --report-only only redraws what it recorded
     command = "nice -n 5 .venv/bin/python benchmarks/accuracy.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only")
     # --report-only reads what is recorded; it neither plans nor checks the runs
     todo = [] if args.report_only else [s for s in specs if not store.done(s)]
+    earlier = any(store.records.get(s.key, {}).get("config-hash", s.config_hash) != s.config_hash
+                  for s in specs)  # only possible with --report-only: done() refuses it
     print(f"{len(specs)} runs, {len(specs) - len(todo)} already recorded in {store.path}")
     if args.dry_run:
         for s in specs:
@@ -712,12 +837,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             record = read_run(spec, folder)
             store.add(record)
-            print(f"[{time.strftime('%H:%M:%S')}] {spec.key}: best {100 * record['best']:.2f}%, "
-                  f"mean {100 * record['mean']:.2f}%, {record['wall-seconds']:.0f} s", flush=True)
+            at_val = report.at_validation_round(record)
+            print(f"[{time.strftime('%H:%M:%S')}] {spec.key}: last {report.LAST} "
+                  f"{100 * report.last_mean(record):.2f}%, at the validation round "
+                  f"{'n/a' if at_val is None else f'{100 * at_val:.2f}%'}, "
+                  f"{record['wall-seconds']:.0f} s", flush=True)
             write_reports(store, out, command, args.publish)
 
     # 3. reports over everything recorded in this folder
-    print(write_reports(store, out, command, args.publish))
+    print(write_reports(store, out, command, args.publish, earlier))
     print(f"Results: {out}")
     if failed:
         print(f"{len(failed)} run(s) failed: {failed}; rerun the same command to retry them",

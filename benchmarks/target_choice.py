@@ -45,9 +45,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # The accuracy benchmark's first CPU budget (15 rounds of 2 local epochs on 4,000 private images,
 # 5 of 10 clients per round), pinned here so that the recorded choice stays readable after that
-# benchmark moved on: clients train one at a time with both cores (torch-threads 2, a bookkeeping
-# key outside the run hash). ~2 min per run on an idle machine, plus each seed's first extraction
-# of the clients' representations (mean-pool one pass, spatial-norm two, shared by the variants).
+# benchmark moved on: clients train one at a time with both cores (torch-threads 2). ~2 min per
+# run on an idle machine, plus each seed's first extraction of the clients' representations
+# (mean-pool one pass, spatial-norm two, shared by the variants). Its records were hashed before
+# the run hash took in torch-threads and the methods' own settings (accuracy.FREE_KEYS): redraw
+# them with --report-only; a rerun makes new runs under new hashes.
 BUDGET: dict[str, Any] = {
     **accuracy.COMMON, "num-rounds": 15, "train-samples": 4000, "test-samples": 2000,
     "model": "small-cnn", "model-width": 32, "local-epochs": 2, "device": "cpu",
