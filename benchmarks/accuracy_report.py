@@ -205,7 +205,8 @@ def controls_markdown(records: Sequence[Record], arms: Sequence[str],
     The pre-registered reading (docs/results.md, "Controls"): an arm adds accuracy over the best
     control at an alpha when its paired primary-metric difference to EVERY control has a 95 %
     interval above 0 (then it is above the best one, whichever that is); below 0 for any
-    control: it does not; otherwise not resolved. Needs every control recorded on its seeds.
+    control: it does not; otherwise not resolved. The first arm is the one the question is
+    about (marked "primary"); the others are reported beside it. Needs two seeds per pair.
     """
     groups = group(records)
     lines = [f"FedDifRC against the controls that get the teacher's public data (primary metric: "
@@ -226,7 +227,8 @@ def controls_markdown(records: Sequence[Record], arms: Sequence[str],
                        "no" if any(d["ci95"][1] < 0 for d in diffs) else
                        "not resolved (an interval includes 0)")
             seeds = sorted(set.intersection(*(set(d["seeds"]) for d in diffs)))
-            lines.append(f"| {alpha:g} | {arm} | " + " | ".join(cells)
+            name = f"{arm} (primary)" if arm == arms[0] else arm
+            lines.append(f"| {alpha:g} | {name} | " + " | ".join(cells)
                          + f" | {verdict} | {','.join(map(str, seeds))} |")
     return "\n".join(lines) + "\n" if len(lines) > 4 else ""
 

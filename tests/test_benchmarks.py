@@ -458,11 +458,12 @@ def test_reports_choose_the_round_on_validation_and_answer_the_controls(tmp_path
     assert "| fedavg | 0.1 | 52.00 ± 0.00 | 52.00 ± 0.00 | 52.00 ± 0.00 | 54.00 ± 0.00 |" in text
     controls = text[text.index("FedDifRC against the controls"):]
     # feddifrc is +10 / +5 / +8 (sd 1) above the three controls: above every one of them
-    assert "| 0.1 | feddifrc | +10.00 ± 1.00 [+7.52, +12.48] |" in controls
-    assert "| yes | 7,8,9 |" in controls.splitlines()[4]
-    # feddifrc+warm is +1 (sd 1) above fedavg+warm: the interval includes 0
-    assert "feddifrc+warm" in controls.splitlines()[5]
-    assert "not resolved (an interval includes 0)" in controls.splitlines()[5]
+    warm_row, plain_row = controls.splitlines()[4:6]
+    # feddifrc+warm (the pre-registered arm) is +1 (sd 1) above fedavg+warm: interval includes 0
+    assert warm_row.startswith("| 0.1 | feddifrc+warm (primary) | +6.00 ± 1.00")
+    assert "| not resolved (an interval includes 0) | 7,8,9 |" in warm_row
+    assert plain_row.startswith("| 0.1 | feddifrc | +10.00 ± 1.00 [+7.52, +12.48] |")
+    assert "| yes | 7,8,9 |" in plain_row
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["primary-metric"].startswith("mean test accuracy of the last 5 rounds")
 
