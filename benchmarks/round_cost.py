@@ -32,7 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy import CPU_BUDGET, DIFFUSION_DEFAULTS, pyproject_defaults, teacher_recommendation  # noqa: E402
+from accuracy_plan import (  # noqa: E402
+    CPU_BUDGET,
+    DIFFUSION_DEFAULTS,
+    pyproject_defaults,
+    teacher_recommendation,
+)
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "round_cost"
 TARGET_RATIO = 1.15  # issue 6: FedDifRC's round may cost at most 15% more than FedAvg's

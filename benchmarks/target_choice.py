@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import accuracy  # noqa: E402
+import accuracy_plan  # noqa: E402
 from stats import fmt_interval as _ci  # noqa: E402
 from stats import fmt_mean_sd as _fmt  # noqa: E402
 from stats import mean_sd as _mean_sd  # noqa: E402
@@ -48,10 +49,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 # benchmark moved on: clients train one at a time with both cores (torch-threads 2). ~2 min per
 # run on an idle machine, plus each seed's first extraction of the clients' representations
 # (mean-pool one pass, spatial-norm two, shared by the variants). Its records were hashed before
-# the run hash took in torch-threads and the methods' own settings (accuracy.FREE_KEYS): redraw
+# the run hash took in torch-threads and the methods' own settings (accuracy_plan.FREE_KEYS): redraw
 # them with --report-only; a rerun makes new runs under new hashes.
 BUDGET: dict[str, Any] = {
-    **accuracy.COMMON, "num-rounds": 15, "train-samples": 4000, "test-samples": 2000,
+    **accuracy_plan.COMMON, "num-rounds": 15, "train-samples": 4000, "test-samples": 2000,
     "model": "small-cnn", "model-width": 32, "local-epochs": 2, "device": "cpu",
     "torch-threads": 2, "eval-batch-size": 1000, "probe-train-samples": 2000}
 ALPHA = 0.1

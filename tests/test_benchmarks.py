@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import accuracy  # noqa: E402
+import accuracy_plan  # noqa: E402
 import round_cost  # noqa: E402
 
 
@@ -240,13 +241,13 @@ def test_target_choice_plans_every_variant_on_one_budget_and_pairs_by_seed():
         "fedavg/alpha=0.1/seed=7", "feddifrc+A-linear/alpha=0.1/seed=7",
         "feddifrc+Bc-mlp/alpha=0.1/seed=7", "fedavg/alpha=0.1/seed=8",
         "feddifrc+A-linear/alpha=0.1/seed=8", "feddifrc+Bc-mlp/alpha=0.1/seed=8"]
-    budget = set(target_choice.BUDGET) - set(accuracy.FREE_KEYS)
+    budget = set(target_choice.BUDGET) - set(accuracy_plan.FREE_KEYS)
     assert all(s.overrides[k] == specs[0].overrides[k] for s in specs for k in budget)
     bc = specs[2].overrides
     assert bc["reduction"] == "spatial-norm-centred" and bc["align-head"] == "mlp"
     # a plain FedDifRC run records the run config's target defaults (part of its hash)
     plain = accuracy.plan_runs(["feddifrc"], [0.1], [7], accuracy.CPU_BUDGET, {})[0].overrides
-    assert {k: plain[k] for k in ("reduction", "align-head")} == accuracy.target_defaults()
+    assert {k: plain[k] for k in ("reduction", "align-head")} == accuracy_plan.target_defaults()
     assert "reduction" not in specs[0].overrides  # FedAvg reads no diffusion key
 
     def record(tag, seed, best, mean, tdcl=None):
@@ -417,7 +418,7 @@ def test_ten_seed_suite_plans_the_evidence_in_a_useful_order(tmp_path, capsys, m
     assert warm["init-model"] == "public-supervised" and warm["init-epochs"] >= 1
     assert "init-model" not in dif
     # the warm FedDifRC extracts exactly as the plain one (it reuses its cached rows)
-    assert {k: v for k, v in warm.items() if k not in accuracy.WARM_START} == dif
+    assert {k: v for k, v in warm.items() if k not in accuracy_plan.WARM_START} == dif
     kd = by_key["fedavg-kd/alpha=0.1/seed=7"]
     assert kd["diffusion-model"] == "offline-teacher" and kd["kd-temperature"] > 0
     assert not {"tau", "reduction", "align-head", "diffusion-timestep"} & set(kd)
@@ -430,7 +431,7 @@ def _record_runs(tmp_path, runs):
     """runs: (label, seed, test curve, validation curve) -> a results store with their records."""
     store = accuracy.ResultsStore(tmp_path / "results.json")
     for label, seed, accs, val in runs:
-        method, tag = accuracy.split_label(label)
+        method, tag = accuracy_plan.split_label(label)
         spec = accuracy.plan_runs([method], [0.1], [seed], accuracy.CPU_BUDGET,
                                   accuracy.VARIANTS.get(tag, {}), tag)[0]
         _fake_run_folder(tmp_path / spec.run_name, accs, val=val)
