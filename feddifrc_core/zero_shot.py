@@ -14,7 +14,9 @@ logits is the classifier's posterior under a uniform prior, up to the ELBO's wei
 Batch invariance: an image's passes (prompts x timesteps x draws) form one UNet call that holds
 nothing else, and its noise comes from CPU generators seeded by (seed, sample id, draw). Its
 logits are therefore the same bits whichever other images are computed with it, in any order, so
-a value read from a cache equals a fresh one.
+a value read from a cache equals a fresh one. The UNet runs in the backbone's weight dtype, also
+where the extraction autocasts to bfloat16 (`diffusion-dtype` bfloat16-mixed): on a CPU the logits,
+and the accuracies measured for them (docs/results.md), are float32's.
 """
 
 from __future__ import annotations
