@@ -381,6 +381,8 @@ def test_cpu_extraction_script_times_variants_against_today_in_one_run(
         ("reference", 1)]
     assert all(r["passes_per_s_best"] > 0 and r["gflops_per_pass"] > 0 for r in runs)
     assert runs[0]["speedup_vs_today"] == 1.0 and runs[0]["max_rel_err_vs_today"] == 0.0
+    assert runs[0]["min_target_cosine_vs_today"] == pytest.approx(1.0, abs=1e-6)
+    assert runs[4]["min_target_cosine_vs_today"] > 0.99
     assert all(r["max_rel_err_vs_today"] < 1e-5 for r in runs[1:4])
     assert runs[4]["max_rel_err_vs_today"] < 2e-2 and runs[5]["max_rel_err_vs_today"] < 1e-5
     assert "| today | 4 x 11 |" in capsys.readouterr().out
