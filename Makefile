@@ -101,7 +101,7 @@ deploy-down:
 # Two SuperNodes in their own network namespaces (root), a 2-round run with the tiny extractor.
 deploy-netns-demo: venv
 	$(DEPLOY) up --nodes 2 --hosts netns
-	$(DEPLOY) run -c "num-rounds=2 dataset='digits' model='small-cnn' diffusion-model='tiny-sd' train-samples=200 test-samples=100 local-epochs=1 fraction-train=1.0 partition='iid' data-subset='all'"; \
+	$(DEPLOY) run -c "num-rounds=2 dataset='digits' model='small-cnn' diffusion-model='tiny-sd' train-samples=200 test-samples=100 validation-samples=100 local-epochs=1 fraction-train=1.0 partition='iid' data-subset='all'"; \
 	  status=$$?; $(DEPLOY) down; exit $$status
 
 # 4 SuperNodes, 20 rounds of the probe app, node 2 killed at round 5 and restarted.

@@ -26,8 +26,8 @@ import compose_demo as cd  # noqa: E402
 # The compose network of the test: fixed, next to the demo's 10.78.0.0/24 (docker/compose.yaml).
 TEST_SUBNET = "10.78.1.0/24"
 TINY_RUN = ("num-rounds=2 dataset='digits' model='small-cnn' diffusion-model='tiny-sd' "
-            "train-samples=200 test-samples=100 local-epochs=1 fraction-train=1.0 "
-            "min-train-nodes=2 partition='iid' data-subset='all'")
+            "train-samples=200 test-samples=100 validation-samples=100 local-epochs=1 "
+            "fraction-train=1.0 min-train-nodes=2 partition='iid' data-subset='all'")
 
 
 def _docker_works() -> bool:
