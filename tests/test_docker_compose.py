@@ -23,8 +23,8 @@ from scripts.docker import compose_demo as cd
 from tests.deploy_helpers import REPO, free_ports
 
 TINY_RUN = ("num-rounds=2 dataset='digits' model='small-cnn' diffusion-model='tiny-sd' "
-            "train-samples=200 test-samples=100 local-epochs=1 fraction-train=1.0 "
-            "min-train-nodes=2 partition='iid' data-subset='all'")
+            "train-samples=200 test-samples=100 validation-samples=100 local-epochs=1 "
+            "fraction-train=1.0 min-train-nodes=2 partition='iid' data-subset='all'")
 
 
 def _docker_works() -> bool:
