@@ -519,3 +519,21 @@ def test_every_suite_plans_the_run_names_its_records_were_made_under(suite):
     names = " ".join(s.run_name for s in specs)
     count, digest = SUITE_RUN_NAMES[suite]
     assert (len(specs), hashlib.sha256(names.encode()).hexdigest()[:16]) == (count, digest)
+
+
+@pytest.mark.slow
+def test_robust_attack_benchmark_runs_each_aggregator_clean_and_attacked(tmp_path):
+    """A micro budget of benchmarks/robust_attack.py: digits, 3 clients, one round; every run is
+    recorded with its per-round accuracy, and the table has a row per aggregator."""
+    from benchmarks import robust_attack
+
+    out = tmp_path / "out"
+    assert robust_attack.main(["--dataset", "digits", "--train-samples", "150",
+                               "--test-samples", "100", "--rounds", "1", "--clients", "3",
+                               "--aggregators", "fedavg", "fedmedian", "--out", str(out)]) == 0
+    record = json.loads((out / "robust_attack.json").read_text())
+    runs = [(r["aggregator"], r["attacked"]) for r in record["runs"]]
+    assert runs == [("fedavg", False), ("fedavg", True), ("fedmedian", False), ("fedmedian", True)]
+    assert all(len(r["accuracy"]) == 2 and r["failures"] == 0 for r in record["runs"])
+    table = (out / "robust_attack.md").read_text()
+    assert "| fedavg |" in table and "| fedmedian |" in table and "| krum |" not in table
