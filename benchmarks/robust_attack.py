@@ -58,25 +58,34 @@ def run_config(aggregator: str, args: argparse.Namespace, folder: Path) -> dict[
 
 
 def one_run(aggregator: str, attacked: bool, args: argparse.Namespace) -> dict[str, Any]:
-    """One federation, start to end; the test accuracy after every round."""
+    """One federation, start to end; the test accuracy after every round. A run whose model turns
+    NaN/inf stops there (the ServerApp's divergence check): recorded as diverged, with the
+    accuracy of the rounds before."""
     from client_app.app import make_client_app
     from feddifrc_core.config import RunConfig
+    from feddifrc_core.divergence import DivergedError
     from server_app.app import run_server
     from tests.attacks import sign_flip_attack
     from tests.loopback_grid import LoopbackGrid
 
+    diverged = ""
     with tempfile.TemporaryDirectory(prefix="robust-attack-") as tmp:
         cfg = RunConfig.from_flower(run_config(aggregator, args, Path(tmp)))
         mods = [sign_flip_attack(ATTACKER, args.scale)] if attacked else []
         grid = LoopbackGrid(make_client_app(mods=mods), args.clients, cfg.to_flower())
         t0 = time.perf_counter()
-        run_server(grid, cfg)
+        try:
+            run_server(grid, cfg)
+        except DivergedError as err:
+            diverged = str(err).split(":")[0]  # "round k"
         seconds = time.perf_counter() - t0
-        lines = (Path(tmp) / "runs" / "run" / "metrics.jsonl").read_text().splitlines()
+        metrics = Path(tmp) / "runs" / "run" / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
     rows = [json.loads(line) for line in lines]
     accuracy = [float(r["test-accuracy"]) for r in rows]  # round 0 = the initial model
     return {"aggregator": aggregator, "attacked": attacked, "accuracy": accuracy,
-            "final": accuracy[-1], "best": max(accuracy[1:]),
+            "final": None if diverged else accuracy[-1],
+            "best": max(accuracy[1:], default=None), "diverged": diverged,
             "failures": sum(int(r.get("failures", 0)) for r in rows[1:]),
             "seconds": round(seconds, 1)}
 
@@ -88,7 +97,8 @@ def report(record: dict[str, Any]) -> str:
     lines = [
         f"One attacker of {s['clients']} clients (partition {ATTACKER}, update x -{s['scale']}), "
         f"{s['dataset']}, {s['train-samples']} training images, Dirichlet alpha {s['alpha']}, "
-        f"{s['rounds']} rounds, seed {s['seed']}; test accuracy in % (final / best round).",
+        f"{s['rounds']} rounds, seed {s['seed']}; test accuracy in % (final / best round; a run "
+        "whose model turns NaN stops, its best is over the rounds before).",
         "",
         "| aggregator | clean final | clean best | attacked final | attacked best |",
         "|---|---|---|---|---|"]
@@ -96,10 +106,17 @@ def report(record: dict[str, Any]) -> str:
         cells = []
         for attacked in (False, True):
             run = runs.get((name, attacked))
-            cells += ([f"{100 * run['final']:.2f}", f"{100 * run['best']:.2f}"] if run
-                      else ["-", "-"])
+            cells += [_cell(run, "final"), _cell(run, "best")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(run: dict[str, Any] | None, key: str) -> str:
+    if run is None:
+        return "-"
+    if key == "final" and run["diverged"]:
+        return f"diverged ({run['diverged']}: NaN)"
+    return "-" if run[key] is None else f"{100 * run[key]:.2f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = one_run(name, attacked, args)
             record["runs"].append(run)
             print(f"{name:14s} {'attacked' if attacked else 'clean':8s} final "
-                  f"{100 * run['final']:6.2f}% best {100 * run['best']:6.2f}% "
-                  f"({run['seconds']:.0f} s)", flush=True)
+                  f"{_cell(run, 'final')} best {_cell(run, 'best')} ({run['seconds']:.0f} s)",
+                  flush=True)
     record["load-average-end"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "robust_attack.json").write_text(json.dumps(record, indent=2) + "\n")
