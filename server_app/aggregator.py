@@ -105,7 +105,7 @@ def _as_reply(upload: Upload) -> Message:
     })
     metadata = Metadata(run_id=0, message_id=f"upload-{upload.partition}",
                         src_node_id=upload.partition, dst_node_id=0, reply_to_message_id="",
-                        group_id="", created_at=0.0, ttl=0.0, message_type="train")
+                        group_id="", created_at=0.0, ttl=0.0, message_type=protocol.TRAIN)
     return make_message(metadata, content)
 
 
