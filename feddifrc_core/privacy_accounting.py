@@ -13,13 +13,20 @@ so that the pair is again worth multiplier z (Andrew et al. 2021, Flower's
 - with secret Poisson sampling of rate q the RDP or PLD accountants give the amplified epsilon.
 A round in which only m' < m clients replied is worth multiplier z * m' / m (the mean of fewer
 updates moves more per client): `effective_noise_multiplier`.
+
+A run's report (`ReleaseLedger`): which clients each noised mean used and its multiplier; the
+run's epsilon is the busiest client's, the RDP composition of its own releases (what Flower's
+`RdpAccountant` would report for that sequence of Gaussian events).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 from dp_accounting import dp_event, gaussian_mechanism
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
@@ -84,3 +91,48 @@ def max_releases_per_client(partition_ids: Sequence[int], fraction: float, min_n
         for p in sample_partitions(partition_ids, fraction, min_nodes, seed, server_round):
             counts[p] += 1
     return max(counts.values())
+
+
+def composed_epsilon(noise_multipliers: Sequence[float], delta: float) -> float:
+    """Epsilon at `delta` (RDP) after Gaussian mechanisms of these multipliers, in any order;
+    infinite when one of them adds no noise."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not noise_multipliers:
+        return 0.0
+    if min(noise_multipliers) <= 0:
+        return math.inf
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    for z, count in sorted(Counter(float(z) for z in noise_multipliers).items()):
+        accountant.compose(dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(z), count))
+    return float(accountant.get_epsilon(delta))
+
+
+@dataclass
+class ReleaseLedger:
+    """The noised means of a run: per client, the noise multiplier of each one it was in."""
+
+    releases: dict[int, list[float]] = field(default_factory=dict)
+
+    def record(self, partitions: Iterable[int], noise_multiplier: float) -> None:
+        for p in partitions:
+            self.releases.setdefault(int(p), []).append(float(noise_multiplier))
+
+    def busiest(self) -> int:
+        """The most releases any one client took part in."""
+        return max((len(r) for r in self.releases.values()), default=0)
+
+    def epsilon(self, delta: float) -> float:
+        """The run's epsilon at `delta`: the largest of its clients' (client-level DP)."""
+        distinct = {tuple(sorted(r)) for r in self.releases.values()}
+        return max((composed_epsilon(r, delta) for r in distinct), default=0.0)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {f"releases.{p}": np.asarray(r, dtype=np.float64)
+                for p, r in sorted(self.releases.items())}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ReleaseLedger:
+        prefix = "releases."
+        return cls({int(k[len(prefix):]): [float(z) for z in np.asarray(v).reshape(-1)]
+                    for k, v in arrays.items() if k.startswith(prefix)})

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from feddifrc_core import differential_privacy as dp
 from feddifrc_core.checkpoint import atomic_write_bytes, atomic_write_text
 from feddifrc_core.config import ConfigError, RunConfig
 from feddifrc_core.provenance import git_revision
@@ -60,6 +61,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], wall_seconds: float) -> dict[st
         summary.update({"accuracy-metric": "linear-probe", "best-knn-accuracy": max(knn),
                         "mean-knn-accuracy": float(np.mean(knn)), "final-knn-accuracy": knn[-1]})
     summary["client-failures"] = int(sum(int(r.get("failures", 0)) for r in rows))
+    last = rows[-1] if rows else {}
+    # Differential privacy: the whole run's (epsilon, delta), as the last round reported it.
+    summary.update({k: last[k] for k in dp.REPORT_KEYS if k in last})
     return summary
 
 
@@ -78,6 +82,11 @@ def format_summary(summary: Mapping[str, Any], run_dir: Path) -> str:
             f"mean {100 * summary['mean-knn-accuracy']:.2f}%, "
             f"final {100 * summary['final-knn-accuracy']:.2f}%"
         )
+    if dp.DELTA in summary:
+        lines.append(
+            f"Differential privacy: epsilon {summary[dp.EPSILON]:.4g} at delta {summary[dp.DELTA]:g}"
+            f" ({summary[dp.RELEASES]} noised rounds for the busiest client)"
+            if dp.EPSILON in summary else "Differential privacy: no noise, no (epsilon, delta)")
     lines.append(f"Wall time: {summary['wall-seconds']:.1f} s; client failures: {summary['client-failures']}")
     lines.append(f"Plot: {run_dir / 'metrics.png'}")
     return "\n".join(lines)
