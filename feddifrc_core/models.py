@@ -174,3 +174,11 @@ def load_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
 
 def model_state(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def clamp_running_variances(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`state` with BatchNorm's running variances clamped at 0 (a post-processing step that
+    keeps differential privacy): noise added to the clients' mean pushes small variances below
+    zero, and a negative one makes every output of the model NaN in eval mode."""
+    return {k: np.maximum(v, 0).astype(v.dtype) if k.endswith("running_var") else v
+            for k, v in state.items()}

@@ -14,9 +14,17 @@ so that the pair is again worth multiplier z (Andrew et al. 2021, Flower's
 A round in which only m' < m clients replied is worth multiplier z * m' / m (the mean of fewer
 updates moves more per client): `effective_noise_multiplier`.
 
-A run's report (`ReleaseLedger`): which clients each noised mean used and its multiplier; the
-run's epsilon is the busiest client's, the RDP composition of its own releases (what Flower's
-`RdpAccountant` would report for that sequence of Gaussian events).
+A run's report (`ReleaseLedger`) accounts what the wrappers did, round by round
+(`release_multipliers`): the update's multiplier is its noise std over the sensitivity of the
+mean it was added to, and the adaptive wrappers' clipped count is a second Gaussian mechanism.
+Two ways in which flwr 1.39's adaptive wrappers are worth less than the z they are given:
+- the noise std uses the clipping norm after the round's update (z_u * C_next / m) while the
+  updates were clipped to the norm before it (sensitivity C / m'): a norm that shrinks leaves
+  too little noise;
+- the count is of 0/1 bits (sensitivity 1) with noise std sigma_b, where Andrew et al.'s split,
+  z_u = (z^-2 - (2 sigma_b)^-2)^-1/2, assumes centred bits (sensitivity 1/2).
+The run's epsilon is the busiest client's: the RDP composition of the mechanisms of the rounds it
+took part in (what Flower's `RdpAccountant` reports for that sequence of Gaussian events).
 """
 
 from __future__ import annotations
@@ -108,15 +116,28 @@ def composed_epsilon(noise_multipliers: Sequence[float], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
+def release_multipliers(noise_multiplier: float, clipping_norm: float, noise_norm: float,
+                        sampled: int, replied: int, count_stddev: float | None = None
+                        ) -> tuple[float, ...]:
+    """The Gaussian mechanisms (as noise std over sensitivity) of one noised mean of Flower's DP
+    wrappers: the mean of `replied` updates clipped to `clipping_norm`, plus noise of std
+    noise_multiplier * noise_norm / sampled (Flower's `compute_stdv`); with adaptive clipping
+    also the count of clipped updates (0/1 bits) plus noise of std `count_stddev`."""
+    if not 0 < replied <= sampled:
+        raise ValueError(f"need 0 < replied <= sampled, got replied={replied}, sampled={sampled}")
+    update = noise_multiplier * noise_norm * replied / (sampled * clipping_norm)
+    return (update,) if count_stddev is None else (update, count_stddev)
+
+
 @dataclass
 class ReleaseLedger:
-    """The noised means of a run: per client, the noise multiplier of each one it was in."""
+    """The noised means of a run: per client, the mechanisms of each one it was in."""
 
-    releases: dict[int, list[float]] = field(default_factory=dict)
+    releases: dict[int, list[tuple[float, ...]]] = field(default_factory=dict)
 
-    def record(self, partitions: Iterable[int], noise_multiplier: float) -> None:
+    def record(self, partitions: Iterable[int], multipliers: Sequence[float]) -> None:
         for p in partitions:
-            self.releases.setdefault(int(p), []).append(float(noise_multiplier))
+            self.releases.setdefault(int(p), []).append(tuple(float(z) for z in multipliers))
 
     def busiest(self) -> int:
         """The most releases any one client took part in."""
@@ -124,15 +145,18 @@ class ReleaseLedger:
 
     def epsilon(self, delta: float) -> float:
         """The run's epsilon at `delta`: the largest of its clients' (client-level DP)."""
-        distinct = {tuple(sorted(r)) for r in self.releases.values()}
+        distinct = {tuple(sorted(z for release in r for z in release))
+                    for r in self.releases.values()}
         return max((composed_epsilon(r, delta) for r in distinct), default=0.0)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
+        """Per client, its releases x their mechanisms (every release of a run has as many)."""
         return {f"releases.{p}": np.asarray(r, dtype=np.float64)
                 for p, r in sorted(self.releases.items())}
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ReleaseLedger:
         prefix = "releases."
-        return cls({int(k[len(prefix):]): [float(z) for z in np.asarray(v).reshape(-1)]
+        return cls({int(k[len(prefix):]): [tuple(float(z) for z in row)
+                                           for row in np.atleast_2d(np.asarray(v))]
                     for k, v in arrays.items() if k.startswith(prefix)})

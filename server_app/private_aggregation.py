@@ -53,7 +53,8 @@ from flwr.serverapp.strategy import (
 from feddifrc_core import differential_privacy as dp
 from feddifrc_core.aggregation import Rule, Upload
 from feddifrc_core.config import ConfigError, RunConfig
-from feddifrc_core.privacy_accounting import ReleaseLedger, effective_noise_multiplier
+from feddifrc_core.models import clamp_running_variances
+from feddifrc_core.privacy_accounting import ReleaseLedger, release_multipliers
 from feddifrc_core.seeding import hashed_seed, numpy_global_seed
 from server_app.aggregator import Aggregator
 from wire import protocol
@@ -124,18 +125,21 @@ class PrivateAggregator(Aggregator):
 
     def combine_models(self, server_round: int, uploads: Sequence[Upload]
                        ) -> dict[str, np.ndarray]:
-        """The noised, unweighted mean of the clipped updates (Flower's wrapper), then the
-        global model's integer buffers."""
+        """The noised, unweighted mean of the clipped updates (Flower's wrapper), its BatchNorm
+        variances kept >= 0, then the global model's integer buffers."""
         replies = [_reply_view(u, self._private_keys) for u in uploads]
+        wrapper, clipped_to = self.wrapper, self.wrapper.clipping_norm
         # Flower draws the noise from numpy's global RNG: the same per (seed, round) on resume.
         with numpy_global_seed(hashed_seed(self.cfg.seed, "dp-noise", server_round)):
-            arrays, _ = self.wrapper.aggregate_train(server_round, replies)
+            arrays, _ = wrapper.aggregate_train(server_round, replies)
         if arrays is None:
             raise RuntimeError(f"round {server_round}: Flower's DP wrapper returned no aggregate")
-        z = effective_noise_multiplier(self.cfg.dp_noise_multiplier, self.clients_per_round,
-                                       len(uploads))
-        self.ledger.record((u.partition for u in uploads), z)
-        mean = {**protocol.from_record(arrays), **self._public}
+        # What this mean is worth, from what the wrapper did (its adaptive norm has moved on).
+        count_stddev = getattr(wrapper, "clipped_count_stddev", None)
+        self.ledger.record((u.partition for u in uploads), release_multipliers(
+            wrapper.noise_multiplier, clipped_to, wrapper.clipping_norm, self.clients_per_round,
+            len(uploads), count_stddev))
+        mean = {**clamp_running_variances(protocol.from_record(arrays)), **self._public}
         return {k: mean[k] for k in self._model_keys}
 
     def metrics(self) -> dict[str, Any]:
