@@ -1,4 +1,5 @@
-"""Accuracy benchmark: FedDifRC against FedAvg, FedProx and MOON through the real Flower app.
+"""Accuracy benchmark: FedDifRC against FedAvg, FedProx, MOON and controls, through the real
+Flower app.
 
 Every run is a full Flower simulation of the project's ServerApp + ClientApp (10 SuperNodes; all
 of them train each round in the CPU budget, 5 in the paper's) on the Fashion-MNIST PRIVATE split
@@ -6,485 +7,76 @@ of them train each round in the CPU budget, 5 in the paper's) on the Fashion-MNI
 method. Methods (`--methods`):
 
     fedavg, fedprox, moon                      baselines
+    fedavg-kd                                  control: FedAvg + distillation toward the teacher's
+                                               zero-shot diffusion classifier (its logits)
     feddifrc                                   CE + TDCL + NDCR
     feddifrc-tdcl, feddifrc-ndcr               ablations (lambda-ndcr = 0 / lambda-tdcl = 0)
     feddifrc-ssl, simclr                       self-supervised entry (`--ssl`): linear-probe accuracy;
                                                round 0 of a run is the randomly initialised encoder
+    <method>+warm, feddifrc+no-head            variants (VARIANTS): warm start from the public half
+                                               (control); FedDifRC aligning without the head
 
-    nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite five-seed --publish docs/results.md
-                                      # the five-seed table, in its run order (3-12 min per run)
+Every run also holds out 2,000 validation images of the test split (disjoint from the 2,000
+test images); tables report the primary metric, the last-5 mean, and the test accuracy at the
+round validation chose (accuracy_report.py).
+
+    nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite ten-seed --publish docs/results.md
+                                      # the ten-seed table with the controls, in its run order
     nice -n 5 .venv/bin/python benchmarks/accuracy.py --seeds 7   # every method, one seed
     nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite ssl-three-seed   # self-supervised
-    nice -n 5 .venv/bin/python benchmarks/accuracy.py --suite confirm-head   # head vs none, seeds 12-16
+    .venv/bin/python benchmarks/accuracy.py --out benchmarks/results/accuracy/cpu-v2 \\
+        --suite five-seed --report-only --publish docs/results.md   # redraw older records
     .venv/bin/python benchmarks/accuracy.py --paper --gpus-per-client 0.2   # paper budget, GPU
     .venv/bin/python benchmarks/accuracy.py --methods feddifrc --set tau=0.1 --tag tau0.1  # a knob
 
 Resumable: each finished (method, alpha, seed) run is recorded in <out>/results.json and skipped on
 a rerun; an interrupted run continues from its last checkpoint (the ServerApp's `resume`). The
 FedDifRC variants of one (alpha, seed) share their clients' cached diffusion representations
-(<out>/cache), and the runs of one seed at another alpha reuse the extracted rows per image.
+(<out>/cache), and the runs of one seed at another alpha reuse the extracted rows per image (and
+fedavg-kd its teacher logits per image); the warm start is trained once per seed and shared.
 Outputs in <out>: results.json, table.md, accuracy.png, runs/<run>/ (run folders).
+
+The pieces: accuracy_plan.py (what runs: methods, variants, budgets, suites, hashes),
+accuracy_launch.py (one run in a child process), accuracy_store.py (records, results.json),
+accuracy_report.py (tables, intervals, plots); this file is the command that strings them.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks import accuracy_report as report
-from benchmarks import inprocess
-from feddifrc_core.algorithms import Algorithm, algorithm_names, get_algorithm
+from benchmarks.accuracy_launch import ENGINES, Launcher, launch
+from benchmarks.accuracy_plan import (
+    CONTROLS,
+    CPU_BUDGET,
+    CPU_FOLDER,
+    FEDDIFRC_ARMS,
+    LABEL_FREE,
+    PAPER_BUDGET,
+    RANDOM_INIT,
+    SUITES,
+    SUPERVISED,
+    VARIANTS,
+    algorithm,
+    command_for,
+    plan_runs,
+    suite_specs,
+)
+from benchmarks.accuracy_store import ResultsStore, read_run, write_json
 from feddifrc_core.checkpoint import atomic_write_text
-from feddifrc_core.config import BOOKKEEPING_KEYS, ConfigError, RunConfig
-from feddifrc_core.options import option_fields
-from feddifrc_core.provenance import git_revision
-from scripts.run_config import app_defaults, to_toml
+from feddifrc_core.config import ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "accuracy"
-RESULTS_FORMAT = 1
-CPU_FOLDER = "cpu-v2"  # the CPU budget's records ("cpu": the earlier 15-round budget, kept)
-
-# --- what is compared ----------------------------------------------------------------------------
-# Method name -> run-config overrides: every registered algorithm (feddifrc_core/algorithms/) plus
-# FedDifRC's ablations. Only the keys a method reads are set, so a change of the diffusion settings
-# never invalidates the baselines' recorded runs.
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "feddifrc-tdcl": {"algorithm": "feddifrc", "lambda-ndcr": 0.0},
-    "feddifrc-ndcr": {"algorithm": "feddifrc", "lambda-tdcl": 0.0},
-}
-METHODS: dict[str, dict[str, Any]] = {
-    **{name: {"algorithm": name} for name in algorithm_names()}, **ABLATIONS}
-
-
-def _algorithm(method: str) -> type[Algorithm]:
-    return get_algorithm(str(METHODS[method]["algorithm"]))
-
-
-def _methods(labels: bool) -> tuple[str, ...]:
-    """Baselines first, then the methods aligned to diffusion targets (the paper's table order)."""
-    chosen = [m for m in METHODS if _algorithm(m).label_free != labels]
-    return (*(m for m in chosen if not _algorithm(m).uses_diffusion),
-            *(m for m in chosen if _algorithm(m).uses_diffusion))
-
-
-SUPERVISED = _methods(labels=True)  # fedavg, fedprox, moon, feddifrc, feddifrc-tdcl, feddifrc-ndcr
-LABEL_FREE = _methods(labels=False)[::-1]  # feddifrc-ssl, simclr
-RANDOM_INIT = "random-init"  # SSL table row: round 0 (the seeded initial encoder) of an SSL run
-
-# The federation and data every run shares (both budgets).
-COMMON: dict[str, Any] = {
-    "dataset": "fashion-mnist",
-    "data-subset": "private",  # the half the offline teacher was not trained on
-    "partition": "dirichlet-reference",
-    "fraction-train": 0.5,  # 5 of 10 clients per round (paper)
-    "min-train-nodes": 5,  # a round with a failed client fails the run instead of skewing it
-    "min-available-nodes": 10,
-    "batch-size": 64,
-    "lr": 0.01,
-    "momentum": 0.9,
-    "weight-decay": 1e-5,
-    "eval-every": 1,
-    "augment": True,
-}
-# CPU budget, chosen by measurement (benchmarks/results/budget, docs/results.md "Choice of the
-# budget"): FedAvg's curve at alpha 0.1 must have flattened (mean of its last 5 rounds within 2
-# points of its best). With 5 of 10 clients per round it swings by +-8 points even after 50 rounds
-# (client sampling under label skew), with 2 local epochs it peaks and then oscillates; all 10
-# clients with 1 local epoch on 6,000 images rise smoothly (last 5 within 1.96 of the best at 40).
-# Clients train one at a time on both cores (torch-threads: a bookkeeping key): ~3 min per run.
-CPU_BUDGET: dict[str, Any] = {
-    **COMMON,
-    "fraction-train": 1.0,
-    "min-train-nodes": 10,
-    "num-rounds": 40,
-    "train-samples": 6000,
-    "test-samples": 2000,
-    "model": "small-cnn",
-    "model-width": 32,
-    "local-epochs": 1,
-    "device": "cpu",
-    "torch-threads": 2,
-    "eval-batch-size": 1000,
-    "probe-train-samples": 2000,
-}
-# Paper budget (reference code defaults): ResNet-10, all private images, 10 local epochs, 50 rounds.
-PAPER_BUDGET: dict[str, Any] = {
-    **COMMON,
-    "num-rounds": 50,
-    "train-samples": 0,
-    "test-samples": 0,
-    "model": "resnet10",
-    "model-width": 64,
-    "local-epochs": 10,
-    "device": "auto",
-    "torch-threads": 0,
-    "eval-batch-size": 1000,
-    "probe-train-samples": 5000,
-}
-# Keys only the diffusion methods read (kept out of the baselines' configs and hashes).
-DIFFUSION_DEFAULTS: dict[str, Any] = {
-    "diffusion-model": "offline-teacher",
-    "diffusion-image-size": 0,  # the teacher's native 32 px
-    "extraction-batch-size": 8,
-    "projection": "federated-pca",
-}
-DIFFUSION_KEYS = ("diffusion-model", "diffusion-timestep", "up-blocks", "diffusion-image-size",
-                  "extraction-batch-size", "ensemble-size", "projection", "lambda-tdcl",
-                  "lambda-ndcr", "tau", "ndcr-loss", "neg-num", "align-head", "diffusion-dtype", "reduction", "pool-grid",
-                  "prompt-template", "ssl-positive-prompt", "ssl-null-prompt", "ssl-vocabulary")
-# Bookkeeping keys that do not change what a run computes (not part of the hash).
-FREE_KEYS = tuple(sorted(BOOKKEEPING_KEYS))
-
-
-# Keys an algorithm declares as its own (its `Params`): set only for the methods that read them.
-OWNED_KEYS = {key for name in algorithm_names() for key in option_fields(get_algorithm(name).Params)}
-
-
-def uses_diffusion(method: str) -> bool:
-    return _algorithm(method).uses_diffusion
-
-
-def method_keys(method: str) -> set[str]:
-    """The run-config keys this method's algorithm declares as its own."""
-    return set(option_fields(_algorithm(method).Params))
-
-
-def teacher_info(model: str) -> dict[str, Any]:
-    """The offline teacher's teacher.json for `model`; empty for other backbones or while no
-    teacher exists (the run config's defaults apply)."""
-    if model != "offline-teacher" and not model.startswith("offline-teacher:"):
-        return {}
-    from feddifrc_core.diffusion.teacher_backbone import TEACHER_JSON, resolve_teacher_path
-
-    try:
-        folder = resolve_teacher_path(model.partition(":")[2] or "offline-teacher")
-    except (ValueError, FileNotFoundError):
-        return {}
-    info_path = Path(folder) / TEACHER_JSON
-    return dict(json.loads(info_path.read_text())) if info_path.is_file() else {}
-
-
-def teacher_recommendation(model: str) -> dict[str, Any]:
-    """`diffusion-timestep`, `up-blocks` and `pool-grid` recommended by the teacher probe."""
-    return recommended_settings(teacher_info(model))
-
-
-def recommended_settings(info: Mapping[str, Any]) -> dict[str, Any]:
-    """The run-config keys of a teacher.json's `recommended` section."""
-    rec = info.get("recommended") or {}
-    out: dict[str, Any] = {}
-    if "timestep" in rec:
-        out["diffusion-timestep"] = int(rec["timestep"])
-    if "up_blocks" in rec:
-        out["up-blocks"] = str(rec["up_blocks"])
-    if "pool_grid" in rec:
-        out["pool-grid"] = int(rec["pool_grid"])
-    return out
-
-
-# Whole benchmarks, in the order their runs are worth having (a partial table is still useful):
-# seeds are outermost within a phase, so the pairs of the first comparison complete first.
-Phase = tuple[tuple[str, ...], tuple[float, ...], dict[str, Any], str]  # methods, alphas, overrides, tag
-
-
-@dataclass(frozen=True)
-class Suite:
-    seeds: tuple[int, ...]
-    phases: tuple[Phase, ...]
-    # appended to the budget's results folder: a suite with its own question keeps its own table
-    # (docs/results.md block `accuracy:<folder>`) instead of mixing seeds into another's
-    folder_suffix: str = ""
-
-
-SUITES: dict[str, Suite] = {
-    "five-seed": Suite((7, 8, 9, 10, 11), (
-        (("fedavg", "feddifrc"), (0.1,), {}, ""),  # the target's comparison first
-        (("fedprox", "moon"), (0.1,), {}, ""),
-        # ablations next: same partitions as the first comparison, so they reuse its cached
-        # features (about 3 min per run instead of 12)
-        (("feddifrc-tdcl", "feddifrc-ndcr"), (0.1,), {}, ""),
-        (("feddifrc",), (0.1,), {"align-head": "none"}, "no-head"),  # the earlier default targets
-        (("fedavg", "fedprox", "moon", "feddifrc"), (0.5,), {}, ""),
-    )),
-    "ssl-three-seed": Suite((7, 8, 9), ((("feddifrc-ssl", "simclr"), (0.1,), {}, ""),)),
-    # The alignment head on fresh seeds: five-seed's 7-11 could not tell the linear head from none
-    # (paired -0.41 best, [-6.4, +5.6]); choosing the default on those same seeds would select on
-    # them. Decision rule, fixed before these runs (docs/results.md, "Confirmation"): `align-head`
-    # becomes "none" if on seeds 12-16 feddifrc+no-head's paired best-accuracy gain over FedAvg has
-    # its 95 % interval above 0 and its mean is not below the linear head's; otherwise it stays.
-    "confirm-head": Suite((12, 13, 14, 15, 16), (
-        (("fedavg", "feddifrc"), (0.1,), {}, ""),
-        (("feddifrc",), (0.1,), {"align-head": "none"}, "no-head"),  # reuses feddifrc's features
-    ), folder_suffix="-confirm"),
-}
-
-
-def suite_specs(suite: Suite, seeds: Sequence[int], budget: Mapping[str, Any],
-                extra: Mapping[str, Any]) -> list[RunSpec]:
-    """A suite's runs in its order, with `extra` run-config overrides for every run."""
-    return [spec for methods, alphas, overrides, tag in suite.phases
-            for spec in plan_runs(methods, alphas, seeds, budget, {**extra, **overrides}, tag)]
-
-
-def command_for(keys: set[str], command: str) -> str:
-    """The command that makes the runs `keys`: where the running suite does not cover them (a
-    table of the same folder that another suite fills), the suite that does."""
-    words = command.split()
-    if "--suite" not in words[:-1]:
-        return command
-    running = words[words.index("--suite") + 1]
-    for name, suite in sorted(SUITES.items(), key=lambda item: item[0] != running):
-        if keys <= {s.key for s in suite_specs(suite, suite.seeds, CPU_BUDGET, {})}:
-            return command.replace(f"--suite {running}", f"--suite {name}")
-    return command
-
-
-# --- one run -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunSpec:
-    """One (method, alpha, seed) run with its complete run-config overrides."""
-
-    method: str
-    alpha: float
-    seed: int
-    overrides: dict[str, Any] = field(hash=False)
-    tag: str = ""  # variant label for knob sweeps ("" = the benchmark's setting)
-    # The offline teacher's weights (sha256), when a diffusion method uses it: a retrained
-    # teacher makes new runs instead of reusing the old teacher's records.
-    teacher_weights: str = ""
-
-    @property
-    def label(self) -> str:
-        return f"{self.method}+{self.tag}" if self.tag else self.method
-
-    @property
-    def key(self) -> str:
-        return f"{self.label}/alpha={self.alpha:g}/seed={self.seed}"
-
-    @property
-    def config_hash(self) -> str:
-        relevant = {k: v for k, v in sorted(self.overrides.items()) if k not in FREE_KEYS}
-        if self.teacher_weights:
-            relevant["teacher-weights-sha256"] = self.teacher_weights
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
-
-    @property
-    def run_name(self) -> str:
-        return f"{self.label}-a{self.alpha:g}-s{self.seed}-{self.config_hash}"
-
-
-def plan_runs(methods: Sequence[str], alphas: Sequence[float], seeds: Sequence[int],
-              budget: Mapping[str, Any], extra: Mapping[str, Any], tag: str = "") -> list[RunSpec]:
-    """The runs of the table, seeds outermost (a partial table then has whole seeds first)."""
-    unknown = [m for m in methods if m not in METHODS and m != RANDOM_INIT]
-    if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
-    specs = []
-    for seed in seeds:
-        for alpha in alphas:
-            for method in methods:
-                if method == RANDOM_INIT:
-                    continue  # read from round 0 of the SSL runs
-                cfg: dict[str, Any] = {**budget, **METHODS[method], "seed": int(seed),
-                                       "dirichlet-alpha": float(alpha)}
-                weights = ""
-                if uses_diffusion(method):
-                    model = str(extra.get("diffusion-model", DIFFUSION_DEFAULTS["diffusion-model"]))
-                    info = teacher_info(model)  # one read gives the settings and the weights
-                    cfg.update({**DIFFUSION_DEFAULTS, **target_defaults(),
-                                **recommended_settings(info)})
-                    weights = str(info.get("weights_sha256", ""))
-                for key, value in extra.items():
-                    applies = ((key not in DIFFUSION_KEYS or uses_diffusion(method))
-                               and (key not in OWNED_KEYS or key in method_keys(method)))
-                    if applies:
-                        cfg[key] = value
-                specs.append(RunSpec(method, float(alpha), int(seed), cfg, tag, weights))
-    return specs
-
-
-def target_defaults() -> dict[str, Any]:
-    """The run config's target settings (reduction, align-head), written into every diffusion
-    run's overrides: a change of these defaults changes the run's hash instead of silently
-    reusing runs recorded under the old default."""
-    defaults = app_defaults()
-    return {key: defaults[key] for key in ("reduction", "align-head")}
-
-
-def launch(spec: RunSpec, out: Path, args: argparse.Namespace) -> Path:
-    """Run one simulation in a child process; return its run folder. Raises on failure."""
-    runs_dir = out / "runs"
-    folder = runs_dir / spec.run_name
-    has_checkpoint = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
-    config = {**spec.overrides, "output-dir": str(runs_dir), "run-name": spec.run_name,
-              "cache-dir": str(out / "cache"), "resume": has_checkpoint}
-    config_path = out / "pending" / f"{spec.run_name}.json"
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(config, indent=2))
-    log_path = out / "logs" / f"{spec.run_name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0",
-           "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or git_revision()}
-    if args.engine == "inprocess":
-        cmd = inprocess.command(config_path, args.clients, args.cpus_per_client,
-                                args.gpus_per_client)
-    else:  # flwr-run: the `flwr run` path with its own SuperLink (scripts/run_simulation.py)
-        toml_path = config_path.with_suffix(".toml")
-        toml_path.write_text(to_toml(config))
-        cmd = [sys.executable, str(ROOT / "scripts" / "run_simulation.py"),
-               "--supernodes", str(args.clients), "--cpus-per-client", str(args.cpus_per_client),
-               "--gpus-per-client", str(args.gpus_per_client), "-c", str(toml_path)]
-    print(f"[{time.strftime('%H:%M:%S')}] {spec.key}: running ({'resuming' if has_checkpoint else 'new'}"
-          f", log {log_path.relative_to(out)})", flush=True)
-    with open(log_path, "a", encoding="utf-8") as log, LoadSampler() as load:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=args.run_timeout)
-    if proc.returncode != 0 or not (folder / "summary.json").is_file():
-        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"{spec.key} failed (exit {proc.returncode}); last lines of {log_path}:\n"
-                           f"{tail}")
-    config_path.unlink(missing_ok=True)
-    _write_json(folder / LOAD_FILE, load.summary())
-    return folder
-
-
-LOAD_FILE = "machine-load.json"
-
-
-class LoadSampler:
-    """The machine's 1-minute load average, sampled while a run is going on.
-
-    A run's timings (and, on a contended machine, its round timeouts) depend on what else ran
-    beside it: every record carries the load before the run and its mean and max during it.
-    """
-
-    def __init__(self, every_s: float = 10.0) -> None:
-        import threading
-
-        self.every_s, self.samples = every_s, [os.getloadavg()[0]]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.samples.append(os.getloadavg()[0])
-
-    def __enter__(self) -> LoadSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self) -> dict[str, Any]:
-        during = self.samples[1:] or self.samples
-        return {"cpus": os.cpu_count(), "load1-before": round(self.samples[0], 2),
-                "load1-mean": round(sum(during) / len(during), 2),
-                "load1-max": round(max(during), 2), "samples": len(during),
-                "sampled-every-s": self.every_s}
-
-
-def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
-
-
-def read_run(spec: RunSpec, folder: Path) -> dict[str, Any]:
-    """The record of one finished run: per-round accuracy, best/mean, timings, config."""
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
-    evaluated = [r for r in rows if isinstance(r.get("test-accuracy"), (int, float))]
-    trained = [r for r in evaluated if int(r["round"]) > 0]
-    accs = [float(r["test-accuracy"]) for r in trained]
-    extra_metrics = sorted({k for r in rows for k in r if "knn" in k or "probe" in k})
-    start: dict[str, Any] = next((r for r in evaluated if int(r["round"]) == 0), {})  # round 0
-    knn = [r.get("test-knn-accuracy") for r in trained]  # self-supervised runs: beside the probe
-    has_knn = bool(knn) and all(isinstance(v, (int, float)) for v in knn)
-    return {
-        "key": spec.key,
-        "method": spec.method,
-        "tag": spec.tag,
-        "alpha": spec.alpha,
-        "seed": spec.seed,
-        "config-hash": spec.config_hash,
-        "teacher-weights-sha256": spec.teacher_weights or None,
-        "run-config": spec.overrides,
-        "resolved-run-config": _resolved_config(folder),
-        "run-folder": str(folder),
-        "rounds": [int(r["round"]) for r in trained],
-        "accuracy": accs,
-        "initial-accuracy": float(start["test-accuracy"]) if start else None,
-        "best": max(accs) if accs else None,
-        "mean": sum(accs) / len(accs) if accs else None,
-        "final": accs[-1] if accs else None,
-        "extra": {k: [r.get(k) for r in rows] for k in extra_metrics},
-        "knn-accuracy": [float(v) for v in knn] if has_knn else None,
-        "initial-knn-accuracy": (float(start["test-knn-accuracy"])
-                                 if "test-knn-accuracy" in start else None),
-        # the last round's client losses (train-tdcl, train-ndcr, ...): how close alignment got
-        "last-round": {k: v for k, v in (trained[-1] if trained else {}).items()
-                       if k.startswith("train-") and isinstance(v, (int, float))},
-        "train-seconds-per-round": _mean([r.get("train-seconds") for r in trained]),
-        "extract-seconds-first-round": trained[0].get("extract-seconds") if trained else None,
-        "round-seconds": _mean([r.get("round-seconds") for r in trained]),
-        "wall-seconds": json.loads((folder / "summary.json").read_text()).get("wall-seconds"),
-        "machine-load": (json.loads((folder / LOAD_FILE).read_text())
-                         if (folder / LOAD_FILE).is_file() else None),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-# --- results store, table, plot --------------------------------------------------------------------
-class ResultsStore:
-    """<out>/results.json: one record per finished run, rewritten atomically after each run."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.records: dict[str, dict[str, Any]] = {}
-        self.reload()
-
-    def reload(self) -> None:
-        """Re-read the file: several harness processes may share one results folder."""
-        if self.path.is_file():
-            data = json.loads(self.path.read_text())
-            if data.get("format") != RESULTS_FORMAT:
-                raise ValueError(f"{self.path} has format {data.get('format')!r}, expected "
-                                 f"{RESULTS_FORMAT}; use another --out")
-            self.records = {r["key"]: r for r in data["runs"]}
-
-    def done(self, spec: RunSpec) -> bool:
-        self.reload()
-        record = self.records.get(spec.key)
-        if record is None:
-            return False
-        if record["config-hash"] != spec.config_hash:
-            raise ValueError(
-                f"{spec.key} is recorded in {self.path} with another configuration (hash "
-                f"{record['config-hash']}, now {spec.config_hash}); give the variant a --tag, "
-                "use another --out, or delete that record to rerun it")
-        return True
-
-    def add(self, record: dict[str, Any]) -> None:
-        """Merge one record into the file under a lock (read, merge, atomic replace)."""
-        import fcntl
-
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self.reload()
-            self.records[record["key"]] = record
-            _write_json(self.path, {"format": RESULTS_FORMAT, "runs": sorted(
-                self.records.values(), key=lambda r: r["key"])})
 
 
 def _plots_line(plots: Sequence[Path], where: Path) -> str:
@@ -492,15 +84,17 @@ def _plots_line(plots: Sequence[Path], where: Path) -> str:
 
 
 def write_reports(store: ResultsStore, out: Path, command: str,
-                  publish_to: Path | None = None) -> str:
+                  publish_to: Path | None = None, earlier: bool = False) -> str:
     """table.md (+ ssl_table.md), the plots and summary.json from every recorded run; with
     `publish_to`, the same tables replace the marked blocks `accuracy:<folder>` and
-    `accuracy-ssl:<folder>` of that document (docs/results.md)."""
+    `accuracy-ssl:<folder>` of that document (docs/results.md). `earlier`: the records were made
+    with other settings than the command plans today (an older version), and the tables say so."""
     store.reload()
     records = list(store.records.values())
     sup = [r for r in records if r["method"] in SUPERVISED]
     ssl = [r for r in records if r["method"] in LABEL_FREE]
-    text, summary = "", {}
+    text = ""
+    summary: dict[str, Any] = {}
     for subset, name, is_ssl in ((sup, "table", False), (ssl, "ssl_table", True)):
         if not subset:
             continue
@@ -510,7 +104,8 @@ def write_reports(store: ResultsStore, out: Path, command: str,
             subset, baseline, order, metric="linear-probe accuracy" if is_ssl else "test accuracy",
             initial_row_of=LABEL_FREE[0] if is_ssl else None)
         target = LABEL_FREE[0] if is_ssl else "feddifrc"
-        rivals = [m for m in order if m != target and not _algorithm(m).uses_diffusion]
+        rivals = [m for m in order if m != target and not algorithm(m).uses_diffusion]
+        rivals += [c for c in CONTROLS if c not in rivals and not is_ssl]  # fedavg+warm
         # a tagged variant of the target (e.g. feddifrc+no-head) against the target itself
         variants = sorted({report.label_of(r) for r in subset if r["method"] == target and r.get("tag")})
         paired: list[report.Record] = list(subset)
@@ -527,14 +122,17 @@ def write_reports(store: ResultsStore, out: Path, command: str,
             versus.append(report.versus_markdown(
                 knn + report.initial_runs(knn, target, RANDOM_INIT), target, against,
                 "kNN accuracy"))
-        for extra_table in (*versus,
+        controls = "" if is_ssl else report.controls_markdown(subset, FEDDIFRC_ARMS, CONTROLS)
+        head_rule = "" if is_ssl else report.head_rule_markdown(subset)
+        for extra_table in (*versus, controls,
                             *(report.versus_markdown(subset, v, [target]) for v in variants),
-                            report.losses_markdown(subset)):
+                            head_rule, report.losses_markdown(subset)):
             table += f"\n{extra_table}" if extra_table else ""
         plain = [r for r in subset if not r.get("tag")] or subset  # variants may change budget keys
         budget = {k: v for k, v in plain[0]["run-config"].items()
-                  if k in ("num-rounds", "train-samples", "test-samples", "model", "model-width",
-                           "local-epochs", "lr", "batch-size", "fraction-train")}
+                  if k in ("num-rounds", "train-samples", "test-samples", "validation-samples",
+                           "model", "model-width", "local-epochs", "lr", "batch-size",
+                           "fraction-train", "torch-threads")}
         sampled = [r["machine-load"] for r in subset if r.get("machine-load")]
         loads = [m["load1-mean"] for m in sampled]
         load_line = (f"Machine load during the runs (1-min load average, each run's mean): "
@@ -544,7 +142,10 @@ def write_reports(store: ResultsStore, out: Path, command: str,
         plot = out / f"{'ssl_' if is_ssl else ''}accuracy.png"
         plots = [plot, *([out / "ssl_knn_accuracy.png"] if knn else [])]
         made_by = command_for({r["key"] for r in subset}, command)
-        head = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{made_by}`\n"
+        when = (" at an earlier revision of this benchmark, with other settings than it plans "
+                "today (results.json: `run-config`); redrawn from its records with "
+                "--report-only" if earlier else "")
+        head = (f"{table}\nBudget: {json.dumps(budget)}\n{load_line}Command: `{made_by}`{when}\n"
                 "Per-run configs: results.json (`run-config`). ")
         body = head + _plots_line(plots, out)
         atomic_write_text(out / f"{name}.md", body)
@@ -558,7 +159,9 @@ def write_reports(store: ResultsStore, out: Path, command: str,
             block = f"accuracy{'-ssl' if is_ssl else ''}:{out.name}"
             report.publish(publish_to, block, head + _plots_line(plots, publish_to.resolve().parent))
         text += body
-    _write_json(out / "summary.json", summary)
+    summary["primary-metric"] = (f"mean test accuracy of the last {report.LAST} rounds "
+                                 "(docs/results.md, 'Primary metric')")
+    write_json(out / "summary.json", summary)
     return text
 
 
@@ -593,8 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ssl", action="store_true", help="self-supervised table (linear probe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config override for every run (repeatable), e.g. tau=0.1")
-    p.add_argument("--tag", default="", help="label of a variant (--set) in the table")
-    p.add_argument("--engine", choices=("inprocess", "flwr-run"), default="inprocess",
+    p.add_argument("--tag", default="", help="label of a variant (--set) in the table; "
+                   f"a named one ({', '.join(VARIANTS)}) brings its settings")
+    p.add_argument("--engine", choices=ENGINES, default="inprocess",
                    help="inprocess: flwr.simulation.run_simulation in a child process; "
                         "flwr-run: scripts/run_simulation.py (`flwr run` with its own SuperLink)")
     p.add_argument("--clients", type=int, default=10, help="SuperNodes (default 10)")
@@ -620,20 +224,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if suite:
         if args.methods or args.tag:
             raise SystemExit("--suite plans its own methods and tags: drop --methods/--tag")
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(suite.seeds)
+        if suite.superseded_by and not args.report_only:
+            raise SystemExit(f"--suite {args.suite} is superseded by --suite "
+                             f"{suite.superseded_by}, which makes its runs; --report-only "
+                             "redraws its older records (with --out)")
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         specs = suite_specs(suite, seeds, budget, extra)
     else:
         methods = [m.strip() for m in (args.methods or ",".join(
             LABEL_FREE if args.ssl else SUPERVISED)).split(",") if m.strip()]
         alphas = [float(a) for a in args.alphas.split(",")]
         seeds = [int(s) for s in (args.seeds or "7").split(",")]
-        specs = plan_runs(methods, alphas, seeds, budget, extra, args.tag)
+        # a named variant's tag brings its settings (--set still wins)
+        specs = plan_runs(methods, alphas, seeds, budget, {**VARIANTS.get(args.tag, {}), **extra},
+                          args.tag)
     store = ResultsStore(out / "results.json")
     # the command that makes the runs: --report-only only redraws what it recorded
     command = "nice -n 5 .venv/bin/python benchmarks/accuracy.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only")
     # --report-only reads what is recorded; it neither plans nor checks the runs
     todo = [] if args.report_only else [s for s in specs if not store.done(s)]
+    earlier = any(store.records.get(s.key, {}).get("config-hash", s.config_hash) != s.config_hash
+                  for s in specs)  # only possible with --report-only: done() refuses it
     print(f"{len(specs)} runs, {len(specs) - len(todo)} already recorded in {store.path}")
     if args.dry_run:
         for s in specs:
@@ -641,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     # 2. run what is missing; a failed run is reported and the others go on
+    how = Launcher(args.engine, args.clients, args.cpus_per_client, args.gpus_per_client,
+                   args.run_timeout)
     failed = []
     for spec in todo:
         if store.done(spec):  # another harness process sharing this folder recorded it meanwhile
@@ -651,36 +265,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         if not args.report_only:
             try:
-                folder = launch(spec, out, args)
+                folder = launch(spec, out, how)
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 print(f"ERROR: {err}", file=sys.stderr, flush=True)
                 failed.append(spec.key)
                 continue
             record = read_run(spec, folder)
             store.add(record)
-            print(f"[{time.strftime('%H:%M:%S')}] {spec.key}: best {100 * record['best']:.2f}%, "
-                  f"mean {100 * record['mean']:.2f}%, {record['wall-seconds']:.0f} s", flush=True)
+            at_val = report.at_validation_round(record)
+            print(f"[{time.strftime('%H:%M:%S')}] {spec.key}: last {report.LAST} "
+                  f"{100 * report.last_mean(record):.2f}%, at the validation round "
+                  f"{'n/a' if at_val is None else f'{100 * at_val:.2f}%'}, "
+                  f"{record['wall-seconds']:.0f} s", flush=True)
             write_reports(store, out, command, args.publish)
 
     # 3. reports over everything recorded in this folder
-    print(write_reports(store, out, command, args.publish))
+    print(write_reports(store, out, command, args.publish, earlier))
     print(f"Results: {out}")
     if failed:
         print(f"{len(failed)} run(s) failed: {failed}; rerun the same command to retry them",
               file=sys.stderr)
         return 1
     return 0
-
-
-def _resolved_config(folder: Path) -> dict[str, Any] | None:
-    """The complete run config the ServerApp used (pyproject defaults + overrides), if written."""
-    path = folder / "config.json"
-    return json.loads(path.read_text()).get("run-config") if path.is_file() else None
-
-
-def _mean(values: Sequence[Any]) -> float | None:
-    nums = [float(v) for v in values if isinstance(v, (int, float))]
-    return sum(nums) / len(nums) if nums else None
 
 
 if __name__ == "__main__":

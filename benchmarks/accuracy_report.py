@@ -1,9 +1,15 @@
 """Tables and plots of the accuracy benchmark, written from its recorded runs (results.json).
 
-Per (method, alpha): best and mean accuracy over rounds (mean ± sd over seeds), the mean of the
-last 5 rounds (the budget check: a flattened curve has it within 2 points of the best), and the
-paired difference to a baseline method (same seed) with its 95 % t-interval. `publish` copies a
-generated table into a marked block of a document (docs/results.md), so no number is typed by hand.
+Per (method, alpha), mean ± sd over seeds of:
+- last 5: the mean test accuracy of the last 5 rounds, THE PRIMARY METRIC (fixed before the
+  ten-seed runs, docs/results.md "Primary metric"): no round is chosen, by any set;
+- at val. round: the test accuracy at the round with the best validation accuracy (ties: the
+  earliest), the model selection a reviewer accepts; "n/a" for records without a validation set;
+- mean over rounds, and best: the maximum over rounds of the test accuracy, i.e. chosen on the
+  test set (optimistic; the paper's metric, kept for comparison and for the head rule);
+and the paired difference to a baseline method (same seed) with its 95 % t-interval. `publish`
+copies a generated table into a marked block of a document (docs/results.md), so no number is
+typed by hand.
 """
 
 from __future__ import annotations
@@ -16,8 +22,12 @@ from typing import Any
 
 from benchmarks.stats import fmt_interval, fmt_mean_sd, mean_sd, paired_differences, t_interval
 from feddifrc_core.checkpoint import atomic_write_bytes, atomic_write_text
+from feddifrc_core.reporting import LAST_ROUNDS, validation_choice
 
-LAST = 5  # rounds averaged by the "last 5" column
+LAST = LAST_ROUNDS  # rounds averaged by the "last 5" column
+PRIMARY = "last"  # the primary metric's key: the mean of the last 5 rounds
+METRICS = {"last": f"last {LAST}", "at-val": "at val. round", "mean": "mean",
+           "best": "best (on test)", "final": "final"}
 Record = Mapping[str, Any]
 
 
@@ -38,10 +48,28 @@ def last_mean(record: Record, n: int = LAST) -> float:
     return float(sum(accs) / len(accs))
 
 
-def _percent(runs: Mapping[int, Record], key: str) -> dict[int, float]:
+def at_validation_round(record: Record) -> float | None:
+    """Test accuracy at the round validation chose; None for records without validation."""
+    val = record.get("val-accuracy")
+    if not val:
+        return None
+    choice = validation_choice(record["rounds"], val, record["accuracy"])
+    return None if choice is None else choice[2]
+
+
+def metric(record: Record, key: str) -> float | None:
+    """One run's value of a table metric (fraction), None where the record cannot give it."""
     if key == "last":
-        return {s: 100 * last_mean(r) for s, r in runs.items()}
-    return {s: 100 * float(r[key]) for s, r in runs.items()}
+        return last_mean(record)
+    if key == "at-val":
+        return at_validation_round(record)
+    value = record.get(key)
+    return None if value is None else float(value)
+
+
+def _percent(runs: Mapping[int, Record], key: str) -> dict[int, float]:
+    values = {s: metric(r, key) for s, r in runs.items()}
+    return {s: 100 * v for s, v in values.items() if v is not None}
 
 
 def versus(runs: Mapping[int, Record], base: Mapping[int, Record], key: str) -> dict[str, Any]:
@@ -55,19 +83,23 @@ def versus(runs: Mapping[int, Record], base: Mapping[int, Record], key: str) -> 
 
 def metric_view(record: Record, key: str) -> Record | None:
     """`record` with its accuracy curve replaced by another per-round metric recorded beside it
-    (`key` and `initial-<key>`, e.g. the self-supervised runs' kNN accuracy), so that the same
-    tables read that metric; None where the record has no such curve."""
+    (`key`, `val-<key>` and `initial-<key>`, e.g. the self-supervised runs' kNN accuracy), so that
+    the same tables read that metric; None where the record has no such curve."""
     values = record.get(key)
     if not values:
         return None
     return {**record, "accuracy": values, "best": max(values), "mean": sum(values) / len(values),
-            "final": values[-1], "initial-accuracy": record.get(f"initial-{key}")}
+            "final": values[-1], "initial-accuracy": record.get(f"initial-{key}"),
+            "val-accuracy": record.get(f"val-{key}"),
+            "initial-val-accuracy": record.get(f"initial-val-{key}")}
 
 
 def initial_runs(records: Sequence[Record], method: str, label: str) -> list[Record]:
     """Round 0 of `method`'s runs (the seeded initial encoder, the same for every method of a
     seed) as runs of their own named `label`, so that tables can pair a method with its start."""
-    return [{**r, "method": label, "tag": "", "accuracy": [r["initial-accuracy"]],
+    return [{**r, "method": label, "tag": "", "rounds": [0], "accuracy": [r["initial-accuracy"]],
+             "val-accuracy": ([r["initial-val-accuracy"]]
+                              if r.get("initial-val-accuracy") is not None else None),
              "best": r["initial-accuracy"], "mean": r["initial-accuracy"],
              "final": r["initial-accuracy"]}
             for r in records
@@ -75,18 +107,33 @@ def initial_runs(records: Sequence[Record], method: str, label: str) -> list[Rec
 
 
 def summarize(records: Sequence[Record], baseline: str) -> list[dict[str, Any]]:
-    """One row per (label, alpha), with paired differences to `baseline` at the same alpha."""
+    """One row per (label, alpha), with paired differences to `baseline` at the same alpha;
+    a metric no run of the row can give (at-val without validation) is None."""
     groups = group(records)
     rows = []
     for (label, alpha), runs in groups.items():
         base = groups.get((baseline, alpha), {})
         row: dict[str, Any] = {"label": label, "alpha": alpha, "seeds": sorted(runs)}
-        for key in ("best", "mean", "last"):
-            row[key] = mean_sd(list(_percent(runs, key).values()))
+        for key in METRICS:
+            values = list(_percent(runs, key).values())
+            row[key] = mean_sd(values) if values else None
             if label != baseline and base:
                 row[f"{key}-vs-{baseline}"] = versus(runs, base, key)
         rows.append(row)
     return rows
+
+
+def _cell(pair: tuple[float, float] | None, signed: bool = False) -> str:
+    return "n/a" if pair is None else fmt_mean_sd(pair, signed)
+
+
+def _delta(vs: Mapping[str, Any] | None) -> tuple[str, str]:
+    """(Δ mean ± sd, 95 % CI) cells: '-' for the baseline itself, n/a where nothing pairs."""
+    if vs is None:
+        return "-", "-"
+    if vs["mean-sd"] is None:
+        return "n/a", "n/a"
+    return fmt_mean_sd(vs["mean-sd"], signed=True), fmt_interval(vs["ci95"])
 
 
 def table_markdown(records: Sequence[Record], baseline: str, order: Sequence[str],
@@ -95,13 +142,17 @@ def table_markdown(records: Sequence[Record], baseline: str, order: Sequence[str
     (the self-supervised table's randomly initialised encoder)."""
     rows = sorted(summarize(records, baseline), key=lambda r: (r["alpha"], _rank(r["label"], order)))
     lines = [
-        f"Global-model {metric} (%): best and mean over rounds and mean of the last {LAST} rounds, "
-        f"mean ± sd over seeds; Δ = paired difference to {baseline} (same seed, percentage points), "
-        "mean ± sd and 95 % t-interval.",
+        f"Global-model {metric} (%), mean ± sd over seeds: **last {LAST}** = mean of the last "
+        f"{LAST} rounds (the primary metric, fixed before the ten-seed runs: docs/results.md); at "
+        "val. round = at the round "
+        "whose validation accuracy is highest (ties: the earliest; n/a: the runs had no "
+        "validation set); mean over rounds; best (on test) = the maximum over rounds, chosen on "
+        f"the test set (optimistic). Δ = paired difference to {baseline} (same seed, percentage "
+        "points), mean ± sd and 95 % t-interval.",
         "",
-        f"| method | α | best | mean | last {LAST} | Δ best | Δ best 95 % CI | Δ mean | "
-        "Δ mean 95 % CI | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | α | last {LAST} | at val. round | mean | best (on test) | Δ last {LAST} | "
+        f"Δ last {LAST} 95 % CI | Δ at val. round | Δ at val. 95 % CI | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     alphas = sorted({r["alpha"] for r in rows})
     for alpha in alphas:
@@ -111,15 +162,12 @@ def table_markdown(records: Sequence[Record], baseline: str, order: Sequence[str
             if init:
                 cell = fmt_mean_sd(mean_sd(init))
                 lines.append(f"| random-init (round 0) | {alpha:g} | {cell} | {cell} | {cell} "
-                             "| - | - | - | - | same |")
+                             f"| {cell} | - | - | - | - | same |")
         for r in (r for r in rows if r["alpha"] == alpha):
-            vs_best, vs_mean = r.get(f"best-vs-{baseline}"), r.get(f"mean-vs-{baseline}")
-            cells = [fmt_mean_sd(r["best"]), fmt_mean_sd(r["mean"]), fmt_mean_sd(r["last"]),
-                     fmt_mean_sd(vs_best["mean-sd"], signed=True) if vs_best else "-",
-                     fmt_interval(vs_best["ci95"]) if vs_best else "-",
-                     fmt_mean_sd(vs_mean["mean-sd"], signed=True) if vs_mean else "-",
-                     fmt_interval(vs_mean["ci95"]) if vs_mean else "-",
-                     ",".join(map(str, r["seeds"]))]
+            cells = [_cell(r[k]) for k in ("last", "at-val", "mean", "best")]
+            for key in ("last", "at-val"):
+                cells += _delta(r.get(f"{key}-vs-{baseline}"))
+            cells.append(",".join(map(str, r["seeds"])))
             lines.append(f"| {r['label']} | {alpha:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -130,22 +178,94 @@ def versus_markdown(records: Sequence[Record], method: str, baselines: Sequence[
     groups = group(records)
     what = f", {metric}" if metric else ""
     lines = [f"{method} minus each baseline{what} (same seed; percentage points, mean ± sd and "
-             "95 % t-interval).", "",
-             "| α | baseline | Δ best | Δ best 95 % CI | Δ mean | Δ mean 95 % CI | seeds |",
-             "|---|---|---|---|---|---|---|"]
+             f"95 % t-interval; last {LAST} is the primary metric).", "",
+             f"| α | baseline | Δ last {LAST} | Δ last {LAST} 95 % CI | Δ at val. round | "
+             "Δ at val. 95 % CI | Δ mean | Δ mean 95 % CI | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for alpha in sorted({a for _, a in groups}):
         runs = groups.get((method, alpha))
         for baseline in baselines:
             base = groups.get((baseline, alpha))
             if not runs or not base:
                 continue
-            best, mean = versus(runs, base, "best"), versus(runs, base, "mean")
-            if not best["seeds"]:
+            primary = versus(runs, base, PRIMARY)
+            if not primary["seeds"]:
                 continue
-            lines.append(f"| {alpha:g} | {baseline} | {fmt_mean_sd(best['mean-sd'], True)} | "
-                         f"{fmt_interval(best['ci95'])} | {fmt_mean_sd(mean['mean-sd'], True)} | "
-                         f"{fmt_interval(mean['ci95'])} | {','.join(map(str, best['seeds']))} |")
+            cells = [c for key in (PRIMARY, "at-val", "mean") for c in _delta(versus(runs, base, key))]
+            lines.append(f"| {alpha:g} | {baseline} | " + " | ".join(cells)
+                         + f" | {','.join(map(str, primary['seeds']))} |")
     return "\n".join(lines) + "\n" if len(lines) > 4 else ""  # no pair recorded yet: no table
+
+
+def controls_markdown(records: Sequence[Record], arms: Sequence[str],
+                      controls: Sequence[str]) -> str:
+    """Does a FedDifRC arm add accuracy over the controls that see the teacher's public data?
+
+    The pre-registered reading (docs/results.md, "Controls"): an arm adds accuracy over the best
+    control at an alpha when its paired primary-metric difference to EVERY control has a 95 %
+    interval above 0 (then it is above the best one, whichever that is); below 0 for any
+    control: it does not; otherwise not resolved. The first arm is the one the question is
+    about (marked "primary"); the others are reported beside it. Needs two seeds per pair.
+    """
+    groups = group(records)
+    lines = [f"FedDifRC against the controls that get the teacher's public data (primary metric: "
+             f"last {LAST}; same seed; percentage points, mean ± sd and 95 % t-interval).", "",
+             "| α | arm | " + " | ".join(f"Δ vs {c}" for c in controls)
+             + " | above every control? | seeds |",
+             "|---|---|" + "---|" * len(controls) + "---|---|"]
+    for alpha in sorted({a for _, a in groups}):
+        for arm in arms:
+            runs = groups.get((arm, alpha))
+            if not runs or any((c, alpha) not in groups for c in controls):
+                continue
+            diffs = [versus(runs, groups[(c, alpha)], PRIMARY) for c in controls]
+            if any(len(d["seeds"]) < 2 for d in diffs):
+                continue
+            cells = [f"{fmt_mean_sd(d['mean-sd'], True)} {fmt_interval(d['ci95'])}" for d in diffs]
+            verdict = ("yes" if all(d["ci95"][0] > 0 for d in diffs) else
+                       "no" if any(d["ci95"][1] < 0 for d in diffs) else
+                       "not resolved (an interval includes 0)")
+            seeds = sorted(set.intersection(*(set(d["seeds"]) for d in diffs)))
+            name = f"{arm} (primary)" if arm == arms[0] else arm
+            lines.append(f"| {alpha:g} | {name} | " + " | ".join(cells)
+                         + f" | {verdict} | {','.join(map(str, seeds))} |")
+    return "\n".join(lines) + "\n" if len(lines) > 4 else ""
+
+
+HEAD_RULE_SEEDS = (12, 13, 14, 15, 16)
+
+
+def head_rule_markdown(records: Sequence[Record], alpha: float = 0.1) -> str:
+    """The confirmation rule for the alignment head, applied EXACTLY as it was written before the
+    runs (docs/results.md, "Confirmation of the alignment head"): `align-head` becomes "none" if,
+    on seeds 12-16, feddifrc+no-head's paired best-accuracy gain over FedAvg has its 95 %
+    interval above 0 and its mean is not below the linear head's (feddifrc's); otherwise the
+    linear head stays. "Best accuracy" is the rule's own metric (the maximum over rounds of the
+    test accuracy); the same test on the primary metric is printed beside it, not as the rule."""
+    groups = group(records)
+    arms = {label: {s: r for s, r in groups.get((label, alpha), {}).items()
+                    if s in HEAD_RULE_SEEDS} for label in ("fedavg", "feddifrc", "feddifrc+no-head")}
+    have = {label: len(runs) for label, runs in arms.items()}
+    if not any(have.values()):
+        return ""
+    head = (f"Head-confirmation rule (seeds {HEAD_RULE_SEEDS[0]}-{HEAD_RULE_SEEDS[-1]}, "
+            f"α {alpha:g}), applied as written before the runs.")
+    if any(n < len(HEAD_RULE_SEEDS) for n in have.values()):
+        counts = ", ".join(f"{label} {n}/{len(HEAD_RULE_SEEDS)}" for label, n in have.items())
+        return f"{head} Pending: runs recorded {counts}; the default stays until all are in.\n"
+    lines = [head, ""]
+    for key, what in (("best", "the rule (best accuracy)"),
+                      (PRIMARY, f"for information only, not the rule: last {LAST}")):
+        none = versus(arms["feddifrc+no-head"], arms["fedavg"], key)
+        linear = versus(arms["feddifrc"], arms["fedavg"], key)
+        passes = none["ci95"][0] > 0 and none["mean-sd"][0] >= linear["mean-sd"][0]
+        outcome = ('align-head becomes "none"' if passes else 'the linear head stays')
+        lines.append(
+            f"- {what}: no-head − FedAvg {fmt_mean_sd(none['mean-sd'], True)} "
+            f"{fmt_interval(none['ci95'])}, linear head − FedAvg "
+            f"{fmt_mean_sd(linear['mean-sd'], True)} {fmt_interval(linear['ci95'])}: "
+            f"**{outcome}**.")
+    return "\n".join(lines) + "\n"
 
 
 LOSS_COLUMNS = (("train-accuracy", "local train accuracy (%)"), ("train-ce", "CE"),

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import inprocess
-from benchmarks.accuracy import LoadSampler
+from benchmarks.accuracy_launch import LoadSampler
 from feddifrc_core import differential_privacy as dp
 from feddifrc_core.checkpoint import atomic_write_text
 from feddifrc_core.config import RunConfig

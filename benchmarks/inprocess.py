@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from scripts.ray_loopback import WARNING, build, loopback_env
 from scripts.run_config import app_defaults
 
 
@@ -31,6 +32,15 @@ def command(config_path: Path, clients: int, cpus_per_client: float,
            str(clients), "--cpus-per-client", str(cpus_per_client), "--gpus-per-client",
            str(gpus_per_client)]
     return cmd + (["--ray-cpus", str(ray_cpus)] if ray_cpus else [])
+
+
+def loopback_ray_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with the settings that keep the child's Ray on 127.0.0.1 (scripts/ray_loopback.py);
+    a warning on stderr where the bind() shim cannot be built."""
+    library = build()
+    if library is None:
+        print(WARNING, file=sys.stderr)
+    return loopback_env(env, library)
 
 
 def simulate(overrides: Mapping[str, Any], clients: int, cpus_per_client: float,

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from benchmarks.accuracy import (
+from benchmarks.accuracy_plan import (
     CPU_BUDGET,
     DIFFUSION_DEFAULTS,
     teacher_recommendation,

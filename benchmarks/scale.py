@@ -163,6 +163,7 @@ def measure(clients: int, args: argparse.Namespace, out: Path) -> dict[str, obje
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
     }
+    env = inprocess.loopback_ray_env(env)  # Ray on 127.0.0.1 only (scripts/ray_loopback.py)
     log_path = out / "work" / f"clients-{clients}.log"
     t0, load_start = time.time(), os.getloadavg()[0]
     with open(log_path, "w") as log:

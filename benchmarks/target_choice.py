@@ -24,7 +24,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import accuracy
+from benchmarks import accuracy_plan
+from benchmarks.accuracy_launch import Launcher, launch
+from benchmarks.accuracy_store import ResultsStore, read_run
 from benchmarks.stats import fmt_interval as _ci
 from benchmarks.stats import fmt_mean_sd as _fmt
 from benchmarks.stats import mean_sd as _mean_sd
@@ -45,24 +47,26 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # The accuracy benchmark's first CPU budget (15 rounds of 2 local epochs on 4,000 private images,
 # 5 of 10 clients per round), pinned here so that the recorded choice stays readable after that
-# benchmark moved on: clients train one at a time with both cores (torch-threads 2, a bookkeeping
-# key outside the run hash). ~2 min per run on an idle machine, plus each seed's first extraction
-# of the clients' representations (mean-pool one pass, spatial-norm two, shared by the variants).
+# benchmark moved on: clients train one at a time with both cores (torch-threads 2). ~2 min per
+# run on an idle machine, plus each seed's first extraction of the clients' representations
+# (mean-pool one pass, spatial-norm two, shared by the variants). Its records were hashed before
+# the run hash took in torch-threads and the methods' own settings (accuracy_plan.FREE_KEYS): redraw
+# them with --report-only; a rerun makes new runs under new hashes.
 BUDGET: dict[str, Any] = {
-    **accuracy.COMMON, "num-rounds": 15, "train-samples": 4000, "test-samples": 2000,
+    **accuracy_plan.COMMON, "num-rounds": 15, "train-samples": 4000, "test-samples": 2000,
     "model": "small-cnn", "model-width": 32, "local-epochs": 2, "device": "cpu",
     "torch-threads": 2, "eval-batch-size": 1000, "probe-train-samples": 2000}
 ALPHA = 0.1
 
 
-def plan(seeds: Sequence[int], variants: Sequence[str]) -> list[accuracy.RunSpec]:
+def plan(seeds: Sequence[int], variants: Sequence[str]) -> list[accuracy_plan.RunSpec]:
     """Seeds outermost: a partial table holds whole seeds."""
     specs = []
     for seed in seeds:
         for tag in variants:
             method, overrides = VARIANTS[tag]
-            specs += accuracy.plan_runs([method], [ALPHA], [seed], BUDGET, overrides,
-                                        "" if tag == "fedavg" else tag)
+            specs += accuracy_plan.plan_runs([method], [ALPHA], [seed], BUDGET, overrides,
+                                             "" if tag == "fedavg" else tag)
     return specs
 
 
@@ -133,27 +137,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    store = accuracy.ResultsStore(out / "results.json")
-    launch_args = argparse.Namespace(engine="inprocess", clients=10, gpus_per_client=0.0,
-                                     cpus_per_client=args.cpus_per_client,
-                                     run_timeout=args.run_timeout)
+    store = ResultsStore(out / "results.json")
+    how = Launcher(clients=10, cpus_per_client=args.cpus_per_client, run_timeout=args.run_timeout)
     failed = []
     for spec in plan([int(s) for s in args.seeds.split(",")], variants):
         if args.report_only or store.done(spec):
             continue
         try:
-            folder = accuracy.launch(spec, out, launch_args)
+            folder = launch(spec, out, how)
         except Exception as err:  # one failed run must not stop the others
             print(f"ERROR: {err}", file=sys.stderr, flush=True)
             failed.append(spec.key)
             continue
-        store.add(accuracy.read_run(spec, folder))
+        store.add(read_run(spec, folder))
         _report(store, out, variants)
     print(_report(store, out, variants))
     return 1 if failed else 0
 
 
-def _report(store: accuracy.ResultsStore, out: Path, variants: Sequence[str]) -> str:
+def _report(store: ResultsStore, out: Path, variants: Sequence[str]) -> str:
     store.reload()
     summary = summarize(list(store.records.values()), variants)
     (out / "choice.json").write_text(json.dumps(summary, indent=1) + "\n")

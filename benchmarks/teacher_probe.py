@@ -4,8 +4,9 @@ For a few timesteps t (noise level alpha_bar_t), the pooled up-block features of
 under the null prompt "" -- exactly what the federation's extractor computes -- are compared with
 raw pixels and with the same architecture untrained: a linear probe (standardised logistic
 regression) and a cosine kNN, fitted on private training images, selected on a disjoint private
-validation set, reported on the test set. Plus zero-shot diffusion-classifier accuracy: the class
-prompt whose denoising error is smallest, averaged over a few stratified timesteps.
+validation set, reported on the test set. Plus zero-shot diffusion-classifier accuracy
+(feddifrc_core/zero_shot.py): the class prompt whose denoising error is smallest, averaged over a
+few stratified timesteps.
 
     python benchmarks/teacher_probe.py      # ~17 min on 2 cores shared with other jobs
     python benchmarks/teacher_probe.py --write-recommendation   # also updates teacher.json + card
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from feddifrc_core import zero_shot
 from feddifrc_core.datasets import load_dataset, select_subset, subsample
 from feddifrc_core.diffusion.extractor import (
     DiffusionFeatureExtractor,
@@ -38,6 +40,7 @@ from feddifrc_core.diffusion.teacher_backbone import (
 )
 from feddifrc_core.probe import knn_accuracy
 from feddifrc_core.prompts import class_prompts
+from feddifrc_core.zero_shot import ZeroShotSettings, zero_shot_logits
 from teacher.config import build_unet, config_from_info
 from teacher.export import model_card, recommendation
 
@@ -122,50 +125,22 @@ def block_set(feats: dict[tuple[int, int], torch.Tensor], pool: int, spec: str) 
     return torch.cat([feats[(pool, int(b))] for b in spec.split(",")], dim=1)  # [N, sum dims]
 
 
-@torch.no_grad()
 def zero_shot_accuracy(
     bb: TeacherBackbone,
     images: torch.Tensor,
     labels: torch.Tensor,
+    sample_ids: np.ndarray,
     prompts: list[str],
     trials: int,
     seed: int = 0,
-    batch_images: int = 16,
 ) -> float:
-    """Diffusion classifier: argmin over class prompts of the epsilon-MSE, averaged over `trials`
-    stratified timesteps with the same noise for every prompt of an image."""
+    """The diffusion classifier of feddifrc_core.zero_shot (the distillation control's teacher):
+    argmax of the logits over `trials` stratified timesteps, one noise draw each, the same
+    noise for every prompt of an image."""
     num_t = int(bb.scheduler.config.num_train_timesteps)
-    steps = [int((k + 0.5) * num_t / trials) for k in range(trials)]
-    embeds = bb.encode_prompts(prompts)  # [C, L, D]
-    num_c = embeds.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    correct = 0
-    for start in range(0, len(images), batch_images):
-        # 1. images in the UNet's input space
-        x = bb.encode_images(
-            to_model_pixels(
-                images[start : start + batch_images],
-                bb.sample_size,
-                bb.in_channels,
-                bb.device,
-                bb.dtype,
-            )
-        )  # [B, 1, S, S]
-        b = x.shape[0]
-        errors = torch.zeros(b, num_c)
-        for t in steps:
-            # 2. one noise draw per image and timestep, shared by all prompts
-            noise = torch.randn(x.shape, generator=gen).to(bb.device, bb.dtype)
-            tt = torch.full((b,), t, dtype=torch.long, device=bb.device)
-            noisy = bb.scheduler.add_noise(x, noise, tt).repeat_interleave(
-                num_c, dim=0
-            )  # [B*C, ...]
-            ctx = embeds.repeat(b, 1, 1)  # [B*C, L, D]
-            pred = bb.unet(noisy, tt.repeat_interleave(num_c), encoder_hidden_states=ctx).sample
-            target = noise.repeat_interleave(num_c, dim=0)
-            errors += (pred - target).float().pow(2).mean(dim=(1, 2, 3)).view(b, num_c).cpu()
-        correct += int((errors.argmin(dim=1) == labels[start : start + batch_images]).sum())
-    return correct / len(images)
+    settings = ZeroShotSettings(timesteps=ZeroShotSettings.stratified(trials, num_t), seed=seed)
+    logits = zero_shot_logits(bb, images, [int(i) for i in sample_ids], prompts, settings)
+    return zero_shot.accuracy(logits, labels)
 
 
 def probe_scores(
@@ -301,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
             if zs is None:
                 zs = zero_shot_accuracy(
-                    bb, test.images[zs_sel], test.labels[zs_sel], prompts, args.zero_shot_trials
+                    bb, test.images[zs_sel], test.labels[zs_sel], sets["test"][2][zs_sel],
+                    prompts, args.zero_shot_trials,
                 )
                 print(
                     f"  zero-shot diffusion classifier: {zs:.3f} on {n_zs} test images", flush=True
@@ -357,8 +333,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"fitted on {s['train_samples']} private images, selected on {s['val_samples']} other "
         f"private images, reported on {s['test_samples']} test images.",
         "",
-        "| features | t | alpha_bar_t | up blocks | pool | dim | linear val | linear test | kNN test |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| features | t | alpha_bar_t | up blocks | pool | dim | linear val | linear test | kNN val "
+        "| kNN test |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         ab = "-" if r["alpha_bar"] is None else f"{r['alpha_bar']:.3f}"
@@ -366,7 +343,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['features']} | {r['timestep'] if r['timestep'] is not None else '-'} | {ab} "
             f"| {r['blocks']} | {pool} | {r['dim']} | {r['linear_val']:.3f} "
-            f"| {r['linear_test']:.3f} | {r['knn_test']:.3f} |"
+            f"| {r['linear_test']:.3f} | {r['knn_val']:.3f} | {r['knn_test']:.3f} |"
         )
     zs, b = result["zero_shot"], result["best"]
     lines += [

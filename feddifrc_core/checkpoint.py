@@ -16,7 +16,7 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,10 @@ _NAME = re.compile(r"^round-(\d{4,})\.safetensors$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or fails its checksum."""
+
+
+class WriteError(OSError):
+    """Writing a file failed; the message names the file, the reason and the fix."""
 
 
 @dataclass(frozen=True)
@@ -82,10 +86,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         return write_atomically(path, data)
     except OSError as err:
-        raise OSError(
-            f"could not write {path}: {err.strerror or err}. Check free disk space and that the "
-            f"folder {path.parent} is writable."
-        ) from err
+        raise write_error(path, err) from err
+
+
+def write_error(path: str | Path, err: OSError) -> WriteError:
+    """The error to raise when writing `path` failed: names the file, the reason and the fix
+    (a full disk, a read-only or immutable folder)."""
+    path = Path(path)
+    return WriteError(f"could not write {path}: {err.strerror or err}. Check free disk space and "
+                   f"that the folder {path.parent} is writable.")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -157,13 +166,20 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(folder: str | Path) -> Checkpoint | None:
-    """The newest checkpoint in `folder` that verifies; damaged ones are logged and skipped."""
+def latest_checkpoint(folder: str | Path,
+                      skip: Callable[[Checkpoint], str | None] | None = None) -> Checkpoint | None:
+    """The newest checkpoint in `folder` that verifies; damaged ones are logged and skipped, and
+    so are those for which `skip` returns a reason (e.g. a model that holds NaN)."""
     for path in reversed(list_checkpoints(folder)):
         try:
-            return load_checkpoint(path)
+            found = load_checkpoint(path)
         except CheckpointError as err:
             log.warning("skipping damaged checkpoint: %s", err)
+            continue
+        reason = skip(found) if skip is not None else None
+        if reason is None:
+            return found
+        log.warning("skipping checkpoint %s: %s", path, reason)
     return None
 
 

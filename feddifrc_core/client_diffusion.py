@@ -1,5 +1,6 @@
 """One client's diffusion representations and the targets made from them, for the algorithms that
-align to the diffusion model (FedDifRC and its variants).
+align to the diffusion model (FedDifRC and its variants), and the teacher's zero-shot logits of
+its images (the distillation control, fedavg-kd).
 
 Built cheaply with the ClientSession; the backbone is loaded and the representations extracted on
 first need (then read from the verified on-disk feature cache, and kept per process and basis).
@@ -8,6 +9,7 @@ The arrays it answers with are the set-up uploads of `algorithms/feddifrc.py`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +23,12 @@ from feddifrc_core.datasets import ImageDataset
 from feddifrc_core.diffusion.backbone import DiffusionBackbone
 from feddifrc_core.diffusion.reduction import basis_sha256
 from feddifrc_core.projection import Basis, arrays_to_bases, stats_to_arrays
+from feddifrc_core.prompts import class_prompts
 from feddifrc_core.targets import TARGET_COUNT, TARGET_OFFSET, TARGET_SUM, DiffusionTargets
+from feddifrc_core.teacher_logits import client_teacher_logits
+from feddifrc_core.zero_shot import ZeroShotSettings
+
+logger = logging.getLogger(__name__)
 
 # backbone, images uint8 [N, C, H, W], labels [N] or None, sample ids [N], class names, settings
 ExtractionInputs = tuple[DiffusionBackbone, torch.Tensor, torch.Tensor | None, np.ndarray,
@@ -38,6 +45,7 @@ class ClientDiffusion:
         self.cache_dir = cache_dir  # the backbone's downloads; representations in a subfolder
         # (hashes of the bases they were projected with, the representations); None = not yet
         self._representations: tuple[tuple[str, ...], rep.ClientRepresentations] | None = None
+        self._teacher_logits: dict[ZeroShotSettings, torch.Tensor] = {}  # [N, C] by settings
 
     def _inputs(self) -> ExtractionInputs:
         """The extraction passes' shared arguments (the backbone is cached per process)."""
@@ -84,6 +92,20 @@ class ClientDiffusion:
         federated mean target where the payload carries one."""
         bases = _bases(payload)
         return self.representations(bases).targets(bases, feature_dim, payload.get(TARGET_OFFSET))
+
+    def teacher_logits(self, settings: ZeroShotSettings) -> torch.Tensor:
+        """The teacher's zero-shot class logits [N, C] of this client's images: computed once per
+        image and kept on this node's disk (never sent anywhere), memoised per process."""
+        if settings not in self._teacher_logits:
+            backbone = rep.backbone_from_config(self.cfg, self.device, self.cache_dir)
+            prompts = class_prompts(self.data.class_names, self.cfg.prompt_template)
+            logits, info = client_teacher_logits(backbone, self.data.images, self.sample_ids,
+                                                 prompts, settings, self.cache_dir)
+            logger.info("teacher logits of %d images (%d reused, %d computed in %.1f s) in %s",
+                        len(self.data), info["reused"], info["computed"], info["seconds"],
+                        info["folder"])
+            self._teacher_logits[settings] = logits
+        return self._teacher_logits[settings]
 
 
 def _bases(payload: Mapping[str, np.ndarray]) -> list[Basis]:

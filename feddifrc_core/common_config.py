@@ -20,7 +20,7 @@ from feddifrc_core.differential_privacy import config_problem as dp_config_probl
 from feddifrc_core.diffusion.backbone import DTYPES
 from feddifrc_core.diffusion.reduction import REDUCTIONS
 from feddifrc_core.models import MODEL_NAMES
-from feddifrc_core.options import ConfigError
+from feddifrc_core.options import ConfigError, int_list
 from feddifrc_core.options import option as _opt
 from feddifrc_core.partition import METHODS as PARTITION_METHODS
 from feddifrc_core.projection import PROJECTIONS
@@ -30,9 +30,11 @@ from feddifrc_core.projection import PROJECTIONS
 # their configuration hash).
 BOOKKEEPING_KEYS = frozenset({
     "output-dir", "run-name", "resume", "cache-dir", "data-path", "device", "torch-threads",
-    "eval-batch-size", "round-timeout"})
+    "eval-batch-size", "round-timeout", "setup-timeout"})
 # What a resumed run may change besides: more rounds, and the nodes it waits for.
 RESUMABLE_KEYS = BOOKKEEPING_KEYS | {"num-rounds", "min-available-nodes"}
+# Where round 0's global model comes from (`init-model`, warm_start.py).
+INIT_MODELS = ("random", "public-supervised")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class CommonConfig:
     min_train_nodes: int = _opt(2, lo=1)  # below this many replies a round fails loudly
     min_available_nodes: int = _opt(2, lo=1)
     round_timeout: float = _opt(3600.0, lo=1.0)  # seconds a round waits for replies
+    # Set-up stages (node discovery, the one-time extraction for the projection) give up only
+    # after this many seconds without any client replying: clients queued behind others (fewer
+    # parallel slots than clients) keep the stage alive, so a slower machine takes longer but
+    # does not fail. Per-client budget, like round-timeout (server_app/progress_wait.py).
+    setup_timeout: float = _opt(3600.0, lo=1.0)
     eval_every: int = _opt(1, lo=1)  # central test evaluation period in rounds
     eval_batch_size: int = _opt(512, lo=1)
     output_dir: str = _opt("")  # "" -> $FEDDIFRC_RUNS_DIR or ./runs
@@ -57,6 +64,10 @@ class CommonConfig:
     data_subset: str = _opt("all", choices=("all", "private"))  # private = half not seen by the teacher
     train_samples: int = _opt(0, lo=0)  # 0 = all; a seeded subsample keeps CPU demos short
     test_samples: int = _opt(0, lo=0)  # 0 = whole test set
+    # Images of the test split held out for model selection (the round a summary reports), drawn
+    # stratified and seeded from what the test subset leaves: disjoint from it. 0 = none, as in
+    # the paper (it reports on the whole test set and picks its best round there).
+    validation_samples: int = _opt(0, lo=0)
     partition: str = _opt("dirichlet-reference", choices=PARTITION_METHODS)
     dirichlet_alpha: float = _opt(0.05, lo=0.0, lo_open=True)  # README example of the reference code
     imb_factor: float = _opt(1.0, lo=0.0, hi=1.0, lo_open=True)  # 1 = balanced; reference example 0.1
@@ -64,6 +75,15 @@ class CommonConfig:
     # --- local model and optimiser ------------------------------------------------------------
     model: str = _opt("resnet10", choices=MODEL_NAMES)  # paper backbone for CIFAR
     model_width: int = _opt(64, lo=1)  # ResNet-10 base width 64 -> 512-d features
+    # The global model the server starts from, whatever the algorithm: "random" = seeded
+    # initialisation (the paper); "public-supervised" = that model trained centrally by the server
+    # on the labelled public half of the training split (data-subset 'private' only: the clients
+    # never hold it), a control that gives any algorithm the data the diffusion teacher saw
+    # (feddifrc_core/warm_start.py).
+    init_model: str = _opt("random", choices=INIT_MODELS)
+    # Epochs of that central training (SGD with lr / momentum / weight-decay / batch-size, the
+    # run's augmentation): a few minutes for the small CNN on 2 cores (docs/results.md).
+    init_epochs: int = _opt(3, lo=1)
     local_epochs: int = _opt(10, lo=1)  # paper: 10 local epochs
     batch_size: int = _opt(64, lo=1)  # paper: 64
     lr: float = _opt(0.01, lo=0.0, lo_open=True)  # paper: SGD 0.01
@@ -142,6 +162,18 @@ class CommonConfig:
         problem = dp_config_problem(self)
         if problem:
             raise ConfigError(problem)
+        if self.validation_samples > 0 and self.test_samples == 0:
+            raise ConfigError(
+                f"validation-samples={self.validation_samples} needs images the test subset "
+                "leaves, but test-samples=0 takes the whole test split: set test-samples to at "
+                "most the split's size minus validation-samples, or validation-samples=0"
+            )
+        if self.init_model == "public-supervised" and self.data_subset != "private":
+            raise ConfigError(
+                f"init-model='public-supervised' trains on the public half of the training split, "
+                f"which the clients also hold with data-subset={self.data_subset!r}: set "
+                "data-subset='private' (or init-model='random')"
+            )
         if self.min_available_nodes < self.min_train_nodes:
             raise ConfigError(
                 f"min-available-nodes ({self.min_available_nodes}) must be >= min-train-nodes "
@@ -161,10 +193,4 @@ def resolve_device(requested: str) -> str:
 
 
 def _parse_up_blocks(text: str) -> tuple[int, ...]:
-    try:
-        ids = tuple(int(part) for part in str(text).split(",") if part.strip() != "")
-    except ValueError:
-        raise ConfigError(f"up-blocks must be comma-separated integers like '1,2,3', got {text!r}") from None
-    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
-        raise ConfigError(f"up-blocks must be distinct non-negative integers like '1,2,3', got {text!r}")
-    return tuple(sorted(ids))
+    return int_list(text, "up-blocks", "'1,2,3'")

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from feddifrc_core.config import RunConfig, resolve_device
-from feddifrc_core.datasets import subsample
+from feddifrc_core.datasets import ImageDataset, subsample
 from feddifrc_core.models import load_state
-from feddifrc_core.probe import knn_accuracy, linear_probe_accuracy
+from feddifrc_core.probe import knn_accuracy, linear_probe_accuracies
 from feddifrc_core.run_setup import (
     build_global_model,
-    load_test_set,
+    load_eval_sets,
     load_train_set,
     make_transforms,
 )
@@ -86,19 +86,22 @@ def extract_features(
 
 
 class CentralEvaluator:
-    """The server's test-set evaluation of a global model state.
+    """The server's evaluation of a global model state on the test set and, with
+    `validation-samples`, on a disjoint validation set from the same split (keys `val-*`): the
+    round a summary reports is chosen on validation and scored on test.
 
     Supervised algorithms: cross-entropy and accuracy of the model's own classifier. Label-free
     algorithms (feddifrc-ssl, simclr) never train the classifier head, so the encoder is judged
     by its frozen features instead: a linear probe and a weighted kNN, both fitted on a labelled
     subset of the training pool (`probe-train-samples`, stratified, seeded) and scored on the test
-    set. `test-accuracy` is then the linear-probe accuracy, so summaries and benchmarks read one key.
+    (and validation) set. `test-accuracy` is then the linear-probe accuracy, so summaries and
+    benchmarks read one key.
     """
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.device = torch.device(resolve_device(cfg.device))
-        self.test = load_test_set(cfg)
+        self.test, self.validation = load_eval_sets(cfg)
         pool = load_train_set(cfg)
         _, self.transform = make_transforms(cfg, pool.images)
         self.model = build_global_model(cfg, pool.channels, pool.num_classes, pool.image_size)
@@ -106,22 +109,34 @@ class CentralEvaluator:
         self.probe_train = (subsample(pool, cfg.probe_train_samples, cfg.seed)[0]
                             if cfg.algorithm_class.label_free else None)
 
+    @property
+    def eval_sets(self) -> dict[str, ImageDataset]:
+        """Metric prefix -> data set: test, and val when the run holds out a validation set."""
+        return {"test": self.test, **({"val": self.validation} if self.validation else {})}
+
     def __call__(self, state: Mapping[str, np.ndarray]) -> dict[str, float]:
         load_state(self.model, state)
         if self.probe_train is not None:
             return self._probe()
-        result = evaluate(self.model, self.test.images, self.test.labels, self.cfg.eval_batch_size,
-                          self.device, transform=self.transform)
-        return {"test-loss": result.loss, "test-accuracy": result.accuracy}
+        out: dict[str, float] = {}
+        for prefix, ds in self.eval_sets.items():
+            result = evaluate(self.model, ds.images, ds.labels, self.cfg.eval_batch_size,
+                              self.device, transform=self.transform)
+            out.update({f"{prefix}-loss": result.loss, f"{prefix}-accuracy": result.accuracy})
+        return out
 
     def _probe(self) -> dict[str, float]:
-        """Linear-probe and kNN test accuracy of the frozen penultimate features."""
+        """Linear-probe and kNN accuracy of the frozen penultimate features."""
         assert self.probe_train is not None  # set in __init__ for label-free algorithms
         probe, bs, dev = self.probe_train, self.cfg.eval_batch_size, self.device
         train_feats = extract_features(self.model, probe.images, bs, dev, self.transform)  # [P, D]
-        test_feats = extract_features(self.model, self.test.images, bs, dev, self.transform)  # [M, D]
-        linear = linear_probe_accuracy(train_feats, probe.labels, test_feats, self.test.labels,
-                                       seed=self.cfg.seed)
-        knn = knn_accuracy(train_feats, probe.labels, test_feats, self.test.labels)
-        return {"test-accuracy": float(linear), "test-probe-accuracy": float(linear),
-                "test-knn-accuracy": float(knn), "probe-train-examples": len(probe)}
+        feats = {prefix: (extract_features(self.model, ds.images, bs, dev, self.transform),
+                          ds.labels) for prefix, ds in self.eval_sets.items()}  # [M, D] each
+        linear = linear_probe_accuracies(train_feats, probe.labels, feats, seed=self.cfg.seed)
+        out: dict[str, float] = {"probe-train-examples": len(probe)}
+        for prefix, (x, y) in feats.items():
+            knn = knn_accuracy(train_feats, probe.labels, x, y)
+            out.update({f"{prefix}-accuracy": linear[prefix],
+                        f"{prefix}-probe-accuracy": linear[prefix],
+                        f"{prefix}-knn-accuracy": float(knn)})
+        return out

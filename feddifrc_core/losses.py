@@ -1,4 +1,4 @@
-"""Loss functions of FedDifRC and of the baselines (FedProx, MOON, SimCLR).
+"""Loss functions of FedDifRC and of the baselines (FedProx, MOON, SimCLR, distillation).
 
 Pure functions on tensors; every loss returns a scalar averaged over the batch. The forms, and
 where they differ from the reference code, are documented in docs/method.md and METHOD.md.
@@ -144,3 +144,16 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     sim = sim.masked_fill(self_mask, float("-inf"))  # a view is not its own negative
     partner = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)  # [2B]
     return F.cross_entropy(sim, partner)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            temperature: float) -> torch.Tensor:
+    """Hinton et al.'s distillation term: T^2 * KL(softmax(teacher / T) || softmax(student / T)),
+    mean over the batch (T^2 keeps its gradient scale independent of T)."""
+    _check_2d("student_logits", student_logits)
+    _check_same("student_logits", student_logits, "teacher_logits", teacher_logits)
+    _check_temperature("temperature", temperature)
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)  # [B, C]
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)  # [B, C]
+    kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2

@@ -67,6 +67,18 @@ def parse_value(f: dataclasses.Field[Any], key: str, value: Any, what: str,
     return value
 
 
+def int_list(text: str, key: str, example: str, sort: bool = True) -> tuple[int, ...]:
+    """A text setting of comma-separated distinct non-negative integers (`up-blocks`,
+    `zero-shot-timesteps`), sorted unless `sort` is False; ConfigError naming `key` otherwise."""
+    try:
+        ids = tuple(int(part) for part in str(text).split(",") if part.strip() != "")
+    except ValueError:
+        raise ConfigError(f"{key} must be comma-separated integers like {example}, got {text!r}") from None
+    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise ConfigError(f"{key} must be distinct non-negative integers like {example}, got {text!r}")
+    return tuple(sorted(ids)) if sort else ids
+
+
 def _coerce(key: str, value: Any, expected: type, what: str, coerce_strings: bool) -> Any:
     if coerce_strings and isinstance(value, str) and expected is not str:
         text = value.strip()

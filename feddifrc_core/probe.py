@@ -8,6 +8,7 @@ them here. Both functions are deterministic.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -57,23 +58,41 @@ def linear_probe_accuracy(
 ) -> float:
     """Test accuracy of a multinomial logistic regression (L2, inverse strength `c`, lbfgs) fitted
     on standardised frozen train features. Standardisation statistics come from the train set."""
-    _check_probe_inputs(train_feats, train_labels, test_feats, test_labels)
+    scores = linear_probe_accuracies(train_feats, train_labels, {"test": (test_feats, test_labels)},
+                                     seed=seed, c=c, max_iter=max_iter)
+    return scores["test"]
+
+
+def linear_probe_accuracies(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    evals: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    seed: int = 0,
+    c: float = 1.0,
+    max_iter: int = 1000,
+) -> dict[str, float]:
+    """`linear_probe_accuracy` on several evaluation sets with ONE fit (test and validation score
+    the same probe, as they score the same model)."""
+    for name, (feats, labels) in evals.items():
+        _check_probe_inputs(train_feats, train_labels, feats, labels)
+        if not name:
+            raise ValueError("`evals` needs a name for every evaluation set")
     if not c > 0:
         raise ValueError(f"`c` must be > 0, got {c!r}")
     x_train = train_feats.detach().cpu().double().numpy()
-    x_test = test_feats.detach().cpu().double().numpy()
     y_train = train_labels.detach().cpu().numpy()
-    y_test = test_labels.detach().cpu().numpy()
+    ys = {name: labels.detach().cpu().numpy() for name, (_, labels) in evals.items()}
     if np.unique(y_train).size < 2:
         # A probe on one class predicts that class; LogisticRegression refuses to fit it.
-        return float(np.mean(y_test == y_train[0]))
+        return {name: float(np.mean(y == y_train[0])) for name, y in ys.items()}
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
     with warnings.catch_warnings():
         # A probe that has not fully converged after max_iter is still a valid (lower) estimate.
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(scaler.transform(x_train), y_train)
-    return float(np.mean(clf.predict(scaler.transform(x_test)) == y_test))
+    return {name: float(np.mean(clf.predict(scaler.transform(
+        feats.detach().cpu().double().numpy())) == ys[name])) for name, (feats, _) in evals.items()}
 
 
 @torch.no_grad()

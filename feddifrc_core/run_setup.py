@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from feddifrc_core.algorithms import TrainTransform
-from feddifrc_core.config import RunConfig
+from feddifrc_core.config import ConfigError, RunConfig
 from feddifrc_core.datasets import ImageDataset, load_dataset, select_subset, subsample
 from feddifrc_core.models import build_model
 from feddifrc_core.partition import build_partitions
@@ -43,9 +43,31 @@ def load_train_set(cfg: RunConfig, data_path: str = "") -> ImageDataset:
 
 
 def load_test_set(cfg: RunConfig, data_path: str = "") -> ImageDataset:
-    ds = load_dataset(cfg.dataset, "test", _data_root(cfg, data_path))
-    ds, _ = subsample(ds, cfg.test_samples, cfg.seed)
-    return ds
+    return load_eval_sets(cfg, data_path)[0]
+
+
+def load_eval_sets(cfg: RunConfig, data_path: str = "") -> tuple[ImageDataset, ImageDataset | None]:
+    """(test set, validation set or None), both from the test split and disjoint.
+
+    The test set is the seeded, stratified `test-samples` subsample (unchanged by validation, so
+    runs with and without it are scored on the same images); the validation set is a seeded,
+    stratified `validation-samples` subsample of the images the test set leaves.
+    """
+    split = load_dataset(cfg.dataset, "test", _data_root(cfg, data_path))
+    test, test_rows = subsample(split, cfg.test_samples, cfg.seed)
+    if cfg.validation_samples == 0:
+        return test, None
+    rest = np.setdiff1d(np.arange(len(split)), test_rows)  # sorted rows the test set leaves
+    if cfg.validation_samples > len(rest):
+        raise ConfigError(
+            f"validation-samples={cfg.validation_samples} + test-samples={cfg.test_samples} "
+            f"exceed the {len(split)} images of {cfg.dataset}'s test split: lower one of them, "
+            f"e.g. -c \"validation-samples={len(split) // 4} "
+            f"test-samples={len(split) - len(split) // 4}\" or "
+            "validation-samples=0 (validation is drawn from what the test subset leaves)"
+        )
+    validation, _ = subsample(split.subset(rest), cfg.validation_samples, cfg.seed)
+    return test, validation
 
 
 def client_indices(cfg: RunConfig, labels: np.ndarray, num_classes: int, partition_id: int,

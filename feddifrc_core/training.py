@@ -28,6 +28,7 @@ from feddifrc_core.algorithms import (
     algorithm_names,
     get_algorithm,
 )
+from feddifrc_core.divergence import DivergedError, describe, nonfinite_tensors
 
 EvalTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -166,9 +167,14 @@ def train_local(
                 bar.update(1)
             means = {key: float(value) / seen for key, value in sums.items()}
             means["accuracy"] = 0.0 if algorithm.label_free else float(correct) / seen
-            if not math.isfinite(means["loss"]):
-                raise RuntimeError(
-                    f"{algorithm.name}: the local loss became {means['loss']} in epoch {epoch + 1}; "
+            # The loss can stay finite (4e22 at lr=1e6) while the weights are already inf/NaN:
+            # check both, once per epoch, so a client never sends a diverged model.
+            bad = nonfinite_tensors(model)
+            if not math.isfinite(means["loss"]) or bad:
+                what = (f"NaN or inf in {describe(bad, len(model.state_dict()), 'tensors')}"
+                        if bad else f"the local loss became {means['loss']}")
+                raise DivergedError(
+                    f"{algorithm.name}: training diverged in epoch {epoch + 1} ({what}); "
                     f"lower `lr` (now {cfg.lr}) or check the inputs and targets for NaN/inf"
                 )
             history.append(means)

@@ -22,4 +22,15 @@ export TRANSFORMERS_VERBOSITY="${TRANSFORMERS_VERBOSITY:-error}"
 export HF_HUB_DISABLE_PROGRESS_BARS="${HF_HUB_DISABLE_PROGRESS_BARS:-1}"
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="${RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO:-0}"
+# Ray (the simulation engine) has no authentication and would listen on every interface: the
+# processes that `flwr` starts (its local SuperLink and the simulations under it) get the loopback
+# settings of scripts/ray_loopback.py. A function, not exports, so nothing else in this shell
+# (e.g. a SuperLink you start by hand for a deployment on 0.0.0.0) is touched.
+if [ -f "$_feddifrc_root/.venv/lib/feddifrc-ray-loopback.so" ]; then
+  export FEDDIFRC_RAY_LOOPBACK="$_feddifrc_root/.venv/lib/feddifrc-ray-loopback.so"
+  flwr() {
+    LD_PRELOAD="$FEDDIFRC_RAY_LOOPBACK${LD_PRELOAD:+:$LD_PRELOAD}" \
+      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 command flwr "$@"
+  }
+fi
 unset _feddifrc_root

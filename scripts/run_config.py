@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from feddifrc_core.config import ConfigError, RunConfig
+from feddifrc_core.reporting import RunFolder
+from server_app.run_lock import RunFolderBusyError, RunFolderLock
 
 ROOT = Path(__file__).resolve().parents[1]
 _PAIR = r"([A-Za-z0-9_-]+)=('[^']*'|\"[^\"]*\"|[^\s'\"]+)"
@@ -60,9 +63,17 @@ def merge_run_config(items: list[str]) -> dict[str, object]:
     return merged
 
 
-def check_run_config(overrides: Mapping[str, object], supernodes: int) -> RunConfig:
+def runs_dir() -> Path:
+    """Where the ServerApp puts run folders without an output-dir (it gets this in its env)."""
+    return Path(os.environ.get("FEDDIFRC_RUNS_DIR") or ROOT / "runs").expanduser()
+
+
+def check_run_config(overrides: Mapping[str, object], supernodes: int,
+                     runs: Path | None = None) -> RunConfig:
     """Everything the ServerApp would refuse, said before a SuperLink starts: unknown keys (with
-    the closest known ones), wrong types and ranges, and too few SuperNodes for the run."""
+    the closest known ones), wrong types and ranges, too few SuperNodes for the run, and (with
+    `runs`, the default folder of run folders) a named run folder that another run writes into
+    or that does not fit `resume`."""
     check_run_config_keys(overrides)  # the SuperLink only answers "Invalid run configuration"
     try:
         cfg = RunConfig.from_flower({**app_defaults(), **overrides})
@@ -74,7 +85,22 @@ def check_run_config(overrides: Mapping[str, object], supernodes: int) -> RunCon
             f"({cfg.min_available_nodes}): the run would wait for nodes forever. Use "
             f"--supernodes {cfg.min_available_nodes} or more, or lower min-available-nodes and "
             "min-train-nodes (-c \"min-available-nodes=1 min-train-nodes=1\").")
+    if runs is not None:
+        check_run_folder(cfg, runs)
     return cfg
+
+
+def check_run_folder(cfg: RunConfig, runs: Path) -> None:
+    """SystemExit when the run's named folder is locked by another run or does not fit
+    `resume`; creates nothing (the ServerApp's own lock stays the authority)."""
+    if not cfg.run_name:  # a default name is new by construction (it holds the start time)
+        return
+    folder = (Path(cfg.output_dir).expanduser() if cfg.output_dir else runs) / cfg.run_name
+    try:
+        RunFolderLock.check_free(folder)
+        RunFolder.check_resume(folder, cfg.resume, cfg.run_name)
+    except (RunFolderBusyError, ConfigError) as err:
+        raise SystemExit(f"ERROR: {err}") from None
 
 
 def check_run_config_keys(values: Mapping[str, object]) -> None:

@@ -16,7 +16,8 @@ on top of it:
   and everything below it at the end, also when the script itself is killed (parent-death
   signal); it removes the Flower home and Ray session folders it made;
 - the installed copy of the app is not a git checkout, so the git revision travels in
-  $FEDDIFRC_GIT_SHA.
+  $FEDDIFRC_GIT_SHA;
+- Ray, which has no authentication, listens on 127.0.0.1 only (scripts/ray_loopback.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ from pathlib import Path
 
 from feddifrc_core.processes import descendants, stop_tree
 from feddifrc_core.provenance import git_revision
-from scripts.run_config import check_run_config, merge_run_config, to_toml
+from scripts.ray_loopback import WARNING as NO_LOOPBACK_WARNING
+from scripts.ray_loopback import build as build_loopback
+from scripts.ray_loopback import loopback_env
+from scripts.run_config import check_run_config, merge_run_config, runs_dir, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of the same environment
@@ -56,9 +60,9 @@ def main() -> int:
                         help="run-config overrides, 'k=v k2=v2' or a TOML file (repeatable)")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before giving up")
     args = parser.parse_args()
-    # 0. the settings, checked before anything starts
+    # 0. the settings (and the run folder they name), checked before anything starts
     overrides = merge_run_config(args.run_config)
-    check_run_config(overrides, args.supernodes)
+    check_run_config(overrides, args.supernodes, runs_dir())
 
     # 1. environment: a private Flower home per invocation, offline, no dependency installation
     port = _free_port()
@@ -72,7 +76,7 @@ def main() -> int:
            "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FEDDIFRC_GIT_SHA": os.environ.get("FEDDIFRC_GIT_SHA") or git_revision(),
-           "FEDDIFRC_RUNS_DIR": os.environ.get("FEDDIFRC_RUNS_DIR") or str(ROOT / "runs"),
+           "FEDDIFRC_RUNS_DIR": str(runs_dir()),
            "FEDDIFRC_CACHE_DIR": os.environ.get("FEDDIFRC_CACHE_DIR") or str(ROOT / ".cache" / "feddifrc"),
            # The app bundle (FAB) carries only code: the offline teacher's weights stay here.
            "FEDDIFRC_MODELS_DIR": os.environ.get("FEDDIFRC_MODELS_DIR") or str(ROOT / "models")}
@@ -80,6 +84,11 @@ def main() -> int:
     for key, value in (("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error"),
                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")):
         env.setdefault(key, value)
+    # Ray listens on loopback only: every process below the SuperLink gets the bind() shim
+    library = build_loopback()
+    if library is None:
+        print(NO_LOOPBACK_WARNING, file=sys.stderr)
+    env = loopback_env(env, library)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n')

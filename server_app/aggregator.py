@@ -12,9 +12,10 @@ beside the model (rule "mean"). The plain one sends with the Grid and combines w
   that depend on the federation's size fail here, before any work);
 - `train_config(server_round, model, grid)`: entries for the round's train config (Flower's
   client-side DP wrappers send the clipping norm this way);
-- `exchange(grid, messages, timeout)` delivers a stage's messages and returns the replies
-  (secure aggregation runs its own round trips here and returns replies whose arrays are the
-  masked sum's share, or one reply carrying the sum);
+- `exchange(grid, messages, wait)` delivers a stage's messages and returns the replies within
+  `wait` (a round's fixed deadline, or a set-up stage's that restarts with every reply: queued
+  clients keep the stage alive; `progress_wait.py`); secure aggregation runs its own round trips
+  here and returns replies whose arrays are the masked sum's share, or one reply carrying the sum;
 - `combine(uploads, rule)` turns the uploads, in partition order, into the stage's result (a
   robust rule replaces the mean here); `combine_models(server_round, uploads)` is the round's
   mean model, the release that differential privacy protects (server_app/private_aggregation.py);
@@ -31,6 +32,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from feddifrc_core.aggregation import Rule, Upload, combine
+from server_app.progress_wait import Wait, send_and_receive_with_progress
 
 
 class Aggregator:
@@ -43,9 +45,11 @@ class Aggregator:
         """Entries this component adds to the round's train config: none."""
         return {}
 
-    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-        """Send a stage's messages and collect the replies that come within `timeout` s."""
-        return list(grid.send_and_receive(messages, timeout=timeout))
+    def exchange(self, grid: Grid, messages: Iterable[Message], wait: Wait) -> list[Message]:
+        """Send a stage's messages and collect the replies that come within `wait`."""
+        if wait.from_last_reply:
+            return send_and_receive_with_progress(grid, messages, wait.seconds)
+        return list(grid.send_and_receive(messages, timeout=wait.seconds))
 
     def combine(self, uploads: Sequence[Upload], rule: Rule) -> dict[str, np.ndarray]:
         """The stage's result from its uploads (in partition order)."""

@@ -15,14 +15,17 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 
 from feddifrc_core import checkpoint as ckpt
+from feddifrc_core import divergence
 from feddifrc_core.algorithms import Algorithm
 from feddifrc_core.config import RESUMABLE_KEYS, RunConfig
 from feddifrc_core.evaluation import CentralEvaluator
 from feddifrc_core.models import model_state
-from feddifrc_core.progress import route_core_logs
+from feddifrc_core.progress import format_seconds, route_core_logs
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
 from feddifrc_core.run_setup import set_torch_threads
+from feddifrc_core.warm_start import initial_state
 from server_app.aggregator import Aggregator
+from server_app.failures import report_expected_failures_in_one_line
 from server_app.private_aggregation import with_privacy
 from server_app.ray_workers import exit_with_parent, replace_dead_ray_workers
 from server_app.run_lock import RunFolderLock
@@ -43,6 +46,8 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        # a bad setting, a busy run folder or a diverged round ends the run with one log line
+        report_expected_failures_in_one_line()
         route_core_logs(FLOWER_LOGGER.handlers)  # the algorithms' set-up lines, in the run's log
         cfg = RunConfig.from_flower({**context.run_config, **(overrides or {})})
         replace_dead_ray_workers()  # simulation: a killed ClientApp worker costs one round only
@@ -82,7 +87,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
 def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str, Any]:
     # 1. run folder, and the last complete checkpoint when resuming
     folder = RunFolder.open(cfg, run_name)
-    resumed = ckpt.latest_checkpoint(folder.checkpoints) if cfg.resume else None
+    # the newest checkpoint that verifies and whose model is finite (older versions of this
+    # server could checkpoint a diverged aggregate)
+    resumed = ckpt.latest_checkpoint(folder.checkpoints, skip=_diverged) if cfg.resume else None
     if cfg.resume and resumed is None:
         raise RuntimeError(f"resume=true but no checkpoint in {folder.checkpoints} verifies; "
                            "start a new run (resume=false, another run-name)")
@@ -93,7 +100,11 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
     # 2. test data, the global model (seeded initialisation) and the algorithm's server half;
     # both restored when resuming
     evaluator = CentralEvaluator(cfg)
-    state = model_state(evaluator.model)  # seeded initialisation
+    # seeded initialisation, or init-model's warm start (trained once, then read from the
+    # cache): the same for every algorithm
+    state, how = ((model_state(evaluator.model), "from the checkpoint") if resumed
+                  else initial_state(cfg, evaluator.model, device=evaluator.device))
+    log(INFO, "initial model: %s", how)
     algorithm = cfg.new_algorithm()
     # Every upload of every stage is combined by this one component, chosen here from the config.
     aggregator = with_privacy(Aggregator(), cfg)
@@ -116,29 +127,39 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
     strategy.discover_nodes(grid)
     strategy.setup(grid, cast(int, evaluator.model.feature_dim))  # every project model has one
     if resumed is None:
-        folder.log_round({"round": 0, **evaluator(state)})
+        row0 = {"round": 0, **evaluator(state)}
+        divergence.check_metrics(row0, "round 0 (the initial model)",
+                                 divergence.advice(0, cfg.lr))
+        folder.log_round(row0)
         _save(folder, cfg, run_name, run_key, 0, state, algorithm, aggregator)
 
     # 4. rounds: train on the sampled clients, aggregate, evaluate centrally, checkpoint
+    rounds_started = time.time()
     for server_round in range(first_round, cfg.num_rounds + 1):
         t0 = time.time()
         messages = strategy.configure_train(
             server_round, protocol.to_record(state), ConfigRecord(), grid)
-        replies = aggregator.exchange(grid, messages, cfg.round_timeout)
+        replies = aggregator.exchange(grid, messages, strategy.round_wait)
         arrays, client_metrics = strategy.aggregate_train(server_round, replies)
         if arrays is None or client_metrics is None:  # aggregate_train raises before this
             raise RuntimeError(f"round {server_round}: no aggregate")
+        # the strategy checked the aggregate for NaN/inf (DivergedError); its metrics below
         state = protocol.from_record(arrays)
         row: dict[str, Any] = {"round": server_round, **_prefixed(dict(client_metrics)),
                                **aggregator.metrics()}  # with DP: (epsilon, delta) so far
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
             row.update(evaluator(state))
+        divergence.check_metrics(row, f"round {server_round}",
+                                 divergence.advice(server_round, cfg.lr))
         report = strategy.last_report
         row.update({"clients": " ".join(map(str, report.succeeded)),
                     "failures": len(report.failures), "round-seconds": time.time() - t0})
         folder.log_round(row)
         _save(folder, cfg, run_name, run_key, server_round, state, algorithm, aggregator)
-        log(INFO, "round %d: %s", server_round, _short(row))
+        # ETA from this process's rounds so far (a resumed run does not count the earlier ones)
+        per_round = (time.time() - rounds_started) / (server_round - first_round + 1)
+        log(INFO, "round %d/%d: %s; ETA %s", server_round, cfg.num_rounds, _short(row),
+            format_seconds(per_round * (cfg.num_rounds - server_round)))
 
     # 5. final model and summary
     summary = summarize(folder.rows, time.time() - started)
@@ -163,6 +184,11 @@ def _save(folder: RunFolder, cfg: RunConfig, run_name: str, run_key: str, server
     ckpt.prune_checkpoints(folder.checkpoints, KEEP_CHECKPOINTS)
 
 
+def _diverged(checkpoint: ckpt.Checkpoint) -> str | None:
+    bad = divergence.nonfinite_arrays(checkpoint.group("model"))
+    return f"its model holds NaN or inf in {len(bad)} arrays" if bad else None
+
+
 def _check_same_run(cfg: RunConfig, saved: Mapping[str, Any]) -> None:
     """A resumed run may change only bookkeeping keys; anything else would not be the same run.
     A key that a checkpoint lacks was added later: the run had its default then."""
@@ -181,8 +207,8 @@ def _prefixed(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _short(row: Mapping[str, Any]) -> str:
-    keys = ("test-accuracy", "test-knn-accuracy", "test-loss", "train-loss", "dp-epsilon",
-            "failures", "round-seconds")
+    keys = ("test-accuracy", "val-accuracy", "test-knn-accuracy", "test-loss", "train-loss",
+            "dp-epsilon", "failures", "round-seconds")
     return ", ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
                      for k in keys if k in row)
 

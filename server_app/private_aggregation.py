@@ -57,6 +57,7 @@ from feddifrc_core.models import clamp_running_variances
 from feddifrc_core.privacy_accounting import ReleaseLedger, release_multipliers
 from feddifrc_core.seeding import hashed_seed, numpy_global_seed
 from server_app.aggregator import Aggregator
+from server_app.progress_wait import Wait
 from wire import protocol
 
 Wrapper = (DifferentialPrivacyServerSideFixedClipping | DifferentialPrivacyClientSideFixedClipping
@@ -107,8 +108,8 @@ class PrivateAggregator(Aggregator):
         list(self.wrapper.configure_train(server_round, protocol.to_record(private), config, grid))
         return dict(config)
 
-    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-        return self.inner.exchange(grid, messages, timeout)
+    def exchange(self, grid: Grid, messages: Iterable[Message], wait: Wait) -> list[Message]:
+        return self.inner.exchange(grid, messages, wait)
 
     def combine(self, uploads: Sequence[Upload], rule: Rule) -> dict[str, np.ndarray]:
         if rule == "mean":  # only an algorithm's extra uploads beside the model come here

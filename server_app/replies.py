@@ -33,8 +33,9 @@ def ordered_ok(replies: list[Message], partitions: Mapping[int, int]) -> list[Me
 
 
 def describe_failures(replies: list[Message], sent: list[Message], partitions: Mapping[int, int],
-                      timeout: float) -> list[str]:
-    """One entry per failed node: its error, or no reply before the timeout; logged grouped.
+                      waited: str) -> list[str]:
+    """One entry per failed node: its error, or no reply within `waited` (the stage's deadline,
+    as `Wait.describe` says it); logged grouped.
 
     A reply is matched to the node it was sent to by its reply-to id: when a node is gone, the
     SuperLink answers in its place (source node 1), which is the same node's failure, not a
@@ -50,7 +51,7 @@ def describe_failures(replies: list[Message], sent: list[Message], partitions: M
             reason = (msg.error.reason or "").strip().splitlines()
             failed[node] = reason[-1] if reason else f"error code {msg.error.code}"
     for node in set(node_of.values()) - answered:
-        failed[node] = f"no reply within round-timeout ({timeout:g} s)"
+        failed[node] = f"no reply within {waited}"
     order = sorted(failed, key=lambda n: (partitions.get(n, -1), n))
     failures = [f"partition {partitions.get(n, '?')} (node {n}): {failed[n]}" for n in order]
     for line in group_failures(failures):
@@ -65,7 +66,8 @@ def require(stage: str, ok: int, expected: int, min_nodes: int, failures: list[s
     raise RoundFailedError(
         f"{stage}: only {ok} of {expected} clients replied successfully, min-train-nodes is "
         f"{min_nodes}. Failures: {'; '.join(group_failures(failures)) or 'none reported'}. "
-        "Fix the client error above, raise round-timeout, or lower min-train-nodes."
+        "Fix the client error above, raise round-timeout (training) or setup-timeout "
+        "(set-up stages), or lower min-train-nodes."
     )
 
 

@@ -9,8 +9,10 @@ The file names the holder (PID, host, start time) so that the refusal can say wh
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -18,7 +20,10 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from feddifrc_core.checkpoint import WriteError
+
 LOCK_NAME = ".lock"
+log = logging.getLogger(__name__)
 
 
 class RunFolderBusyError(RuntimeError):
@@ -43,18 +48,14 @@ class RunFolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise OSError(f"cannot create the run folder {self.folder}: {err.strerror}; set "
-                          "output-dir to a writable folder") from err
+            raise WriteError(f"cannot create the run folder {self.folder}: {err.strerror}; set "
+                             "output-dir to a writable folder") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # BlockingIOError: held by another open file (another run)
             holder = _read_holder(fd)
             os.close(fd)
-            raise RunFolderBusyError(
-                f"run folder {self.folder} is in use by another run ({holder}); two runs must not "
-                "write into one folder. Wait for that run to end or stop it (`flwr stop RUN_ID`), "
-                "or choose another run-name."
-            ) from None
+            raise _busy(self.folder, holder) from None
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
@@ -62,16 +63,41 @@ class RunFolderLock:
         self._fd = fd
         return self
 
+    @staticmethod
+    def check_free(folder: Path) -> None:
+        """RunFolderBusyError if another process holds `folder`'s lock; creates nothing.
+
+        For launchers that refuse a second writer before they start anything (a run takes
+        the lock itself, first thing: this check only makes the refusal come sooner)."""
+        try:
+            fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+        except OSError:  # no lock file (no run ever wrote there) or unreadable: the run decides
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise _busy(Path(folder), _read_holder(fd)) from None
+        finally:
+            os.close(fd)  # also drops the lock this probe may have taken
+
     def release(self, remove_folder: bool = False) -> None:
-        """Drop the lock; `remove_folder` deletes the folder first (a set-up that failed)."""
+        """Drop the lock; `remove_folder` deletes the folder first (a set-up that failed).
+
+        Never raises: it runs while a run ends, often because of an error already on its way
+        (a full disk, a read-only folder), which a second error here would only bury."""
         if self._fd is None:
             return
-        if remove_folder:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        else:
-            os.ftruncate(self._fd, 0)  # the file stays: unlinking it would race a waiting opener
-        os.close(self._fd)
-        self._fd = None
+        fd, self._fd = self._fd, None
+        try:
+            if remove_folder:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            else:
+                os.ftruncate(fd, 0)  # the file stays: unlinking it would race a waiting opener
+        except OSError as err:  # only the holder's note stays behind; the lock itself goes
+            log.warning("could not clear the lock file %s: %s", self.path, err.strerror or err)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # closing drops the OS lock
 
     def __enter__(self) -> RunFolderLock:
         return self.acquire()
@@ -79,6 +105,13 @@ class RunFolderLock:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+def _busy(folder: Path, holder: str) -> RunFolderBusyError:
+    return RunFolderBusyError(
+        f"run folder {folder} is in use by another run ({holder}); two runs must not write into "
+        "one folder. Wait for that run to end or stop it (`flwr stop RUN_ID`), or choose another "
+        "run-name.")
 
 
 def _read_holder(fd: int) -> str:

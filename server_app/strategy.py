@@ -27,6 +27,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from feddifrc_core import divergence
 from feddifrc_core.aggregation import (
     Gathered,
     Rule,
@@ -37,6 +38,7 @@ from feddifrc_core.aggregation import (
 from feddifrc_core.algorithms import Algorithm
 from feddifrc_core.config import RunConfig
 from server_app.aggregator import Aggregator
+from server_app.progress_wait import Wait
 from server_app.ray_workers import in_simulation
 from server_app.replies import (
     RoundFailedError,
@@ -79,12 +81,12 @@ class AlgorithmStrategy(FedAvg):
         """Ask every connected node for its partition id (query.node_info)."""
         node_ids = self._wait_for_nodes(grid)
         sent = [protocol.node_info_request(node) for node in node_ids]
-        replies = self.aggregator.exchange(grid, sent, self.cfg.round_timeout)
+        replies = self.aggregator.exchange(grid, sent, self.setup_wait)
         mapping = {m.metadata.src_node_id: protocol.read_partition(m)
                    for m in replies if not m.has_error()}
         self.node_partitions = mapping
         require("node discovery", len(mapping), len(node_ids), self.min_train_nodes,
-                describe_failures(replies, sent, mapping, self.cfg.round_timeout))
+                describe_failures(replies, sent, mapping, self.setup_wait.describe()))
         duplicates = len(mapping) - len(set(mapping.values()))
         if duplicates:
             raise RoundFailedError(
@@ -106,10 +108,10 @@ class AlgorithmStrategy(FedAvg):
         node_ids = sorted(self.node_partitions, key=self.node_partitions.__getitem__)
         content = protocol.setup_content(self.header, stage, payload)
         sent = protocol.addressed(content, node_ids, protocol.SETUP)
-        replies = self.aggregator.exchange(grid, sent, self.cfg.round_timeout)
+        replies = self.aggregator.exchange(grid, sent, self.setup_wait)
         ok = ordered_ok(replies, self.node_partitions)
         require(f"set-up stage {stage!r}", len(ok), len(node_ids), self.min_train_nodes,
-                describe_failures(replies, sent, self.node_partitions, self.cfg.round_timeout))
+                describe_failures(replies, sent, self.node_partitions, self.setup_wait.describe()))
         uploads = [protocol.read_upload(m, self._partition(m)) for m in ok]
         return Gathered(self.aggregator.combine(uploads, rule), len(ok),
                         aggregate_client_metrics([protocol.read_metrics(m) for m in ok]))
@@ -142,7 +144,7 @@ class AlgorithmStrategy(FedAvg):
         report = self.last_report
         report.succeeded = [self._partition(m) for m in ok]
         report.failures = describe_failures(replies, self._sent, self.node_partitions,
-                                            self.cfg.round_timeout)
+                                            self.round_wait.describe())
         require(f"round {server_round}", len(ok), len(report.sampled), self.min_train_nodes,
                 report.failures)
 
@@ -151,10 +153,23 @@ class AlgorithmStrategy(FedAvg):
         extra = [u for m in ok if (u := protocol.read_payload_upload(m, self._partition(m)))]
         uploads = self.aggregator.combine(extra, "mean") if extra else {}
         model = self.algorithm.aggregate(self._current, mean, uploads, server_round)
+        # a NaN anywhere fails the run here, before this round reaches the run folder
+        divergence.check_model(model, f"round {server_round}: the aggregated model",
+                               divergence.advice(server_round, self.cfg.lr))
         metrics: dict[str, Any] = aggregate_client_metrics([protocol.read_metrics(m) for m in ok])
         return protocol.to_record(model), MetricRecord(metrics)
 
     # --- helpers --------------------------------------------------------------------------------
+    @property
+    def setup_wait(self) -> Wait:
+        """Set-up stages wait while clients make progress: with fewer parallel slots than
+        clients, queued clients start only when others finish (progress_wait.py)."""
+        return Wait("setup-timeout", self.cfg.setup_timeout, from_last_reply=True)
+
+    @property
+    def round_wait(self) -> Wait:
+        return Wait("round-timeout", self.cfg.round_timeout)
+
     def _partition(self, reply: Message) -> int:
         return self.node_partitions[reply.metadata.src_node_id]
 

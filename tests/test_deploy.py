@@ -27,13 +27,14 @@ from tests.deploy_helpers import (
     netns_unavailable_reason,
     write_probe_app,
 )
+from tests.sockets import process_tree
 
 deploy = load_deploy_module()
 
 # The real app, as small as it gets: 2 rounds, digits, small CNN, the tiny SD-shaped extractor.
 TINY_RUN = ("num-rounds=2 dataset='digits' model='small-cnn' model-width=8 "
-            "diffusion-model='tiny-sd' train-samples=120 test-samples=60 local-epochs=1 "
-            "batch-size=32 fraction-train=1.0 "
+            "diffusion-model='tiny-sd' train-samples=120 test-samples=60 validation-samples=60 "
+            "local-epochs=1 batch-size=32 fraction-train=1.0 "
             "min-train-nodes=2 partition='iid' data-subset='all' eval-batch-size=60 "
             "extraction-batch-size=32 projection='random' torch-threads=1")
 
@@ -255,7 +256,27 @@ def test_a_node_crash_fails_the_run_naming_the_node(fed):
     status = _cli(fed, "status")
     assert status.returncode == deploy.EXIT_COMPONENT_DIED
     assert re.search(r"sn2 .* DEAD", status.stdout)
+    # The surviving node's ClientApp finishes its 30 s of work after the stop and is reaped
+    # then; before, it stayed a zombie until the deployment was torn down.
+    sn1 = fed["dep"].component("sn1").pid
+    deadline = time.monotonic() + 90
+    while _task_processes(sn1) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert _task_processes(sn1) == [], _task_processes(sn1)
     # (Restarting a crashed node waits for its heartbeat to expire: see test_deploy_soak.py.)
+
+
+def _task_processes(root: int) -> list[str]:
+    """'pid state' of the ClientApp processes below `root`, zombies included."""
+    found = []
+    for pid in process_tree(root):
+        try:
+            head, _, tail = Path(f"/proc/{pid}/stat").read_text().rpartition(")")
+        except OSError:
+            continue
+        if head.partition("(")[2].startswith("flwr-clientapp"):
+            found.append(f"{pid} {tail.split()[0]}")
+    return found
 
 
 @pytest.mark.slow

@@ -20,12 +20,13 @@ import pytest
 
 from feddifrc_core.processes import alive, descendants
 from scripts.run_config import to_toml
+from tests.sockets import ListenerSampler, process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "run_simulation.py"
 TINY = {"num-rounds": 1, "dataset": "digits", "model": "small-cnn", "model-width": 8,
-        "diffusion-model": "tiny-sd", "train-samples": 150, "test-samples": 60, "local-epochs": 1,
-        "fraction-train": 1.0, "partition": "iid", "data-subset": "all", "eval-batch-size": 256,
+        "diffusion-model": "tiny-sd", "train-samples": 150, "test-samples": 60,
+        "validation-samples": 60, "local-epochs": 1, "fraction-train": 1.0, "partition": "iid", "data-subset": "all", "eval-batch-size": 256,
         "extraction-batch-size": 8}
 
 
@@ -59,7 +60,8 @@ def _is_our_superlink(cmdline: Path, home: Path) -> bool:
 @pytest.mark.slow
 def test_plain_flwr_run_in_the_activated_environment(tmp_path):
     """`source .venv/bin/activate && flwr run . --stream` in a fresh FLWR_HOME: the local SuperLink
-    that flwr starts installs nothing (no `uv sync` per run) and the run completes."""
+    that flwr starts installs nothing (no `uv sync` per run), Ray listens on loopback only, the
+    run completes; a bad setting ends a second run with one line, in `flwr log` and `flwr ls`."""
     home = tmp_path / "flwr-home"
     conf = tmp_path / "tiny.toml"
     conf.write_text(to_toml({**TINY, "output-dir": str(tmp_path / "runs"),
@@ -74,9 +76,17 @@ def test_plain_flwr_run_in_the_activated_environment(tmp_path):
         return subprocess.run(["bash", "-c", f"source .venv/bin/activate && {command}"], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=timeout)
 
+    def ours() -> list[int]:
+        return [int(cmd.parent.name) for cmd in Path("/proc").glob("[0-9]*/cmdline")
+                if _is_our_superlink(cmd, home)]
+
     try:
-        run = flwr(f"flwr run . --run-config {conf} --federation-config 'num-supernodes=3' --stream")
+        with ListenerSampler(lambda: [pid for link in ours() for pid in process_tree(link)]) as seen:
+            run = flwr(f"flwr run . --run-config {conf} --federation-config 'num-supernodes=3' "
+                       "--stream")
         assert run.returncode == 0, run.stdout + run.stderr
+        assert {"gcs_server", "raylet"} <= {name for name, _ in seen.found}, seen.found
+        assert not seen.exposed(), seen.exposed()  # Ray has no authentication: loopback only
         assert "Successfully started run" in run.stdout, run.stdout + run.stderr
         listed = flwr("flwr ls --format json", timeout=60)
         runs = json.loads(listed.stdout[listed.stdout.index("{"):])["runs"]
@@ -86,15 +96,24 @@ def test_plain_flwr_run_in_the_activated_environment(tmp_path):
         assert not (home / "runtime-envs").exists()  # no per-run dependency installation
         summary = next((tmp_path / "runs").glob("*/summary.json"))
         assert json.loads(summary.read_text())["rounds"] == 1
+
+        bad = flwr("flwr run . --run-config \"num-rounds='abc'\" --stream")
+        run_id = bad.stdout.split("Successfully started run ")[1].split()[0]
+        listed = flwr(f"flwr ls --run-id {run_id} --format json", timeout=60)
+        (entry,) = json.loads(listed.stdout[listed.stdout.index("{"):])["runs"]
+        expected = "run config: 'num-rounds' expects an integer, got 'abc' (str)"
+        assert entry["status"] == "finished:failed" and expected in entry["status-details"]
+        log = flwr(f"flwr log {run_id}", timeout=60).stdout
+        assert f"raised an exception: ConfigError: {expected}" in log, log
+        assert "Traceback" not in log, log  # one line, not Flower's 30-line traceback
     finally:  # the local SuperLink keeps running after `flwr run`: stop the one we started
-        ours = [int(cmd.parent.name) for cmd in Path("/proc").glob("[0-9]*/cmdline")
-                if _is_our_superlink(cmd, home)]
-        _kill_all([pid for superlink in ours for pid in _tree(superlink)])
+        _kill_all([pid for superlink in ours() for pid in _tree(superlink)])
 
 
 @pytest.mark.slow
 def test_killing_the_run_script_ends_everything_it_started(tmp_path):
-    """kill -9 of run_simulation.py mid-run: SuperLink, SuperExec, ServerApp and Ray end with it."""
+    """kill -9 of run_simulation.py mid-run: SuperLink, SuperExec, ServerApp and Ray end with it.
+    Before the kill, every socket its processes listen on is a loopback one."""
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"),
            "FEDDIFRC_RUNS_DIR": str(tmp_path / "runs")}
     overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
@@ -104,9 +123,13 @@ def test_killing_the_run_script_ends_everything_it_started(tmp_path):
     started: list[int] = []
     try:
         assert script.stdout is not None
-        for line in script.stdout:  # until the rounds run: every process is up by then
-            if "round 2:" in line:
-                break
+        with ListenerSampler(lambda: process_tree(script.pid)) as seen:
+            for line in script.stdout:  # until the rounds run: every process is up by then
+                if "round 2:" in line:
+                    break
+        # while it ran, Ray (which has no authentication) listened on loopback only
+        assert {"gcs_server", "raylet", "flwr-simulation"} <= {n for n, _ in seen.found}, seen.found
+        assert not seen.exposed(), seen.exposed()
         started = [pid for pid in _tree(script.pid) if pid != script.pid]
         names = " ".join(Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
                          for pid in started if alive(pid))

@@ -147,3 +147,18 @@ def test_nt_xent_matches_loop() -> None:
         den = sum(math.exp(_cos(v[i], v[k]) / t) for k in range(6) if k != i)
         losses.append(-math.log(math.exp(_cos(v[i], v[j]) / t) / den))
     assert nt_xent(z1, z2, t).item() == pytest.approx(sum(losses) / 6, rel=1e-5)
+
+
+def test_kd_loss_matches_its_definition():
+    from feddifrc_core.losses import kd_loss
+
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    teacher = torch.tensor([[0.0, 2.0, 0.0], [0.5, 0.5, 0.0]])
+    t = 2.0
+    p = torch.softmax(teacher / t, dim=1)
+    q = torch.softmax(student / t, dim=1)
+    expected = t**2 * (p * (p.log() - q.log())).sum(dim=1).mean()
+    assert kd_loss(student, teacher, t).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert kd_loss(teacher, teacher, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="same shape"):
+        kd_loss(student, teacher[:, :2], 1.0)

@@ -123,7 +123,7 @@ def test_a_vanished_node_counts_once_and_errors_shared_by_clients_are_reported_o
     replies = [_reply(sent[0], 101, "Message unavailable: node is offline", src=1),
                *[_reply(m, n, "ValueError: num_clients=4 is more than the 3 samples")
                  for m, n in zip(sent[1:], [102, 103, 104], strict=True)]]
-    failures = describe_failures(replies, sent, partitions, timeout=60.0)
+    failures = describe_failures(replies, sent, partitions, "round-timeout (3600 s)")
     assert failures == ["partition 0 (node 101): Message unavailable: node is offline",
                         *[f"partition {p} (node {n}): ValueError: num_clients=4 is more than the "
                           "3 samples" for p, n in ((1, 102), (2, 103), (3, 104))]]

@@ -1,5 +1,8 @@
 """Cache and checkpoint safety with real processes: SIGKILL mid-write, concurrent writers sharing
-one cache folder, a full disk (RLIMIT_FSIZE), read-only / not-a-folder paths.
+one cache folder, a full disk (RLIMIT_FSIZE), read-only / not-a-folder paths; and the run-level
+reliability items of issue 25 (sections 6-13): diverged training, identical model files, a
+read-only run folder, the run script's early refusal, one-line failures, set-up waits, Ray on
+loopback, reaped ClientApps.
 
 Child processes import this module (tests/ on sys.path) so that parent and children build the
 same caches and the same expected data.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
 import signal
@@ -25,6 +29,7 @@ import torch
 from feddifrc_core import checkpoint as ckpt
 from feddifrc_core.feature_cache import FeatureCache, FeatureCacheError
 from tests.micro_config import micro_run_config
+from tests.sockets import is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 # 32 rows x 64 x 128 fp16 = 512 KiB per chunk: a write takes long enough to be hit by a kill.
@@ -378,7 +383,6 @@ def test_server_process_sigkilled_mid_run_resumes_to_the_same_model(tmp_path):
 
     from tests.loopback_grid import run_loopback
 
-
     proc = child(f"""
         from pathlib import Path
         from tests.loopback_grid import LoopbackGrid, run_loopback
@@ -405,3 +409,378 @@ def test_server_process_sigkilled_mid_run_resumes_to_the_same_model(tmp_path):
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
     rows = (tmp_path / "runs/killed/metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["round"] for r in rows] == [0, 1, 2, 3, 4]
+
+
+# --- 6. a diverged model never reaches the run folder (issue 25, item 1) --------------------------
+def _strict_json_rows(path: Path) -> list[dict]:
+    """metrics.jsonl as strict JSON: a bare NaN/Infinity token is an error."""
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{path} holds the non-JSON token {token}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_a_client_whose_weights_diverge_under_a_finite_loss_reports_it(tmp_path):
+    """At lr=1e3 this small CNN's mean loss stays finite (4.8e20) while 2 of its tensors are
+    already inf/NaN: the client's check looks at the weights, not only at the loss."""
+    from feddifrc_core.divergence import DivergedError
+    from feddifrc_core.run_setup import build_global_model, load_train_set
+    from feddifrc_core.training import train_local
+
+    cfg = micro_run_config(tmp_path, model_width=4, lr=1e3, batch_size=32,
+                           train_samples=200, seed=11)
+    data = load_train_set(cfg)
+    model = build_global_model(cfg, data.channels, data.num_classes, data.image_size)
+    with pytest.raises(DivergedError, match=r"fedavg: training diverged in epoch 1 \(NaN or inf "
+                                            r"in 2 of \d+ tensors .*lower `lr` \(now 1000.0\)"):
+        train_local(model, data.images, data.labels, cfg.new_algorithm(), "cpu")
+
+
+def test_a_nonfinite_test_loss_fails_the_run_before_anything_of_the_round_is_saved(tmp_path):
+    """lr=1e6 on the micro budget: the clients' weights stay finite, the test loss is NaN."""
+    from feddifrc_core.divergence import DivergedError
+    from tests.loopback_grid import run_loopback
+
+    with pytest.raises(DivergedError, match=r"round 1: test-loss=nan is not finite: training "
+                                            r"diverged. Nothing of round 1 was saved"):
+        run_loopback(micro_run_config(tmp_path, lr=1e6), 2)
+    assert not (tmp_path / "runs" / "run").exists()  # failed before its first round: removed
+
+
+def test_a_diverged_aggregate_is_never_checkpointed_and_resume_starts_from_the_last_finite_round(
+        tmp_path, caplog):
+    """A client that sends NaN weights (one without the client-side check) in round 2: the run
+    fails naming the aggregate, keeps rounds 0-1 as valid JSON and finite checkpoints, and a
+    resume continues after round 1, also past a NaN checkpoint an older server had written."""
+    from client_app.app import app as client_app
+    from feddifrc_core.divergence import DivergedError, nonfinite_arrays
+    from server_app.app import run_server
+    from tests.loopback_grid import LoopbackGrid
+    from wire import protocol
+
+    class NaNInRound2(LoopbackGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = list(super().send_and_receive(messages, timeout=timeout))
+            if self.train_rounds == 2:
+                arrays = protocol.from_record(replies[0].content.array_records[protocol.ARRAYS])
+                poisoned = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
+                            for k, v in arrays.items()}
+                replies[0].content.array_records[protocol.ARRAYS] = protocol.to_record(poisoned)
+            return replies
+
+    cfg = micro_run_config(tmp_path, num_rounds=3)
+    with pytest.raises(DivergedError, match=r"round 2: the aggregated model holds NaN or inf in "
+                                            r"\d+ of \d+ arrays .*Nothing of round 2 was saved"):
+        run_server(NaNInRound2(client_app, 2, cfg.to_flower()), cfg)
+    folder = tmp_path / "runs" / "run"
+    assert [r["round"] for r in _strict_json_rows(folder / "metrics.jsonl")] == [0, 1]
+    saved = ckpt.list_checkpoints(folder / "checkpoints")
+    assert [p.name for p in saved] == ["round-0000.safetensors", "round-0001.safetensors"]
+    assert not any(nonfinite_arrays(ckpt.load_checkpoint(p).arrays) for p in saved)
+
+    # what an older server left: round 2's non-finite aggregate, checkpointed
+    last = ckpt.load_checkpoint(saved[-1])
+    nan_model = {k: np.full_like(v, np.nan) if k.startswith("model.") and v.dtype.kind == "f"
+                 else v for k, v in last.arrays.items()}
+    ckpt.save_checkpoint(ckpt.checkpoint_path(folder / "checkpoints", 2), nan_model,
+                         {**last.meta, "round": 2})
+    with caplog.at_level("WARNING"):
+        resumed = cfg.replace(resume=True)
+        summary = run_server(LoopbackGrid(client_app, 2, resumed.to_flower(), node_id_base=5000),
+                             resumed)
+    assert "round-0002.safetensors: its model holds NaN or inf" in caplog.text
+    assert summary["rounds"] == 3
+    assert [r["round"] for r in _strict_json_rows(folder / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_metrics_jsonl_refuses_a_nonfinite_value(tmp_path):
+    from feddifrc_core.divergence import DivergedError
+    from feddifrc_core.reporting import RunFolder
+
+    folder = RunFolder.open(micro_run_config(tmp_path), "run")
+    folder.log_round({"round": 0, "test-loss": 2.3})
+    with pytest.raises(DivergedError, match=r"round 1: test-loss=inf is not finite"):
+        folder.log_round({"round": 1, "test-loss": float("inf")})
+    assert [r["round"] for r in _strict_json_rows(folder.metrics_jsonl)] == [0]
+    folder.close()
+
+
+# --- 7. identical runs give identical model files (issue 25, item 8) ------------------------------
+def test_identical_runs_give_byte_identical_final_model_files(tmp_path):
+    from tests.loopback_grid import run_loopback
+
+    for name in ("first", "second"):  # another name and another wall time, the same run
+        run_loopback(micro_run_config(tmp_path, run_name=name), 2)
+    first, second = (tmp_path / "runs" / name for name in ("first", "second"))
+    assert (first / "final_model.safetensors").read_bytes() == \
+        (second / "final_model.safetensors").read_bytes()
+    # what varies stays in summary.json
+    assert json.loads((first / "summary.json").read_text())["run-name"] == "first"
+    assert "wall-seconds" in json.loads((second / "summary.json").read_text())
+
+
+# --- 8. a read-only run folder: one clear error, and the lock still goes (issue 25, item 5) -------
+def _immutable(paths: list[Path], on: bool) -> bool:
+    """`chattr +i/-i`: root cannot write an immutable file either (chmod does not stop root)."""
+    done = subprocess.run(["chattr", "+i" if on else "-i", *map(str, paths)],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+def test_a_run_folder_that_turns_read_only_mid_run_is_one_clear_error(tmp_path, caplog):
+    from client_app.app import app as client_app
+    from feddifrc_core.checkpoint import WriteError
+    from server_app.app import run_server
+    from server_app.run_lock import RunFolderLock
+    from tests.loopback_grid import LoopbackGrid
+
+    folder = tmp_path / "runs" / "run"
+    frozen = [folder / "metrics.jsonl", folder / ".lock"]
+
+    class FreezeAfterRound1(LoopbackGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            if self.train_rounds == 1 and not _immutable(frozen, on=True):
+                pytest.skip("chattr +i is not available on this file system")
+            return super().send_and_receive(messages, timeout=timeout)
+
+    try:
+        with pytest.raises(WriteError) as info, caplog.at_level("WARNING"):
+            cfg = micro_run_config(tmp_path, num_rounds=2)
+            run_server(FreezeAfterRound1(client_app, 2, cfg.to_flower()), cfg)
+        # one message naming the file and the fix, not a PermissionError chain
+        assert str(info.value) == (f"could not write {folder / 'metrics.jsonl'}: Operation not "
+                                   f"permitted. Check free disk space and that the folder "
+                                   f"{folder} is writable.")
+        assert info.value.__cause__ is None and info.value.__suppress_context__
+        # releasing the lock could not clear the immutable lock file: said, not raised
+        assert f"could not clear the lock file {folder / '.lock'}" in caplog.text
+        RunFolderLock.check_free(folder)  # and the lock itself is gone
+    finally:
+        _immutable(frozen, on=False)
+
+
+def test_releasing_the_lock_never_fails_a_second_time(tmp_path, monkeypatch, caplog):
+    from server_app.run_lock import RunFolderLock
+
+    lock = RunFolderLock(tmp_path / "run").acquire()
+
+    def denied(fd: int, length: int) -> None:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "ftruncate", denied)
+    with caplog.at_level("WARNING"):
+        lock.release()  # no exception
+    assert f"could not clear the lock file {tmp_path / 'run' / '.lock'}" in caplog.text
+    RunFolderLock.check_free(tmp_path / "run")  # released all the same
+
+
+# --- 9. a second writer is refused before Flower starts (issue 25, item 4) ------------------------
+def _run_script(tmp_path: Path, run_config: str) -> subprocess.CompletedProcess[str]:
+    home = tmp_path / "flwr-home"
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run_simulation.py"), "--supernodes", "2",
+         "-c", run_config], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "FLWR_HOME": str(home), "FEDDIFRC_RUNS_DIR": str(tmp_path / "runs")})
+
+
+def test_the_run_script_refuses_a_busy_or_mismatched_run_folder_before_starting(tmp_path):
+    """Before, the second writer was refused only when its ServerApp took the lock (64 s in)."""
+    holder = child(f"""
+        from pathlib import Path
+        from server_app.run_lock import RunFolderLock
+        RunFolderLock(Path({str(tmp_path / "runs" / "dup")!r})).acquire()
+        print("LOCKED", flush=True)
+        import time; time.sleep(600)
+    """)
+    try:
+        wait_for_line(holder, "LOCKED")
+        busy = _run_script(tmp_path, "run-name='dup' dataset='digits'")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert busy.returncode == 1 and busy.stderr.count("ERROR") == 1, busy.stderr
+    assert f"run folder {tmp_path / 'runs' / 'dup'} is in use by another run (PID {holder.pid}" \
+        in busy.stderr
+    assert not (tmp_path / "flwr-home").exists()  # no SuperLink was started
+
+    (tmp_path / "runs" / "old" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "old" / "checkpoints" / "round-0000.safetensors").write_bytes(b"x")
+    reused = _run_script(tmp_path, "run-name='old'")
+    assert reused.returncode == 1 and "already holds checkpoints; set resume=true" in reused.stderr
+    assert not (tmp_path / "flwr-home").exists()
+
+
+# --- 10. an expected failure ends the run with one log line (issue 25, item 6) --------------------
+def test_a_bad_setting_ends_the_server_app_with_one_log_line():
+    """Flower logs a ServerApp's exception with its traceback; for the project's own expected
+    failures (bad settings, too few clients, a busy run folder, divergence, a failed write) the
+    message is the whole story. `flwr run` with a bad value: tests/test_flower_native.py."""
+    import io
+    import logging
+
+    from flwr.app import Context, RecordDict
+    from flwr.common.logger import LOGGER_NAME, log
+
+    from client_app.app import app as client_app
+    from feddifrc_core.config import ConfigError
+    from server_app.app import make_server_app
+    from tests.loopback_grid import LoopbackGrid
+
+    server_app = make_server_app({"num-rounds": "abc"})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError) as info:
+        server_app(grid=LoopbackGrid(client_app, 2), context=context)
+    try:
+        {}["surprise"]
+    except KeyError as err:
+        surprise = err
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    try:  # what Flower's simulation and ServerApp processes do with an exception
+        log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=info.value)
+        one_line = text.getvalue()
+        log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=surprise)
+    finally:
+        logger.removeHandler(handler)
+    assert one_line == ("ERROR ServerApp raised an exception: ConfigError: run config: "
+                        "'num-rounds' expects an integer, got 'abc' (str)\n")
+    assert "Traceback" in text.getvalue()[len(one_line):]  # anything else keeps its traceback
+
+
+# --- 11. the one-time extraction waits for queued clients (issue 25, item 9) ----------------------
+def _queued_run(tmp_path: Path, monkeypatch, nodes: int, **grid_kw):
+    """FedDifRC with the tiny extractor through a grid whose clients share few parallel slots,
+    on a simulated clock (the server's set-up wait reads it too); returns (grid, config)."""
+    from client_app.app import app as client_app
+    from server_app import progress_wait
+    from tests.loopback_grid import FakeClock, QueuedGrid
+
+    clock = FakeClock()
+    monkeypatch.setattr(progress_wait, "monotonic", clock)
+    monkeypatch.setattr(progress_wait, "sleep", clock.sleep)
+    # round-timeout 300 s: the deadline the whole stage had before setup-timeout existed
+    cfg = micro_run_config(tmp_path, algorithm="feddifrc", diffusion_model="tiny-sd",
+                           diffusion_image_size=0, extraction_batch_size=64, neg_num=3,
+                           min_train_nodes=nodes, min_available_nodes=nodes, round_timeout=300.0,
+                           setup_timeout=300.0)
+    return QueuedGrid(client_app, nodes, cfg.to_flower(), clock=clock, **grid_kw), cfg
+
+
+def test_clients_queued_behind_others_keep_the_set_up_alive(tmp_path, monkeypatch):
+    """6 clients, one at a time, 100 s of extraction each and one deliberately slowed to 250 s:
+    the stage takes 750 s against a setup-timeout of 300 s and still succeeds. With one deadline
+    for the whole stage (Flower's `send_and_receive`, as before) the same run fails."""
+    from server_app import aggregator as aggregator_module
+    from server_app.app import run_server
+    from server_app.strategy import RoundFailedError
+
+    grid, cfg = _queued_run(tmp_path, monkeypatch, 6, slots=1, extract_seconds=100.0,
+                            seconds={5: 250.0})
+    summary = run_server(grid, cfg)
+    assert summary["rounds"] == 1 and summary["client-failures"] == 0
+    assert grid.clock.now >= 750.0 > cfg.setup_timeout
+
+    def one_deadline(grid, messages, timeout):  # the stage before this change
+        return list(grid.send_and_receive(messages, timeout=timeout))
+
+    monkeypatch.setattr(aggregator_module, "send_and_receive_with_progress", one_deadline)
+    grid, cfg = _queued_run(tmp_path / "before", monkeypatch, 6, slots=1, extract_seconds=100.0,
+                            seconds={5: 250.0})
+    with pytest.raises(RoundFailedError, match=r"set-up stage 'projection-stats': only 2 of 6"):
+        run_server(grid, cfg)
+
+
+def test_a_client_that_hangs_in_set_up_is_given_up_after_the_last_progress(tmp_path, monkeypatch):
+    from server_app.app import run_server
+    from server_app.strategy import RoundFailedError
+
+    grid, cfg = _queued_run(tmp_path, monkeypatch, 4, slots=2, extract_seconds=100.0,
+                            seconds={3: math.inf})
+    with pytest.raises(RoundFailedError, match=r"set-up stage 'projection-stats': only 3 of 4 "
+                                               r".*partition 3 "
+                                               r"\(node \d+\): no reply within setup-timeout "
+                                               r"\(300 s\) after the stage's last reply"):
+        run_server(grid, cfg)
+    # the last reply came at 200 s (partition 2, second in its slot): given up 300 s later
+    assert 500.0 <= grid.clock.now <= 502.0
+
+
+# --- 12. Ray on loopback only (issue 25, item 3) ---------------------------------------------------
+def _loopback_env() -> dict[str, str]:
+    from scripts.ray_loopback import build, loopback_env
+
+    library = build()
+    if library is None:
+        pytest.skip("no C compiler to build scripts/ray_loopback.c")
+    return loopback_env(os.environ, library)
+
+
+def test_the_bind_shim_turns_only_wildcard_addresses_into_loopback():
+    code = textwrap.dedent("""
+        import socket
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::"),
+                             (socket.AF_INET, "127.0.0.2")):
+            with socket.socket(family) as sock:
+                sock.bind((host, 0))
+                print(sock.getsockname()[0])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=_loopback_env(), capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    assert out == ["127.0.0.1", "::ffff:127.0.0.1", "127.0.0.2"]  # a chosen address stays
+
+
+def test_a_local_ray_listens_on_loopback_only(tmp_path):
+    """What a simulation starts (GCS, raylet, workers, the driver) lists only loopback sockets.
+    Ray 2.55.1 alone listens on every interface even with `_node_ip_address="127.0.0.1"`."""
+    ray_tmp = os.environ["RAY_TMPDIR"]  # this test's own (conftest); short: Ray's sockets in it
+    code = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import ray
+        from tests.sockets import listening_sockets, process_tree
+        ray.init(num_cpus=1, include_dashboard=False, _temp_dir={ray_tmp!r})
+
+        @ray.remote
+        class Worker:
+            def pid(self):
+                return os.getpid()
+
+        ray.get(Worker.remote().pid.remote())
+        print(json.dumps(listening_sockets(process_tree(os.getpid()))), flush=True)
+        ray.shutdown()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=_loopback_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = {name for _, name, _ in found}
+    assert {"gcs_server", "raylet"} <= names, found  # the test saw Ray's servers
+    assert [s for s in found if not is_loopback(s[2])] == []
+
+
+# --- 13. deployment: finished ClientApps are reaped (issue 25, item 7) -----------------------------
+def test_the_superexec_reaper_waits_for_finished_client_apps_only(tmp_path):
+    """flwr 1.39's SuperExec drops the Popen of every ClientApp it starts: a finished one stays a
+    zombie until the next launch. The reaper (scripts/deploy/bin/flower-superexec runs it) waits
+    for exited `flwr-*` children, and never for a child someone else still waits for."""
+    from scripts.deploy.reaper import exited_task_children, reap_exited_tasks
+
+    app = tmp_path / "flwr-clientapp"  # the process name Flower's task processes have
+    go = tmp_path / "go"  # they end together, after the last launch (which reaps earlier ones)
+    app.write_text(f"#!/bin/sh\nwhile [ ! -e {go} ]; do sleep 0.05; done\n")
+    app.chmod(0o755)
+    other = subprocess.Popen(["sh", "-c", "exit 3"])
+    for _ in range(3):
+        subprocess.Popen([str(app)])  # dropped, as Flower's SubprocessExecutor does
+    go.touch()
+    deadline = time.monotonic() + 30
+    while len(exited_task_children(os.getpid())) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    zombies = exited_task_children(os.getpid())
+    assert len(zombies) == 3  # what the nodes kept until teardown
+    assert sorted(reap_exited_tasks()) == sorted(zombies)
+    assert exited_task_children(os.getpid()) == []
+    assert other.wait(timeout=30) == 3  # its exit status was left to its owner

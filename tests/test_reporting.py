@@ -103,7 +103,10 @@ def test_label_free_runs_summarise_and_plot_the_probe_and_knn(tmp_path):
     assert summary["accuracy-metric"] == "linear-probe" and summary["best-accuracy"] == 0.6
     assert summary["best-knn-accuracy"] == summary["final-knn-accuracy"] == 0.5
     text = format_summary(summary, tmp_path)
-    assert "Linear-probe test accuracy: best 60.00%" in text and "kNN test accuracy: best 50.00%" in text
+    assert "Linear-probe test accuracy at the round chosen on validation: n/a" in text
+    assert "best on test 60.00% (round 2" in text
+    assert "kNN test accuracy at the round chosen on validation: n/a" in text
+    assert "best on test 50.00%" in text.split("kNN test accuracy")[1]
     series = plot_series(rows)
     assert series["accuracy"] == {"test-probe-accuracy": "linear probe (test)",
                                   "test-knn-accuracy": "kNN (test)"}

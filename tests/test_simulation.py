@@ -125,6 +125,9 @@ def test_resume_after_a_kill_gives_the_same_final_model(tmp_path, cache_dir, alg
     assert straight.keys() == resumed.keys()
     for key in straight:
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
+    # the files too, byte for byte: run name and wall time stay out of the model file
+    assert (tmp_path / "runs/straight/final_model.safetensors").read_bytes() == \
+        (tmp_path / "runs/killed/final_model.safetensors").read_bytes()
     rows = [json.loads(x) for x in (tmp_path / "runs/killed/metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     # Resuming with other training settings would not be the same run: refused, naming the key.

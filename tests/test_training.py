@@ -59,6 +59,14 @@ def _targets() -> DiffusionTargets:
                             null=0.5 * protos[labels] + 0.1 * torch.randn(N, D, generator=g))
 
 
+def _teacher_logits(wrong_every: int = 0) -> torch.Tensor:
+    """A teacher sure of the true class, or of the next class on every `wrong_every`-th image."""
+    labels = torch.arange(N) % C
+    wrong = torch.arange(N) % wrong_every == wrong_every - 1 if wrong_every else labels < 0
+    said = torch.where(wrong, (labels + 1) % C, labels)
+    return 4.0 * torch.nn.functional.one_hot(said, C).float()  # [N, C]
+
+
 def flip_transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flip + small noise, all drawn from `generator` on the CPU."""
     x = images.float() / 255.0
@@ -80,14 +88,17 @@ def _settings(algorithm: str, **kw: object) -> RunConfig:
 
 
 def _algo(algorithm: str, targets: DiffusionTargets | None = None,
-          previous_model: nn.Module | None = None, **kw: object) -> Algorithm:
+          previous_model: nn.Module | None = None, teacher_logits: torch.Tensor | None = None,
+          **kw: object) -> Algorithm:
     """The run's algorithm with what `begin_update` gives it on a client (targets, the previous
-    local model), where the algorithm trains with them."""
+    local model, the teacher's logits), where the algorithm trains with them."""
     algo = _settings(algorithm, **kw).new_algorithm()
     if targets is not None and hasattr(algo, "targets"):
         algo.targets = targets
     if previous_model is not None and hasattr(algo, "previous_model"):
         algo.previous_model = previous_model
+    if teacher_logits is not None and hasattr(algo, "teacher"):
+        algo.teacher = teacher_logits
     return algo
 
 
@@ -105,9 +116,9 @@ class PoisonLabels:
 
 
 # The loss parts each algorithm reports (an algorithm added later is checked for the rest).
-EXPECTED_PARTS = {"fedavg": {"ce"}, "fedavgm": {"ce"}, "fedprox": {"ce", "prox"}, "moon": {"ce", "moon"},
-                  "feddifrc": {"ce", "tdcl", "ndcr"}, "feddifrc-ssl": {"tdcl", "ndcr"},
-                  "simclr": {"ntxent"}}
+EXPECTED_PARTS = {"fedavg": {"ce"}, "fedavgm": {"ce"}, "fedprox": {"ce", "prox"},
+                  "moon": {"ce", "moon"}, "feddifrc": {"ce", "tdcl", "ndcr"},
+                  "feddifrc-ssl": {"tdcl", "ndcr"}, "simclr": {"ntxent"}, "fedavg-kd": {"ce", "kd"}}
 
 
 @pytest.mark.parametrize("algorithm", algorithm_names())
@@ -115,8 +126,10 @@ def test_training_lowers_the_loss(algorithm: str) -> None:
     images, labels = _data()
     model = _model()
     ssl = get_algorithm(algorithm).label_free
-    # FedDifRC's targets and a distinct previous local model (MOON), for those that use them
-    algo = _algo(algorithm, targets=_targets(), previous_model=_model(seed=5))
+    # FedDifRC's targets, a distinct previous local model (MOON) and the teacher's logits
+    # (distillation), for those that use them
+    algo = _algo(algorithm, targets=_targets(), previous_model=_model(seed=5),
+                 teacher_logits=_teacher_logits())
     res = train_local(model, images, None if ssl else labels, algo, "cpu", transform=flip_transform)
     first, last = res.epochs[0], res.epochs[-1]
     assert len(res.epochs) == 6 and res.num_examples == N
@@ -182,6 +195,29 @@ def test_targets_of_wrong_size_are_rejected() -> None:
     short = DiffusionTargets(t.positive[:5], t.negatives[:5], t.null[:5])
     with pytest.raises(ValueError, match="one row per image"):
         train_local(_model(), images, labels, _algo("feddifrc", short), "cpu")
+
+
+def test_distillation_needs_the_teacher_logits_and_follows_them() -> None:
+    images, labels = _data()
+    with pytest.raises(ValueError, match="distils the teacher's zero-shot logits but none"):
+        train_local(_model(), images, labels, _algo("fedavg-kd"), "cpu")
+    with pytest.raises(ValueError, match=r"finite \[N=48, C\]"):
+        train_local(_model(), images, labels,
+                    _algo("fedavg-kd", teacher_logits=_teacher_logits()[:5]), "cpu")
+    teacher = _teacher_logits(wrong_every=3)
+    said = teacher.argmax(dim=1)
+
+    def agreement(**kw: object) -> float:
+        model = _model()
+        train_local(model, images, labels, _algo("fedavg-kd", teacher_logits=teacher, **kw),
+                    "cpu")
+        model.eval()
+        with torch.no_grad():
+            pred = model(images.float() / 255.0)[1].argmax(dim=1)
+        return float((pred == said)[torch.arange(N) % 3 == 2].float().mean())
+
+    # where teacher and labels disagree, the distilled model follows the teacher more often
+    assert agreement(kd_weight=8.0) > agreement(kd_weight=0.0)
 
 
 def test_zero_lambda_skips_the_term() -> None:

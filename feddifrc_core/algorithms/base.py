@@ -96,6 +96,9 @@ class Algorithm:
     Params: ClassVar[type[AlgorithmParams]] = NoParams
     label_free: ClassVar[bool] = False  # True: labels are never read (judged by probe and kNN)
     uses_diffusion: ClassVar[bool] = False  # reads the diffusion settings (backbone, extraction)
+    # runs the diffusion teacher but extracts no representations (its zero-shot logits): of the
+    # diffusion settings only the backbone's apply (model, image size, dtype, prompt template)
+    reads_teacher: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)

@@ -31,6 +31,7 @@ from scripts.deploy.components import (
 )
 
 CERTS_SCRIPT = Path(__file__).resolve().parent / "make_certs.sh"
+REAPING_BIN = Path(__file__).resolve().parent / "bin"  # flower-superexec that reaps (reaper.py)
 CONNECTION = "feddifrc-deployment"
 
 # ----------------------------------------------------------------------------------------------
@@ -57,7 +58,9 @@ def child_env(flwr_home: str) -> dict[str, str]:
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
         TOKENIZERS_PARALLELISM="false",
-        PATH=f"{flwr_bin_dir()}{os.pathsep}{env.get('PATH', '')}",
+        # bin/ first: its `flower-superexec` (Flower's, plus a reaper of finished ClientApps)
+        # is what SuperLink and SuperNodes start by name, and what process isolation runs
+        PATH=os.pathsep.join([str(REAPING_BIN), str(flwr_bin_dir()), env.get("PATH", "")]),
     )
     # The ServerApp runs from an installed copy of the app (no .git): its run folder records
     # the revision from here. Runs and caches default to the repository's folders.
