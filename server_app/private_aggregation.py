@@ -10,7 +10,8 @@ it. The Flower wrapper wraps the component's round mean, not the algorithm's str
         goes into the train config, where Flower's client mod reads it)
     AlgorithmStrategy.aggregate_train -> PrivateAggregator.combine_models -> wrapper.aggregate_train
         (clips each update (server side), counts the clipped ones (adaptive), takes the mean
-        (`_Mean`: the plain rule, unweighted), adds Gaussian noise) -> the algorithm's step
+        (`_Mean`: the inner component's, each client weighted 1), adds Gaussian noise)
+        -> the algorithm's server step
 
 So the noise is on the clients' mean before the algorithm's server step: FedAvgM's momentum, for
 one, only ever sees noised means (post-processing), and checkpoints hold nothing un-noised.
@@ -24,9 +25,10 @@ Differences from using the wrappers around a plain FedAvg, each for a reason:
 - the noise is drawn from numpy's global RNG (Flower's `add_gaussian_noise_inplace`, the adaptive
   count's `np.random.normal`): it is seeded per (run seed, round) and restored around each mean,
   so a resumed run draws the same noise; the adaptive clipping norm is checkpointed;
-- (epsilon, delta) is accounted per client (`privacy_accounting.ReleaseLedger`, RDP with Google's
-  dp-accounting) instead of with the wrapper's optional accountant, which the adaptive wrappers
-  lack and which counts every round for every client;
+- (epsilon, delta) is accounted per client from what the wrapper did in each round
+  (`privacy_accounting.ReleaseLedger`, RDP with Google's dp-accounting) instead of with the
+  wrapper's optional accountant, which the adaptive wrappers lack, which counts every round for
+  every client and needs an inner `FedAvg.aggregate_train`;
 - the set-up stages' statistics and the metrics are not covered (docs/privacy.md): a set-up sum
   is logged as such, and an algorithm's extra uploads beside the model are refused.
 """
