@@ -176,6 +176,17 @@ def model_state(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
+# The models' buffers (BatchNorm's): statistics of the data the clients saw, not parameters that a
+# gradient moves. A server optimiser (FedAvgM) must leave them at the clients' mean: momentum
+# extrapolates a running variance below zero, and evaluation then gives NaN.
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_running_statistic(key: str) -> bool:
+    """Whether the model-state key `key` names a buffer (`RUNNING_STATISTICS`), not a parameter."""
+    return key.rsplit(".", 1)[-1] in RUNNING_STATISTICS
+
+
 def clamp_running_variances(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`state` with BatchNorm's running variances clamped at 0 (a post-processing step that
     keeps differential privacy): noise added to the clients' mean pushes small variances below
