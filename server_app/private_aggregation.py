@@ -55,6 +55,7 @@ from flwr.serverapp.strategy import (
 from feddifrc_core import differential_privacy as dp
 from feddifrc_core.aggregation import Rule, Upload
 from feddifrc_core.config import ConfigError, RunConfig
+from feddifrc_core.models import clamp_running_variances
 from feddifrc_core.privacy_accounting import ReleaseLedger, release_multipliers
 from feddifrc_core.seeding import hashed_seed, numpy_global_seed
 from server_app.aggregator import Aggregator
@@ -127,8 +128,8 @@ class PrivateAggregator(Aggregator):
 
     def combine_models(self, server_round: int, uploads: Sequence[Upload]
                        ) -> dict[str, np.ndarray]:
-        """The noised, unweighted mean of the clipped updates (Flower's wrapper), then the
-        global model's integer buffers."""
+        """The noised, unweighted mean of the clipped updates (Flower's wrapper), its BatchNorm
+        variances kept >= 0, then the global model's integer buffers."""
         replies = [_reply_view(u, self._private_keys) for u in uploads]
         wrapper, clipped_to = self.wrapper, self.wrapper.clipping_norm
         # Flower draws the noise from numpy's global RNG: the same per (seed, round) on resume.
@@ -141,7 +142,9 @@ class PrivateAggregator(Aggregator):
         self.ledger.record((u.partition for u in uploads), release_multipliers(
             wrapper.noise_multiplier, clipped_to, wrapper.clipping_norm, self.clients_per_round,
             len(uploads), count_stddev))
-        mean = {**protocol.from_record(arrays), **self._public}
+        # A variance is never negative, but the noise pushes small ones below 0, and one negative
+        # variance makes every output NaN; clamping is post-processing: DP is kept.
+        mean = {**clamp_running_variances(protocol.from_record(arrays)), **self._public}
         return {k: mean[k] for k in self._model_keys}
 
     def metrics(self) -> dict[str, Any]:

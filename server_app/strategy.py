@@ -37,7 +37,6 @@ from feddifrc_core.aggregation import (
 )
 from feddifrc_core.algorithms import Algorithm
 from feddifrc_core.config import RunConfig
-from feddifrc_core.models import clamp_running_variances
 from server_app.aggregator import Aggregator
 from server_app.progress_wait import Wait
 from server_app.ray_workers import in_simulation
@@ -154,10 +153,6 @@ class AlgorithmStrategy(FedAvg):
         extra = [u for m in ok if (u := protocol.read_payload_upload(m, self._partition(m)))]
         uploads = self.aggregator.combine(extra, "mean") if extra else {}
         model = self.algorithm.aggregate(self._current, mean, uploads, server_round)
-        # A variance is never negative, but noise on the mean (differential privacy) or a step
-        # that extrapolates (FedAvgM's momentum) can push a small one below 0, and one negative
-        # variance makes every output NaN. Clamping is post-processing: DP is kept.
-        model = clamp_running_variances(model)
         # a NaN anywhere fails the run here, before this round reaches the run folder
         divergence.check_model(model, f"round {server_round}: the aggregated model",
                                divergence.advice(server_round, self.cfg.lr))

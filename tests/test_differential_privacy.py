@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -22,7 +23,6 @@ from client_app.dp_clipping import CLIPPING_MODS, clip_reply
 from feddifrc_core import differential_privacy as dp
 from feddifrc_core.aggregation import Upload
 from feddifrc_core.config import ConfigError, RunConfig
-from feddifrc_core.models import clamp_running_variances
 from feddifrc_core.privacy_accounting import (
     ReleaseLedger,
     composed_epsilon,
@@ -108,19 +108,24 @@ def test_the_noise_has_flowers_std_and_is_seeded_per_round():
 
 def test_a_negative_batchnorm_variance_from_the_noise_is_clamped():
     """At z = 1 the noise (std 0.1 here) pushed the benchmark's small running variances below 0,
-    and every test output became NaN; the strategy clamps them after the server step
-    (post-processing: DP is kept), and nothing else."""
+    and every test output became NaN; the noised mean's variances are clamped at 0
+    (post-processing: DP is kept), and nothing else moves."""
     state = {"bn.running_var": np.full(1000, 0.01, np.float32), "w": np.zeros(1000, np.float32)}
-    agg = component(dp.CLIENT_FIXED, 10, dp_noise_multiplier=1.0, dp_clipping_norm=1.0)
-    agg.train_config(1, protocol.to_record(state), grid=None)  # type: ignore[arg-type]
-    mean = agg.combine_models(1, [Upload(p, state, 1.0) for p in range(10)])
-    assert float(mean["bn.running_var"].min()) < 0
-    clamped = clamp_running_variances(mean)
-    assert float(clamped["bn.running_var"].min()) == 0.0
-    np.testing.assert_array_equal(clamped["w"], mean["w"])
-    positive = mean["bn.running_var"] > 0
+
+    def noised(clamp: bool) -> dict[str, np.ndarray]:
+        agg = component(dp.CLIENT_FIXED, 10, dp_noise_multiplier=1.0, dp_clipping_norm=1.0)
+        agg.train_config(1, protocol.to_record(state), grid=None)  # type: ignore[arg-type]
+        if not clamp:  # the same noise without the clamp
+            with patch("server_app.private_aggregation.clamp_running_variances", dict):
+                return agg.combine_models(1, [Upload(p, state, 1.0) for p in range(10)])
+        return agg.combine_models(1, [Upload(p, state, 1.0) for p in range(10)])
+
+    raw, clamped = noised(clamp=False), noised(clamp=True)
+    assert float(raw["bn.running_var"].min()) < 0 and float(clamped["bn.running_var"].min()) == 0
+    np.testing.assert_array_equal(clamped["w"], raw["w"])
+    positive = raw["bn.running_var"] > 0
     np.testing.assert_array_equal(clamped["bn.running_var"][positive],
-                                  mean["bn.running_var"][positive])
+                                  raw["bn.running_var"][positive])
 
 
 def test_client_side_modes_send_the_clipping_norm_and_only_add_noise():
