@@ -4,7 +4,8 @@
 - query.setup     -> this client's upload for a set-up stage of the run's algorithm (FedDifRC:
                      extract + cache the diffusion representations, reply only the sufficient
                      statistics for the shared basis; then the sums of its targets)
-- train           -> local training with the run's algorithm; reply model + metrics
+- train           -> local training with the run's algorithm; reply model + metrics (with
+                     client-side differential privacy, clipped by Flower's mod: dp_clipping.py)
 Raw data and raw features never leave the client. The run config comes from this node's Flower
 context, parsed once per run and process; every request names the server's config digest, and a
 node whose config differs refuses to work.
@@ -21,6 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common.logger import FLOWER_LOGGER
 
+from client_app.dp_clipping import make_clipping_mod
 from feddifrc_core.algorithms import UpdateInfo
 from feddifrc_core.caches import ProcessCache
 from feddifrc_core.client_session import ClientSession
@@ -43,8 +45,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
     route_core_logs(FLOWER_LOGGER.handlers)  # extraction progress, in the run's log
     app = ClientApp(mods=list(mods))
 
+    def run_config(context: Context) -> RunConfig:
+        return _run_config({**context.run_config, **(overrides or {})})
+
     def session(context: Context, request: protocol.Request) -> ClientSession:
-        return _session({**context.run_config, **(overrides or {})}, context, request)
+        return _session(run_config(context), context, request)
 
     @app.query("node_info")
     def node_info(msg: Message, context: Context) -> Message:
@@ -60,7 +65,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
         return protocol.reply(msg, arrays, {protocol.NUM_EXAMPLES: client.num_examples,
                                             protocol.SETUP_SECONDS: time.perf_counter() - t0})
 
-    @app.train()
+    @app.train(mods=[make_clipping_mod(run_config)])
     def train(msg: Message, context: Context) -> Message:
         request = protocol.read_request(msg)
         client = session(context, request)
@@ -74,9 +79,12 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
 
 
 # Module-level (not in the handlers' closure): Ray pickles the ClientApp, but not these caches.
-def _session(run: Mapping[str, Any], context: Context, request: protocol.Request) -> ClientSession:
+def _run_config(run: Mapping[str, Any]) -> RunConfig:
+    return _configs.get(("run", *sorted(run.items())), lambda: RunConfig.from_flower(run))
+
+
+def _session(cfg: RunConfig, context: Context, request: protocol.Request) -> ClientSession:
     """This node's client of the run, once its run config matches the server's."""
-    cfg = _configs.get(("run", *sorted(run.items())), lambda: RunConfig.from_flower(run))
     if cfg.digest() != request.header.config_digest:
         raise ValueError(
             f"this node's run config (digest {cfg.digest()}) differs from the server's "

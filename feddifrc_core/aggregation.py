@@ -9,7 +9,7 @@ clients, model updates and set-up statistics alike, is a weighted mean or an exa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -25,6 +25,8 @@ class Upload:
     partition: int
     arrays: Mapping[str, np.ndarray]
     weight: float
+    # the reply's metrics: Flower's adaptive clipping reads the client's norm bit there
+    metrics: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ import torch
 
 from feddifrc_core import paths
 from feddifrc_core.datasets import DATASET_NAMES
+from feddifrc_core.differential_privacy import MODES as DP_MODES
+from feddifrc_core.differential_privacy import config_problem as dp_config_problem
 from feddifrc_core.diffusion.backbone import DTYPES
 from feddifrc_core.diffusion.reduction import REDUCTIONS
 from feddifrc_core.models import MODEL_NAMES
@@ -126,6 +128,24 @@ class CommonConfig:
     ssl_null_prompt: str = _opt("a photo of a visual object")  # paper
     ssl_vocabulary: str = _opt("tiny-imagenet")  # negative prompt vocabulary (file name or path)
     probe_train_samples: int = _opt(5000, lo=1)  # labelled samples for the server's linear probe
+    # --- differential privacy of the model updates (Flower's wrappers and mods; docs/privacy.md) --
+    # Off as in the paper. Clipping on the server (it sees each update) or on the client (Flower's
+    # mod; pairs with secure aggregation), at a fixed norm or one that follows a quantile.
+    differential_privacy: str = _opt("none", choices=DP_MODES)
+    # z: Gaussian noise of std z * C / m on the mean of the m sampled clients' clipped updates;
+    # Flower recommends >= 1 for strong privacy, 0 clips without noise (no guarantee)
+    dp_noise_multiplier: float = _opt(1.0, lo=0.0)
+    # C: the L2 norm each client's update (local model - global model) is clipped to; the
+    # adaptive modes start from it (Flower's initial_clipping_norm)
+    dp_clipping_norm: float = _opt(1.0, lo=0.0, lo_open=True)
+    # Adaptive modes, Flower's names and defaults (Andrew et al. 2021): the share of updates to
+    # clip, the step of the geometric update of C, and the noise std of the clipped count
+    # (0 = Flower's default, clients per round / 20; it must exceed z / 2)
+    dp_target_clipped_quantile: float = _opt(0.5, lo=0.0, hi=1.0)
+    dp_clip_norm_lr: float = _opt(0.2, lo=0.0, lo_open=True)
+    dp_clipped_count_stddev: float = _opt(0.0, lo=0.0)
+    # the delta at which each run reports its epsilon; client-level, so below 1 / clients
+    dp_delta: float = _opt(1e-5, lo=0.0, lo_open=True, hi=1.0)
 
     # --- derived values --------------------------------------------------------------------------
     @property
@@ -149,9 +169,9 @@ class CommonConfig:
                 f"pool-grid={self.pool_grid} applies to reduction 'mean-pool' only; "
                 f"reduction {self.reduction!r} keeps every position: set pool-grid=1"
             )
-        # With the `secure-aggregation` key (issue #21), pass secure_aggregation=its value.
-        problem = aggregator_problem(self.aggregator, self.num_malicious_nodes,
-                                     self.trimmed_avg_beta, self.min_train_nodes)
+        problem = (aggregator_problem(self.aggregator, self.num_malicious_nodes,
+                                      self.trimmed_avg_beta, self.min_train_nodes)
+                   or dp_config_problem(self))
         if problem:
             raise ConfigError(problem)
         if self.validation_samples > 0 and self.test_samples == 0:

@@ -185,3 +185,11 @@ RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 def is_running_statistic(key: str) -> bool:
     """Whether the model-state key `key` names a buffer (`RUNNING_STATISTICS`), not a parameter."""
     return key.rsplit(".", 1)[-1] in RUNNING_STATISTICS
+
+
+def clamp_running_variances(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`state` with BatchNorm's running variances clamped at 0 (a post-processing step that
+    keeps differential privacy): noise added to the clients' mean pushes small variances below
+    zero, and a negative one makes every output of the model NaN in eval mode."""
+    return {k: np.maximum(v, 0).astype(v.dtype) if k.endswith("running_var") else v
+            for k, v in state.items()}

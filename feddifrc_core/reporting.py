@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from feddifrc_core import differential_privacy as dp
 from feddifrc_core.checkpoint import WriteError, atomic_write_bytes, atomic_write_text, write_error
 from feddifrc_core.config import ConfigError, RunConfig
 from feddifrc_core.divergence import check_metrics
@@ -112,6 +113,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], wall_seconds: float) -> dict[st
     if knn:  # a label-free run: say which accuracy the summary holds
         summary.update({"accuracy-metric": "linear-probe", **knn})
     summary["client-failures"] = int(sum(int(r.get("failures", 0)) for r in rows))
+    last = rows[-1] if rows else {}
+    # Differential privacy: the whole run's (epsilon, delta), as the last round reported it.
+    summary.update({k: last[k] for k in dp.REPORT_KEYS if k in last})
     return summary
 
 
@@ -146,6 +150,11 @@ def format_summary(summary: Mapping[str, Any], run_dir: Path) -> str:
             f"{_pct(summary['best-knn-accuracy'])}, mean {_pct(summary['mean-knn-accuracy'])}, "
             f"final {_pct(summary['final-knn-accuracy'])}"
         )
+    if dp.DELTA in summary:
+        lines.append(
+            f"Differential privacy: epsilon {summary[dp.EPSILON]:.4g} at delta {summary[dp.DELTA]:g}"
+            f" ({summary[dp.RELEASES]} noised rounds for the busiest client)"
+            if dp.EPSILON in summary else "Differential privacy: no noise, no (epsilon, delta)")
     lines.append(f"Wall time: {summary['wall-seconds']:.1f} s; client failures: {summary['client-failures']}")
     lines.append(f"Plot: {run_dir / 'metrics.png'}")
     return "\n".join(lines)

@@ -4,11 +4,15 @@
 values are part of feature-cache fingerprints, so it must never change.
 `seedsequence_seed` (numpy's SeedSequence of the integer keys) seeds each local update per
 (run seed, round, partition); resumed runs rely on it being the same, so it must never change either.
+`numpy_global_seed` seeds numpy's global RNG for a block, for library code that draws from it
+(Flower's DP noise), and gives the previous state back afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -24,3 +28,15 @@ def seedsequence_seed(seed: int, *keys: int) -> int:
     keys (each taken mod 2**32), independent streams per key tuple."""
     words = [int(k) % 2**32 for k in (seed, *keys)]
     return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+@contextmanager
+def numpy_global_seed(seed: int) -> Iterator[None]:
+    """numpy's global RNG seeded with `seed` (taken mod 2**32) inside the block; the previous
+    state is restored afterwards, so other users of the global RNG see no change."""
+    saved = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)

@@ -24,8 +24,9 @@ from feddifrc_core.progress import format_seconds, route_core_logs
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
 from feddifrc_core.run_setup import set_torch_threads
 from feddifrc_core.warm_start import initial_state
-from server_app.aggregator import make_aggregator
+from server_app.aggregator import Aggregator, make_aggregator
 from server_app.failures import report_expected_failures_in_one_line
+from server_app.private_aggregation import with_privacy
 from server_app.ray_workers import exit_with_parent, replace_dead_ray_workers
 from server_app.run_lock import RunFolderLock
 from server_app.strategy import AlgorithmStrategy
@@ -105,6 +106,8 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
                   else initial_state(cfg, evaluator.model, device=evaluator.device))
     log(INFO, "initial model: %s", how)
     algorithm = cfg.new_algorithm()
+    # Every upload of every stage is combined by this one component, chosen here from the config.
+    aggregator = with_privacy(make_aggregator(cfg), cfg)
     # Names the clients' per-run files (MOON's previous models): a new run that reuses a run-name
     # gets a fresh key, a resumed run keeps its own ("" = checkpoints from before the key existed).
     run_key = str(resumed.meta.get("run-key", "")) if resumed else secrets.token_hex(6)
@@ -112,13 +115,12 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
         _check_same_run(cfg, resumed.meta["run-config"])
         state = resumed.group("model")
         algorithm.load_server_state(resumed.group("strategy"))
+        aggregator.load_state(resumed.group("aggregator"))
         ckpt.restore_rng_state(resumed.meta["rng"], resumed.group("rng"))
         folder.restore(resumed.meta["history"])
         log(INFO, "resuming %s after round %d", run_name, resumed.round)
     first_round = resumed.round + 1 if resumed else 1
     header = protocol.Header(cfg.digest(), run_name, run_key, tuple(evaluator.test.class_names))
-    # Every upload of every stage is combined by this one component (the run's `aggregator`).
-    aggregator = make_aggregator(cfg)
     strategy = AlgorithmStrategy(cfg, algorithm, header, aggregator)
 
     # 3. set-up over Flower messages: which node holds which partition; the algorithm's stages
@@ -129,7 +131,7 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
         divergence.check_metrics(row0, "round 0 (the initial model)",
                                  divergence.advice(0, cfg.lr))
         folder.log_round(row0)
-        _save(folder, cfg, run_name, run_key, 0, state, algorithm)
+        _save(folder, cfg, run_name, run_key, 0, state, algorithm, aggregator)
 
     # 4. rounds: train on the sampled clients, aggregate, evaluate centrally, checkpoint
     rounds_started = time.time()
@@ -143,7 +145,8 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
             raise RuntimeError(f"round {server_round}: no aggregate")
         # the strategy checked the aggregate for NaN/inf (DivergedError); its metrics below
         state = protocol.from_record(arrays)
-        row: dict[str, Any] = {"round": server_round, **_prefixed(dict(client_metrics))}
+        row: dict[str, Any] = {"round": server_round, **_prefixed(dict(client_metrics)),
+                               **aggregator.metrics()}  # with DP: (epsilon, delta) so far
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
             row.update(evaluator(state))
         divergence.check_metrics(row, f"round {server_round}",
@@ -152,7 +155,7 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
         row.update({"clients": " ".join(map(str, report.succeeded)),
                     "failures": len(report.failures), "round-seconds": time.time() - t0})
         folder.log_round(row)
-        _save(folder, cfg, run_name, run_key, server_round, state, algorithm)
+        _save(folder, cfg, run_name, run_key, server_round, state, algorithm, aggregator)
         # ETA from this process's rounds so far (a resumed run does not count the earlier ones)
         per_round = (time.time() - rounds_started) / (server_round - first_round + 1)
         log(INFO, "round %d/%d: %s; ETA %s", server_round, cfg.num_rounds, _short(row),
@@ -167,11 +170,12 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
 
 
 def _save(folder: RunFolder, cfg: RunConfig, run_name: str, run_key: str, server_round: int,
-          state: Mapping[str, np.ndarray], algorithm: Algorithm) -> None:
+          state: Mapping[str, np.ndarray], algorithm: Algorithm, aggregator: Aggregator) -> None:
     rng_meta, rng_arrays = ckpt.capture_rng_state()
     # "strategy.": the algorithm's server state (FedDifRC's bases; the name of earlier checkpoints)
     arrays = {**{f"model.{k}": v for k, v in state.items()},
               **{f"strategy.{k}": v for k, v in algorithm.server_state().items()},
+              **{f"aggregator.{k}": v for k, v in aggregator.state().items()},
               **{f"rng.{k}": v for k, v in rng_arrays.items()}}
     meta = {"round": server_round, "run-name": run_name, "run-key": run_key,
             "run-config": cfg.to_flower(),
@@ -204,7 +208,7 @@ def _prefixed(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def _short(row: Mapping[str, Any]) -> str:
     keys = ("test-accuracy", "val-accuracy", "test-knn-accuracy", "test-loss", "train-loss",
-            "failures", "round-seconds")
+            "dp-epsilon", "failures", "round-seconds")
     return ", ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
                      for k in keys if k in row)
 

@@ -9,8 +9,9 @@ reason:
   `random.sample` over node ids cannot reproduce a run or resume one exactly);
 - aggregation sums in partition order (float sums are order dependent) and fails the run loudly
   when fewer than `min-train-nodes` clients replied; failures are logged with node and reason.
-It overrides `configure_train` and `aggregate_train` only, so Flower's strategy wrappers
-(differential privacy) can wrap it.
+It overrides `configure_train` and `aggregate_train` only. Differential privacy is not a wrapper
+around it but part of the aggregation component (server_app/private_aggregation.py): Flower's DP
+wrapper then acts on the clients' mean model, before the algorithm's server step.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from feddifrc_core import divergence
-from feddifrc_core.aggregation import Gathered, Rule, aggregate_client_metrics, sample_partitions
+from feddifrc_core.aggregation import (
+    Gathered,
+    Rule,
+    aggregate_client_metrics,
+    num_sampled,
+    sample_partitions,
+)
 from feddifrc_core.algorithms import Algorithm
 from feddifrc_core.config import RunConfig
 from server_app.aggregator import Aggregator
@@ -87,6 +94,8 @@ class AlgorithmStrategy(FedAvg):
                 "SuperNode a distinct partition-id in --node-config"
             )
         log(INFO, "nodes: %d connected, partitions %s", len(mapping), sorted(mapping.values()))
+        self.aggregator.prepare(num_sampled(len(mapping), self.fraction_train,
+                                            self.min_train_nodes))
         return mapping
 
     def setup(self, grid: Grid, feature_dim: int) -> None:
@@ -118,8 +127,9 @@ class AlgorithmStrategy(FedAvg):
         self.last_report = RoundReport(sampled=partitions)
         log(INFO, "round %d: training partitions %s", server_round, partitions)
         self._current = protocol.from_record(arrays)
+        entries = {**dict(config), **self.aggregator.train_config(server_round, arrays, grid)}
         content = protocol.train_content(self.header, server_round, arrays,
-                                         self.algorithm.train_payload(), dict(config))
+                                         self.algorithm.train_payload(), entries)
         # Kept: the grid gives them their ids on sending; error replies are matched by those ids.
         self._sent = protocol.addressed(content, [by_partition[p] for p in partitions],
                                         protocol.TRAIN)
@@ -138,8 +148,8 @@ class AlgorithmStrategy(FedAvg):
         require(f"round {server_round}", len(ok), len(report.sampled), self.min_train_nodes,
                 report.failures)
 
-        mean = self.aggregator.combine([protocol.read_upload(m, self._partition(m)) for m in ok],
-                                       "mean")
+        mean = self.aggregator.combine_models(
+            server_round, [protocol.read_upload(m, self._partition(m)) for m in ok])
         extra = [u for m in ok if (u := protocol.read_payload_upload(m, self._partition(m)))]
         uploads = self.aggregator.combine(extra, "mean") if extra else {}
         model = self.algorithm.aggregate(self._current, mean, uploads, server_round)

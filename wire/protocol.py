@@ -119,8 +119,9 @@ def read_partition(reply: Message) -> int:
 
 def read_upload(reply: Message, partition: int) -> Upload:
     """A set-up or train reply -> its arrays, weighted by the client's num-examples."""
+    metrics = read_metrics(reply)
     return Upload(partition, from_record(reply.content.array_records[ARRAYS]),
-                  float(cast(float, read_metrics(reply)[NUM_EXAMPLES])))
+                  float(cast(float, metrics[NUM_EXAMPLES])), metrics)
 
 
 def read_payload_upload(reply: Message, partition: int) -> Upload | None:
