@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from logging import INFO
 from typing import Any, cast
 
@@ -28,8 +28,15 @@ from server_app.aggregator import Aggregator
 from server_app.failures import report_expected_failures_in_one_line
 from server_app.ray_workers import exit_with_parent, replace_dead_ray_workers
 from server_app.run_lock import RunFolderLock
+from server_app.secure_aggregator import SecureAggregator
 from server_app.strategy import AlgorithmStrategy
 from wire import protocol
+
+# The aggregation component by `secure-aggregation` (docs/architecture.md, "Aggregation").
+AGGREGATORS: dict[str, Callable[[RunConfig], Aggregator]] = {
+    "none": lambda cfg: Aggregator(),
+    "secaggplus": SecureAggregator,  # Flower's SecAgg+: the server learns only sums
+}
 
 # Old checkpoints are pruned to bound disk use (ResNet-10: ~20 MB each); resume needs only the last.
 KEEP_CHECKPOINTS = 3
@@ -117,7 +124,8 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
         log(INFO, "resuming %s after round %d", run_name, resumed.round)
     first_round = resumed.round + 1 if resumed else 1
     header = protocol.Header(cfg.digest(), run_name, run_key, tuple(evaluator.test.class_names))
-    aggregator = Aggregator()  # every upload of every stage is combined by this one component
+    # every upload of every stage is combined by this one component, chosen once here
+    aggregator = AGGREGATORS[cfg.secure_aggregation](cfg)
     strategy = AlgorithmStrategy(cfg, algorithm, header, aggregator)
 
     # 3. set-up over Flower messages: which node holds which partition; the algorithm's stages
