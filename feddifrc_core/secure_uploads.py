@@ -143,7 +143,10 @@ def secure_vector(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float 
             dtypes[METRIC_PREFIX + k] = "float64"
     out[NUM_EXAMPLES] = np.array([n], dtype=np.int64)
     dtypes[NUM_EXAMPLES] = "int64"
-    return out, dtypes
+    # Sorted by name: SecAgg+'s stochastic rounding draws array after array, so the same values
+    # must come in the same order however the model's dict was ordered (a resumed run reads it
+    # from a checkpoint) for a resumed run to round exactly as the uninterrupted one.
+    return {k: out[k] for k in sorted(out)}, dtypes
 
 
 def from_secure_sums(sums: Mapping[str, np.ndarray], dtypes: Mapping[str, str], rule: str,
