@@ -11,6 +11,9 @@ plaintext run's aggregates within the stated bound, dropouts in a real round, an
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,7 @@ from tests.secure_grid import SecureLoopbackGrid
 from wire import protocol
 from wire.protocol import LAYOUT
 
+ROOT = Path(__file__).resolve().parents[1]
 NODES = 5
 Q = SecAggSettings().quantization_for(NODES)  # auto: 2**29 for 5 clients
 
@@ -262,3 +266,30 @@ def test_the_federation_check_names_the_stage_the_key_and_the_values():
         cfg.replace(fraction_train=0.5).check_secure_aggregation(7)
     RunConfig().replace(secure_aggregation="secaggplus").check_secure_aggregation(100)
     RunConfig().replace(secagg_reconstruction_threshold=4).check_secure_aggregation(3)  # "none"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_run_simulation_completes_with_secure_aggregation(tmp_path):
+    """`scripts/run_simulation.py --supernodes 5 -c "... secure-aggregation='secaggplus'"` on
+    Flower's Ray simulation: every set-up stage and round is a SecAgg+ sum over the five."""
+    settings = {"num-rounds": 2, "dataset": "digits", "model": "small-cnn", "model-width": 8,
+                "diffusion-model": "tiny-sd", "train-samples": 150, "test-samples": 60,
+                "validation-samples": 60, "local-epochs": 1, "fraction-train": 1.0,
+                "partition": "iid", "data-subset": "all", "eval-batch-size": 256,
+                "extraction-batch-size": 8, "secure-aggregation": "secaggplus"}
+    overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
+                         for k, v in settings.items())
+    env = {**os.environ, "FEDDIFRC_RUNS_DIR": str(tmp_path / "runs"),
+           "FEDDIFRC_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/run_simulation.py"),
+                           "--supernodes", "5", "-c", overrides],
+                          env=env, capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("setup-projection-stats", "round-1", "round-2"):
+        for part in ("magnitudes", "sum"):
+            assert f"secure sum {stage}.{part}: 5 contributors, 0 dropped" in proc.stdout
+    (folder,) = (tmp_path / "runs").iterdir()
+    trained = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [(r["round"], r["clients"], r["num-clients"]) for r in trained] == [
+        (1, "0 1 2 3 4", 5), (2, "0 1 2 3 4", 5)]
