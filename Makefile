@@ -49,11 +49,12 @@ data:
 	  echo "IDX files in a folder and run: make demo FMNIST_DIR=/that/folder"; exit 1; \
 	fi
 
-# Offline FedDifRC simulation (pyproject [tool.flwr.app.config] defaults); exits non-zero when the
-# Flower run fails. Extra settings: make demo DEMO_ARGS='-c "num-rounds=3"'.
+# FedAvg and FedDifRC, offline, on the same partition, seed and budget (pyproject
+# [tool.flwr.app.config] defaults), one plot and a table; exits non-zero when a Flower run fails.
+# Extra settings for both: make demo DEMO_ARGS='-c "num-rounds=3"'.
 DEMO_ARGS ?=
 demo: venv data
-	$(PY) scripts/run_simulation.py --supernodes 10 --cpus-per-client 1 $(DATA_ARG) $(DEMO_ARGS)
+	$(PY) scripts/demo.py --supernodes 10 --cpus-per-client 1 $(DATA_ARG) $(DEMO_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -100,7 +101,7 @@ deploy-down:
 # Two SuperNodes in their own network namespaces (root), a 2-round run with the tiny extractor.
 deploy-netns-demo: venv
 	$(DEPLOY) up --nodes 2 --hosts netns
-	$(DEPLOY) run -c "num-rounds=2 dataset='digits' model='small-cnn' diffusion-model='tiny-sd' train-samples=200 test-samples=100 local-epochs=1 fraction-train=1.0 partition='iid' data-subset='all'"; \
+	$(DEPLOY) run -c "num-rounds=2 dataset='digits' model='small-cnn' diffusion-model='tiny-sd' train-samples=200 test-samples=100 validation-samples=100 local-epochs=1 fraction-train=1.0 partition='iid' data-subset='all'"; \
 	  status=$$?; $(DEPLOY) down; exit $$status
 
 # 4 SuperNodes, 20 rounds of the probe app, node 2 killed at round 5 and restarted.

@@ -61,8 +61,10 @@ def load_eval_sets(cfg: RunConfig, data_path: str = "") -> tuple[ImageDataset, I
     if cfg.validation_samples > len(rest):
         raise ConfigError(
             f"validation-samples={cfg.validation_samples} + test-samples={cfg.test_samples} "
-            f"exceed the {len(split)} images of {cfg.dataset}'s test split: lower one of them "
-            "(validation is drawn from what the test subset leaves)"
+            f"exceed the {len(split)} images of {cfg.dataset}'s test split: lower one of them, "
+            f"e.g. -c \"validation-samples={len(split) // 4} "
+            f"test-samples={len(split) - len(split) // 4}\" or "
+            "validation-samples=0 (validation is drawn from what the test subset leaves)"
         )
     validation, _ = subsample(split.subset(rest), cfg.validation_samples, cfg.seed)
     return test, validation

@@ -20,7 +20,7 @@ from feddifrc_core.algorithms import Algorithm
 from feddifrc_core.config import RESUMABLE_KEYS, RunConfig
 from feddifrc_core.evaluation import CentralEvaluator
 from feddifrc_core.models import model_state
-from feddifrc_core.progress import route_core_logs
+from feddifrc_core.progress import format_seconds, route_core_logs
 from feddifrc_core.reporting import RunFolder, default_run_name, format_summary, summarize
 from feddifrc_core.run_setup import set_torch_threads
 from feddifrc_core.warm_start import initial_state
@@ -139,6 +139,7 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
         _save(folder, cfg, run_name, run_key, 0, state, algorithm)
 
     # 4. rounds: train on the sampled clients, aggregate, evaluate centrally, checkpoint
+    rounds_started = time.time()
     for server_round in range(first_round, cfg.num_rounds + 1):
         t0 = time.time()
         messages = strategy.configure_train(
@@ -159,7 +160,10 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
                     "failures": len(report.failures), "round-seconds": time.time() - t0})
         folder.log_round(row)
         _save(folder, cfg, run_name, run_key, server_round, state, algorithm)
-        log(INFO, "round %d: %s", server_round, _short(row))
+        # ETA from this process's rounds so far (a resumed run does not count the earlier ones)
+        per_round = (time.time() - rounds_started) / (server_round - first_round + 1)
+        log(INFO, "round %d/%d: %s; ETA %s", server_round, cfg.num_rounds, _short(row),
+            format_seconds(per_round * (cfg.num_rounds - server_round)))
 
     # 5. final model and summary
     summary = summarize(folder.rows, time.time() - started)

@@ -33,8 +33,8 @@ deploy = load_deploy_module()
 
 # The real app, as small as it gets: 2 rounds, digits, small CNN, the tiny SD-shaped extractor.
 TINY_RUN = ("num-rounds=2 dataset='digits' model='small-cnn' model-width=8 "
-            "diffusion-model='tiny-sd' train-samples=120 test-samples=60 local-epochs=1 "
-            "batch-size=32 fraction-train=1.0 "
+            "diffusion-model='tiny-sd' train-samples=120 test-samples=60 validation-samples=60 "
+            "local-epochs=1 batch-size=32 fraction-train=1.0 "
             "min-train-nodes=2 partition='iid' data-subset='all' eval-batch-size=60 "
             "extraction-batch-size=32 projection='random' torch-threads=1")
 

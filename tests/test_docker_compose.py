@@ -23,8 +23,8 @@ from scripts.docker import compose_demo as cd
 from tests.deploy_helpers import REPO, free_ports
 
 TINY_RUN = ("num-rounds=2 dataset='digits' model='small-cnn' diffusion-model='tiny-sd' "
-            "train-samples=200 test-samples=100 local-epochs=1 fraction-train=1.0 "
-            "min-train-nodes=2 partition='iid' data-subset='all'")
+            "train-samples=200 test-samples=100 validation-samples=100 local-epochs=1 "
+            "fraction-train=1.0 min-train-nodes=2 partition='iid' data-subset='all'")
 
 
 def _docker_works() -> bool:
@@ -88,7 +88,7 @@ def _intruder_key(folder: Path) -> Path:
 @pytest.mark.timeout(1800)  # the first run on a machine builds every image
 def test_compose_tls_deployment_runs_feddifrc_and_refuses_an_unregistered_node(images, tmp_path):
     control_port, fleet_port = free_ports(2)
-    subnet = cd.free_subnet()  # beside the demo's 10.78.0.0/24, where no other network is
+    subnet = cd.free_subnet()  # free here, drawn at random: concurrent checkouts rarely collide
     (tmp_path / "data").mkdir()  # digits ship with scikit-learn: the /data mount stays empty
     dc = cd.new_deployment(f"feddifrc-test-{uuid.uuid4().hex[:8]}", tmp_path / "compose", images,
                            str(tmp_path / "data"), subnet, control_port, fleet_port)
@@ -139,3 +139,27 @@ def test_compose_tls_deployment_runs_feddifrc_and_refuses_an_unregistered_node(i
     finally:
         cd.down(dc)
     assert _project_leftovers(dc.project) == []
+
+
+def test_free_subnet_avoids_routes_and_docker_networks_and_spreads_its_choice(monkeypatch):
+    """Two checkouts testing at once each ask for a free subnet: a fixed first choice would make
+    them collide ("Pool overlaps"); the draw avoids every route and Docker network it sees."""
+    routes = "default via 10.0.0.1 dev eth0\n10.78.0.0/24 dev br-a proto kernel\n10.78.0.0/18 dev x\n"
+    networks = [{"IPAM": {"Config": [{"Subnet": "10.78.64.0/19"}, {"Gateway": "10.78.64.1"}]}},
+                {"IPAM": None}]
+
+    def fake_run(cmd, **kwargs):
+        out = {"ip": routes, "docker": "n1 n2\n" if cmd[1:3] == ["network", "ls"]
+               else json.dumps(networks)}[cmd[0]]
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(cd.subprocess, "run", fake_run)
+    taken = [ipaddress.ip_network(n) for n in ("10.78.0.0/18", "10.78.64.0/19")]
+    drawn = {cd.free_subnet() for _ in range(40)}
+    assert all(not ipaddress.ip_network(s).overlaps(t) for s in drawn for t in taken), drawn
+    assert all(ipaddress.ip_network(s).subnet_of(ipaddress.ip_network("10.78.0.0/16"))
+               for s in drawn)
+    assert len(drawn) > 1  # not always the first free one
+    routes = "10.78.0.0/16 dev everything\n"
+    with pytest.raises(cd.StepError, match="no free /24"):
+        cd.free_subnet()

@@ -25,8 +25,8 @@ from tests.sockets import ListenerSampler, process_tree
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "run_simulation.py"
 TINY = {"num-rounds": 1, "dataset": "digits", "model": "small-cnn", "model-width": 8,
-        "diffusion-model": "tiny-sd", "train-samples": 150, "test-samples": 60, "local-epochs": 1,
-        "fraction-train": 1.0, "partition": "iid", "data-subset": "all", "eval-batch-size": 256,
+        "diffusion-model": "tiny-sd", "train-samples": 150, "test-samples": 60,
+        "validation-samples": 60, "local-epochs": 1, "fraction-train": 1.0, "partition": "iid", "data-subset": "all", "eval-batch-size": 256,
         "extraction-batch-size": 8}
 
 

@@ -22,6 +22,7 @@ import argparse
 import ipaddress
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -146,8 +147,10 @@ class ComposeDeployment:
 
 
 def free_subnet(candidates: str = "10.78.0.0/16", prefix: int = 24) -> str:
-    """The first /`prefix` of `candidates` that no Docker network and no host route overlaps
-    (a fixed subnet fails with "Pool overlaps" while another network holds it)."""
+    """A /`prefix` of `candidates` that no Docker network and no host route overlaps (a fixed
+    subnet fails with "Pool overlaps" while another network holds it), drawn at random: two
+    checkouts testing at once (each with its own dockerd) would otherwise both take the first
+    free one and one of them fail with "Pool overlaps"."""
     taken = [ipaddress.ip_network(line.split()[0], strict=False) for line in subprocess.run(
         ["ip", "-4", "route", "show"], capture_output=True, text=True, timeout=30,
     ).stdout.splitlines() if line.split() and line.split()[0][0].isdigit()]
@@ -159,9 +162,10 @@ def free_subnet(candidates: str = "10.78.0.0/16", prefix: int = 24) -> str:
             timeout=60).stdout or "[]")
         taken += [ipaddress.ip_network(c["Subnet"], strict=False) for net in inspected
                   for c in (net.get("IPAM") or {}).get("Config") or [] if "Subnet" in c]
-    for subnet in ipaddress.ip_network(candidates).subnets(new_prefix=prefix):
-        if not any(subnet.overlaps(other) for other in taken if other.version == 4):
-            return str(subnet)
+    free = [subnet for subnet in ipaddress.ip_network(candidates).subnets(new_prefix=prefix)
+            if not any(subnet.overlaps(other) for other in taken if other.version == 4)]
+    if free:
+        return str(random.SystemRandom().choice(free))
     raise StepError(f"no free /{prefix} subnet in {candidates} for the compose network", EXIT_UP)
 
 
