@@ -26,7 +26,8 @@ Usage in a ClientApp (client_app/app.py): the handler computes its `protocol.Ans
 
 A secure upload is two secure sums of the same answer (the magnitude round that fixes the public
 bounds, then the sum itself): the answer is computed once, kept in the node's `context.state`
-(client-side, like Flower's own SecAgg+ keys) between the two, and dropped after the second.
+(client-side, like Flower's own SecAgg+ keys) between the two, and dropped after the second (the
+server sends the stage's content, e.g. the global model, with the first sum only).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def respond(msg: Message, context: Context, compute: Callable[[], protocol.Answe
     if info is not None and info.get("key") == key:
         vector = protocol.from_record(state.array_records[_KEPT_ARRAYS])
         dtypes = json.loads(str(info["dtypes"]))
+    elif secure.mode == MODE_BOUNDED:  # the server sends the content with the first sum only
+        raise RuntimeError(f"no answer kept for {key} from the magnitude round (this node's "
+                           "state was lost): this node drops out of the sum")
     else:
         answer = compute()
         reference = request.arrays if request.rule == "mean" and request.arrays else None

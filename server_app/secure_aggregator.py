@@ -6,7 +6,8 @@ the algorithm's uploads beside it, the example counts and the training metrics) 
 secure sums over the stage's nodes (server_app/secure_aggregation.py):
 1. the magnitude round: how many clients have their largest value in each power-of-two band,
    per array, which fixes every array's public bound (nothing is clipped silently);
-2. the sum itself over those that took part in 1, scaled by the bounds.
+2. the sum itself over those that took part in 1, scaled by the bounds (the stage's content, e.g.
+   the global model, travels with 1 only: each client keeps its answer for 2).
 Each client computes its answer once (client_app/secure_upload.py) and sends it in the form
 `secure_uploads.secure_vector` gives: example-weighted where the stage's rule is a mean. The
 strategy receives ONE reply for the stage, the arrays already combined by the stage's rule
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from feddifrc_core.config import RunConfig
@@ -78,8 +79,10 @@ class SecureAggregator(Aggregator):
                 grid, nodes, content, self.settings, seed=seed, stage=f"{purpose}.magnitudes",
                 min_nodes=min_nodes, timeout=wait.seconds, progress=progress)
             members = {n: nodes[n] for n in magnitudes.contributors}
+            # the clients kept their answer from the magnitude round: only the config travels
+            config_only = RecordDict({protocol.CONFIG: content.config_records[protocol.CONFIG]})
             total = secure_sum(
-                grid, members, content, self.settings, seed=seed, stage=f"{purpose}.sum",
+                grid, members, config_only, self.settings, seed=seed, stage=f"{purpose}.sum",
                 bounds=bounds, min_nodes=min_nodes, timeout=wait.seconds, progress=progress)
         except SecureAggregationError as err:
             raise RoundFailedError(f"{what}: {err}") from err

@@ -217,7 +217,7 @@ def test_secure_aggregation_runs_over_tls_across_hosts(fed):
     two SecAgg+ sums of four round trips, every message a fresh ClientApp process that must find
     its SecAgg+ keys (and its answer, kept between the two sums) in the node's state."""
     run_config = (TINY_RUN.replace("num-rounds=2", "num-rounds=1")
-                  + " validation-samples=60 secure-aggregation='secaggplus'")
+                  + " secure-aggregation='secaggplus'")
     done = _cli(fed, "run", "-c", run_config, timeout=580)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "finished:completed" in done.stderr
