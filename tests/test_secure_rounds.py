@@ -27,6 +27,7 @@ from client_app import secure_upload
 from client_app.app import make_client_app
 from feddifrc_core import checkpoint as ckpt
 from feddifrc_core.aggregation import Rule, Upload
+from feddifrc_core.algorithms import algorithm_names, get_algorithm
 from feddifrc_core.config import ConfigError, RunConfig
 from feddifrc_core.secure_encoding import SecAggSettings
 from feddifrc_core.secure_uploads import from_secure_sums, secure_vector
@@ -224,6 +225,21 @@ def test_fewer_clients_than_the_threshold_fail_clearly_and_the_run_resumes_exact
     assert straight.keys() == resumed.keys()
     for key in straight:  # SecAgg+'s rounding is seeded per (seed, sum, partition)
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", algorithm_names())
+def test_every_algorithm_runs_with_secure_aggregation(tmp_path, cache_dir, algorithm):
+    """The component sits below the algorithms: each one's set-up stages, uploads and metrics
+    go through the secure sums unchanged (3 clients, one round)."""
+    cfg = tiny(tmp_path, cache_dir, algorithm=algorithm, num_rounds=1, reduction="mean-pool",
+               probe_train_samples=100)
+    grid = SecureLoopbackGrid(make_client_app(), 3, cfg.to_flower())
+    run_server(grid, cfg)
+    (r1,) = rows(cfg)[1:]
+    assert r1["clients"] == "0 1 2" and r1["failures"] == 0 and r1["num-clients"] == 3
+    assert r1["train-examples"] == 150 and np.isfinite(r1["train-loss"])
+    assert ("train-accuracy" in r1) != get_algorithm(algorithm).label_free
 
 
 def test_settings_that_cannot_work_stop_the_run_before_any_secure_message(tmp_path, cache_dir):
