@@ -174,3 +174,14 @@ def load_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
 
 def model_state(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+# The models' buffers (BatchNorm's): statistics of the data the clients saw, not parameters that a
+# gradient moves. A server optimiser (FedAvgM) must leave them at the clients' mean: momentum
+# extrapolates a running variance below zero, and evaluation then gives NaN.
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_running_statistic(key: str) -> bool:
+    """Whether the model-state key `key` names a buffer (`RUNNING_STATISTICS`), not a parameter."""
+    return key.rsplit(".", 1)[-1] in RUNNING_STATISTICS

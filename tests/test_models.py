@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from feddifrc_core.models import SmallCNN, build_model, resnet10
+from feddifrc_core.models import (
+    MODEL_NAMES,
+    SmallCNN,
+    build_model,
+    is_running_statistic,
+    resnet10,
+)
 
 
 @pytest.mark.parametrize("name,width,dim", [("resnet10", 8, 64), ("small-cnn", 8, 128)])
@@ -128,3 +134,14 @@ def test_mlp_align_head_is_two_layers_with_a_relu_and_reaches_signed_vectors():
     assert (out < 0).any()  # the aligned space has both signs, unlike z
     with pytest.raises(ValueError, match="align_head"):
         build_model("small-cnn", 1, 10, 8, align_head="conv")
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_the_model_state_splits_into_parameters_and_running_statistics(name):
+    """Server optimisers step the parameters only (FedAvgM); a new kind of buffer must be named
+    in RUNNING_STATISTICS or it would be stepped like a parameter."""
+    model = build_model(name, 3, 10, 8, align_head="mlp")
+    buffers = {k for k, _ in model.named_buffers()}
+    assert buffers and all(is_running_statistic(k) for k in buffers)
+    assert not any(is_running_statistic(k) for k, _ in model.named_parameters())
+    assert set(model.state_dict()) == buffers | {k for k, _ in model.named_parameters()}

@@ -30,6 +30,7 @@ SIZES = {0: 10, 1: 30, 2: 5, 3: 55}  # num-examples per partition
 def _client_arrays(partition: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(partition)
     return {"w": rng.standard_normal((3, 2)).astype(np.float32),
+            "bn.running_var": rng.uniform(0.1, 1.0, 3).astype(np.float32),
             "bn.num_batches_tracked": np.array(10 * (partition + 1), dtype=np.int64)}
 
 
@@ -193,7 +194,8 @@ def test_federated_projection_equals_centralized_pca_of_the_union():
 
 def test_fedavgm_steps_with_server_momentum():
     """A server-side method in one file (algorithms/fedavgm.py): Flower's FedAvgM update on the
-    clients' mean, with its momentum buffer kept as server state (and checkpointed)."""
+    clients' mean, with its momentum buffer kept as server state (and checkpointed); BatchNorm's
+    statistics are the clients' mean (stepped, this running variance would turn negative)."""
     cfg = RunConfig(seed=3, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2,
                     algorithm="fedavgm").replace(server_learning_rate=0.5, server_momentum=0.9)
     grid = _grid(cfg)
@@ -205,8 +207,10 @@ def test_fedavgm_steps_with_server_momentum():
     d1 = start["w"] - mean["w"]
     np.testing.assert_allclose(arrays["w"].numpy(), start["w"] - 0.5 * d1, rtol=1e-6)
     assert arrays["bn.num_batches_tracked"].numpy() == mean["bn.num_batches_tracked"]
+    np.testing.assert_allclose(arrays["bn.running_var"].numpy(), mean["bn.running_var"], rtol=1e-6)
     arrays, _ = _round(strategy, grid, 2)  # the round starts from the same model again
     np.testing.assert_allclose(arrays["w"].numpy(), start["w"] - 0.5 * (0.9 * d1 + d1), rtol=1e-6)
+    np.testing.assert_allclose(arrays["bn.running_var"].numpy(), mean["bn.running_var"], rtol=1e-6)
     assert set(strategy.algorithm.server_state()) == {"momentum.w"}
 
 
