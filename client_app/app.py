@@ -6,6 +6,8 @@
                      statistics for the shared basis; then the sums of its targets)
 - train           -> local training with the run's algorithm; reply model + metrics (with
                      client-side differential privacy, clipped by Flower's mod: dp_clipping.py)
+With secure aggregation every answer leaves as a share of a SecAgg+ secure sum instead
+(client_app/secure_upload.py): the server learns only the sums.
 Raw data and raw features never leave the client. The run config comes from this node's Flower
 context, parsed once per run and process; every request names the server's config digest, and a
 node whose config differs refuses to work.
@@ -23,6 +25,7 @@ from flwr.clientapp.typing import Mod
 from flwr.common.logger import FLOWER_LOGGER
 
 from client_app.dp_clipping import make_clipping_mod
+from client_app.secure_upload import respond, secure_upload_mod
 from feddifrc_core.algorithms import UpdateInfo
 from feddifrc_core.caches import ProcessCache
 from feddifrc_core.client_session import ClientSession
@@ -59,23 +62,33 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
     @app.query("setup")
     def setup(msg: Message, context: Context) -> Message:
         request = protocol.read_request(msg)
-        t0 = time.perf_counter()
-        client = session(context, request)
-        arrays = client.answer(request.stage, request.payload)
-        return protocol.reply(msg, arrays, {protocol.NUM_EXAMPLES: client.num_examples,
-                                            protocol.SETUP_SECONDS: time.perf_counter() - t0})
+        return respond(msg, context, lambda: _setup_answer(session(context, request), request))
 
-    @app.train(mods=[make_clipping_mod(run_config)])
+    # SecAgg+ (secure-aggregation = "secaggplus") acts on train messages only: a set-up stage then
+    # comes as one too, its stage named in the config. `respond` replies in plaintext, or with
+    # this client's share of the stage's secure sum when the message asks for one.
+    # With client-side differential privacy, Flower's clipping mod clips the model first.
+    @app.train(mods=[secure_upload_mod, make_clipping_mod(run_config)])
     def train(msg: Message, context: Context) -> Message:
         request = protocol.read_request(msg)
-        client = session(context, request)
-        update = client.train(request.arrays, UpdateInfo(
-            request.server_round, request.header.run_name, request.header.run_key,
-            request.payload))
-        metrics = {protocol.NUM_EXAMPLES: update.num_examples, **update.metrics}
-        return protocol.reply(msg, update.state, metrics, update.uploads)
+        answer = _setup_answer if request.stage else _train_answer
+        return respond(msg, context, lambda: answer(session(context, request), request))
 
     return app
+
+
+def _setup_answer(client: ClientSession, request: protocol.Request) -> protocol.Answer:
+    t0 = time.perf_counter()
+    arrays = client.answer(request.stage, request.payload)
+    return protocol.Answer(arrays, {protocol.NUM_EXAMPLES: client.num_examples,
+                                    protocol.SETUP_SECONDS: time.perf_counter() - t0})
+
+
+def _train_answer(client: ClientSession, request: protocol.Request) -> protocol.Answer:
+    update = client.train(request.arrays, UpdateInfo(
+        request.server_round, request.header.run_name, request.header.run_key, request.payload))
+    return protocol.Answer(update.state, {protocol.NUM_EXAMPLES: update.num_examples,
+                                          **update.metrics}, update.uploads)
 
 
 # Module-level (not in the handlers' closure): Ray pickles the ClientApp, but not these caches.

@@ -90,10 +90,12 @@ def weighted_average(
 
 def aggregate_client_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Client metrics of one stage: num-examples summed, *-seconds max (the slowest client
-    bounds the round), everything else weighted by num-examples."""
+    bounds the round), everything else weighted by num-examples. An entry that already merges
+    several clients (secure aggregation's) says how many in num-clients."""
     weights = np.asarray([float(m["num-examples"]) for m in metrics])
-    out: dict[str, Any] = {"num-examples": int(weights.sum()), "num-clients": len(metrics)}
-    keys = sorted({k for m in metrics for k in m} - {"num-examples"})
+    out: dict[str, Any] = {"num-examples": int(weights.sum()),
+                           "num-clients": sum(int(m.get("num-clients", 1)) for m in metrics)}
+    keys = sorted({k for m in metrics for k in m} - {"num-examples", "num-clients"})
     for key in keys:
         values = [float(m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
         if len(values) != len(metrics):

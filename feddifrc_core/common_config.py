@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from feddifrc_core import paths
+from feddifrc_core.aggregation import num_sampled
 from feddifrc_core.datasets import DATASET_NAMES
 from feddifrc_core.differential_privacy import MODES as DP_MODES
 from feddifrc_core.differential_privacy import config_problem as dp_config_problem
@@ -25,6 +26,9 @@ from feddifrc_core.options import option as _opt
 from feddifrc_core.partition import METHODS as PARTITION_METHODS
 from feddifrc_core.projection import PROJECTIONS
 from feddifrc_core.robust_aggregation import AGGREGATORS, aggregator_problem
+from feddifrc_core.secure_encoding import SECURE_AGGREGATIONS, SecAggSettings
+
+_SECAGG = SecAggSettings()  # the SecAgg+ defaults, with their reasons
 
 # Run-config keys that say where and how fast a run goes, not what it computes: changing one
 # keeps a run the same run (a resumed run may change them; benchmark records leave them out of
@@ -146,6 +150,18 @@ class CommonConfig:
     dp_clipped_count_stddev: float = _opt(0.0, lo=0.0)
     # the delta at which each run reports its epsilon; client-level, so below 1 / clients
     dp_delta: float = _opt(1e-5, lo=0.0, lo_open=True, hi=1.0)
+    # --- privacy of the uploads (docs/privacy.md) --------------------------------------------
+    # "none": every client's upload reaches the server in clear; "secaggplus": Flower's SecAgg+,
+    # the server learns only the sums (projection statistics, target sums, example-weighted model
+    # updates, example counts and training metrics: server_app/secure_aggregator.py).
+    secure_aggregation: str = _opt("none", choices=SECURE_AGGREGATIONS)
+    # Flower's SecAgg+ settings, with Flower's names and meaning: a value <= 1 is a fraction, a
+    # whole number > 1 a count. Defaults and their reasons: secure_encoding.SecAggSettings.
+    secagg_num_shares: float = _opt(float(_SECAGG.num_shares), lo=0.0, lo_open=True)
+    secagg_reconstruction_threshold: float = _opt(float(_SECAGG.reconstruction_threshold),
+                                                  lo=0.0, lo_open=True)
+    secagg_clipping_range: float = _opt(_SECAGG.clipping_range, lo=0.0, lo_open=True)
+    secagg_quantization_range: int = _opt(_SECAGG.quantization_range, lo=0, hi=2**31 - 1)
 
     # --- derived values --------------------------------------------------------------------------
     @property
@@ -157,6 +173,27 @@ class CommonConfig:
 
     def resolved_cache_dir(self) -> Path:
         return paths.cache_dir(self.cache_dir)
+
+    @property
+    def secagg_settings(self) -> SecAggSettings:
+        """The secagg-* keys as Flower reads them: an int is a count, a float a fraction."""
+        return SecAggSettings(_count_or_fraction(self.secagg_num_shares),
+                              _count_or_fraction(self.secagg_reconstruction_threshold),
+                              self.secagg_clipping_range, self.secagg_quantization_range)
+
+    def check_secure_aggregation(self, num_nodes: int) -> None:
+        """ConfigError when SecAgg+ cannot work with `num_nodes` connected nodes: the set-up
+        stages sum over every node, a training round over the clients it samples."""
+        if self.secure_aggregation == "none":
+            return
+        per_round = num_sampled(num_nodes, self.fraction_train, self.min_train_nodes)
+        for n, what in ((num_nodes, f"the set-up stages (all {num_nodes} nodes)"),
+                        (per_round, f"a training round ({per_round} of {num_nodes} nodes, "
+                                    "fraction-train / min-train-nodes)")):
+            problems = self.secagg_settings.problems(n)
+            if problems:
+                raise ConfigError(f"secure-aggregation='secaggplus' over {what}: "
+                                  + "; ".join(problems))
 
     def __post_init__(self) -> None:
         _parse_up_blocks(self.up_blocks)
@@ -170,7 +207,8 @@ class CommonConfig:
                 f"reduction {self.reduction!r} keeps every position: set pool-grid=1"
             )
         problem = (aggregator_problem(self.aggregator, self.num_malicious_nodes,
-                                      self.trimmed_avg_beta, self.min_train_nodes)
+                                      self.trimmed_avg_beta, self.min_train_nodes,
+                                      secure_aggregation=self.secure_aggregation)
                    or dp_config_problem(self))
         if problem:
             raise ConfigError(problem)
@@ -186,6 +224,18 @@ class CommonConfig:
                 f"which the clients also hold with data-subset={self.data_subset!r}: set "
                 "data-subset='private' (or init-model='random')"
             )
+        for key in ("secagg-num-shares", "secagg-reconstruction-threshold"):
+            value = getattr(self, key.replace("-", "_"))
+            if value > 1 and not float(value).is_integer():
+                raise ConfigError(f"'{key}' must be a fraction in (0, 1] or a whole number of "
+                                  f"clients, got {value!r}")
+        problems = self.secagg_settings.value_problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if self.secure_aggregation != "none" and self.min_train_nodes < 2:
+            raise ConfigError(
+                f"secure-aggregation={self.secure_aggregation!r} needs 'min-train-nodes' >= 2 "
+                f"(a sum over one client is that client's upload), got {self.min_train_nodes}")
         if self.min_available_nodes < self.min_train_nodes:
             raise ConfigError(
                 f"min-available-nodes ({self.min_available_nodes}) must be >= min-train-nodes "
@@ -202,6 +252,11 @@ def resolve_device(requested: str) -> str:
     if requested != "cpu" and not requested.startswith(("cuda", "mps")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {requested!r}")
     return requested
+
+
+def _count_or_fraction(value: float) -> int | float:
+    """Flower's convention for SecAgg+ sizes: a whole number > 1 counts clients, else a fraction."""
+    return int(value) if value > 1 else float(value)
 
 
 def _parse_up_blocks(text: str) -> tuple[int, ...]:

@@ -64,6 +64,9 @@ def config_problem(cfg: CommonConfig) -> str | None:
         return (f"differential-privacy={cfg.differential_privacy!r} noises the clients' mean "
                 f"and cannot be combined with aggregator={cfg.aggregator!r}: "
                 "use aggregator='fedavg' or differential-privacy='none'")
+    if cfg.secure_aggregation != "none":
+        return (f"differential-privacy={cfg.differential_privacy!r} with secure-aggregation="
+                f"{cfg.secure_aggregation!r} is not supported: set one of them to 'none'")
     if not cfg.dp_delta < 1.0:
         return f"'dp-delta' must be < 1, got {cfg.dp_delta!r}"
     z, stddev = cfg.dp_noise_multiplier, cfg.dp_clipped_count_stddev

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# `secure-aggregation`: how the server sums the clients' uploads (server_app/secure_aggregator.py)
+SECURE_AGGREGATIONS = ("none", "secaggplus")
 MODULUS_RANGE = 2**32  # Flower's mask modulus (its masks are int64 draws below it)
 INT32_LIMIT = 2**31  # Flower's stochastic rounding casts to int32
 OCTAVES = np.arange(-60, 64)  # bands (2**(e-1), 2**e]: e = -60 also takes everything smaller
@@ -89,43 +91,56 @@ class SecAggSettings:
             raise ValueError(f"secure aggregation over {num_clients} sampled clients: "
                              + "; ".join(problems))
 
-    def problems(self, num_clients: int) -> list[str]:
+    def value_problems(self) -> list[str]:
+        """What is wrong with the values whatever the number of clients (checked when the run
+        config is parsed)."""
         out: list[str] = []
         s, t = self.num_shares, self.reconstruction_threshold
-        if num_clients < 2:
-            return [f"needs at least 2 clients per sum (the sum of one client is its value), "
-                    f"got {num_clients}; raise min-train-nodes / fraction-train"]
         if isinstance(s, bool) or not isinstance(s, int | float) or s <= 0:
             out.append(f"secagg-num-shares must be an int >= 3 or a fraction in (0, 1], got {s!r}")
         elif isinstance(s, int) and s != 1 and s <= 2:
             out.append(f"secagg-num-shares as an int must be >= 3 (or 1 = all), got {s}")
         elif isinstance(s, float) and s > 1:
             out.append(f"secagg-num-shares as a fraction must be in (0, 1], got {s}")
-        elif isinstance(s, int) and s != 1 and s % 2 == 0 and s != num_clients:
-            # flwr 1.39 sends the even count to the clients but builds odd neighbourhoods:
-            # every client fails in the key-sharing stage.
-            out.append(f"secagg-num-shares as an int must be odd or equal to the {num_clients} "
-                       f"sampled clients, got {s}")
         if isinstance(t, bool) or not isinstance(t, int | float) or t <= 0:
             out.append(f"secagg-reconstruction-threshold must be an int >= 2 or a fraction in "
                        f"(0, 1], got {t!r}")
         elif isinstance(t, float) and t > 1:
             out.append(f"secagg-reconstruction-threshold as a fraction must be in (0, 1], got {t}")
+        elif isinstance(s, int) and isinstance(t, int) and s != 1 and t != 1 and t >= s:
+            out.append(f"secagg-reconstruction-threshold {t} must be below secagg-num-shares {s}")
         c, q = self.clipping_range, self.quantization_range
         if not (isinstance(c, int | float) and np.isfinite(c) and c > 0):
             out.append(f"secagg-clipping-range must be a positive number, got {c!r}")
         if isinstance(q, bool) or not isinstance(q, int) or q < 0:
             out.append(f"secagg-quantization-range must be an int >= 0 (0 = auto), got {q!r}")
-        elif q and (q >= INT32_LIMIT or q * num_clients >= MODULUS_RANGE):
-            out.append(f"secagg-quantization-range {q} lets the sum of {num_clients} clients wrap "
-                       f"around 2**32 (or exceed int32): use at most "
-                       f"{min((MODULUS_RANGE - 1) // num_clients, INT32_LIMIT - 1)}, or 0 (auto)")
+        elif q >= INT32_LIMIT:
+            out.append(f"secagg-quantization-range must be below 2**31 (Flower's rounding casts "
+                       f"to int32), got {q}")
+        return out
+
+    def problems(self, num_clients: int) -> list[str]:
+        """Everything that keeps these settings from working for `num_clients` sampled clients."""
+        if num_clients < 2:
+            return [f"needs at least 2 clients per sum (the sum of one client is its value), "
+                    f"got {num_clients}; raise min-train-nodes / fraction-train"]
+        out = self.value_problems()
         if out:
             return out
-        k, t_resolved, m = self.resolve(num_clients)
-        if isinstance(s, int) and isinstance(t, int) and t != 1 and t >= k:
-            out.append(f"secagg-reconstruction-threshold {t} must be below secagg-num-shares {k}")
-        elif t_resolved > m:
+        s, q = self.num_shares, self.quantization_range
+        if isinstance(s, int) and s != 1 and s % 2 == 0 and s != num_clients:
+            # flwr 1.39 sends the even count to the clients but builds odd neighbourhoods:
+            # every client fails in the key-sharing stage.
+            out.append(f"secagg-num-shares as an int must be odd or equal to the {num_clients} "
+                       f"sampled clients, got {s}")
+        if q and q * num_clients >= MODULUS_RANGE:
+            out.append(f"secagg-quantization-range {q} lets the sum of {num_clients} clients wrap "
+                       f"around 2**32: use at most {(MODULUS_RANGE - 1) // num_clients}, or 0 "
+                       "(auto)")
+        if out:
+            return out
+        _, t_resolved, m = self.resolve(num_clients)
+        if t_resolved > m:
             out.append(f"secagg-reconstruction-threshold {t_resolved} is larger than the {m} "
                        f"clients of a neighbourhood ({num_clients} sampled, secagg-num-shares "
                        f"{s}): no secret could ever be reconstructed")

@@ -71,9 +71,9 @@ def runs_dir() -> Path:
 def check_run_config(overrides: Mapping[str, object], supernodes: int,
                      runs: Path | None = None) -> RunConfig:
     """Everything the ServerApp would refuse, said before a SuperLink starts: unknown keys (with
-    the closest known ones), wrong types and ranges, too few SuperNodes for the run, and (with
-    `runs`, the default folder of run folders) a named run folder that another run writes into
-    or that does not fit `resume`."""
+    the closest known ones), wrong types and ranges, too few SuperNodes for the run, SecAgg+
+    settings that cannot work with that many, and (with `runs`, the default folder of run
+    folders) a named run folder that another run writes into or that does not fit `resume`."""
     check_run_config_keys(overrides)  # the SuperLink only answers "Invalid run configuration"
     try:
         cfg = RunConfig.from_flower({**app_defaults(), **overrides})
@@ -85,6 +85,10 @@ def check_run_config(overrides: Mapping[str, object], supernodes: int,
             f"({cfg.min_available_nodes}): the run would wait for nodes forever. Use "
             f"--supernodes {cfg.min_available_nodes} or more, or lower min-available-nodes and "
             "min-train-nodes (-c \"min-available-nodes=1 min-train-nodes=1\").")
+    try:  # e.g. a SecAgg+ threshold above the clients a round samples
+        cfg.check_secure_aggregation(supernodes)
+    except ConfigError as err:
+        raise SystemExit(f"ERROR: {err} (with --supernodes {supernodes})") from None
     if runs is not None:
         check_run_folder(cfg, runs)
     return cfg

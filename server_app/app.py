@@ -29,8 +29,10 @@ from server_app.failures import report_expected_failures_in_one_line
 from server_app.private_aggregation import with_privacy
 from server_app.ray_workers import exit_with_parent, replace_dead_ray_workers
 from server_app.run_lock import RunFolderLock
+from server_app.secure_aggregator import SecureAggregator
 from server_app.strategy import AlgorithmStrategy
 from wire import protocol
+
 
 # Old checkpoints are pruned to bound disk use (ResNet-10: ~20 MB each); resume needs only the last.
 KEEP_CHECKPOINTS = 3
@@ -106,8 +108,11 @@ def _run(grid: Grid, cfg: RunConfig, run_name: str, started: float) -> dict[str,
                   else initial_state(cfg, evaluator.model, device=evaluator.device))
     log(INFO, "initial model: %s", how)
     algorithm = cfg.new_algorithm()
-    # Every upload of every stage is combined by this one component, chosen here from the config.
-    aggregator = with_privacy(make_aggregator(cfg), cfg)
+    # Every upload of every stage is combined by this one component: plain or robust
+    # (`aggregator`), or Flower's SecAgg+ (`secure-aggregation`; the config refuses a robust rule
+    # with it), with differential privacy's wrapper around it (`differential-privacy`).
+    aggregator = with_privacy(SecureAggregator(cfg) if cfg.secure_aggregation == "secaggplus"
+                              else make_aggregator(cfg), cfg)
     # Names the clients' per-run files (MOON's previous models): a new run that reuses a run-name
     # gets a fresh key, a resumed run keeps its own ("" = checkpoints from before the key existed).
     run_key = str(resumed.meta.get("run-key", "")) if resumed else secrets.token_hex(6)

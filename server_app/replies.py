@@ -12,6 +12,8 @@ from flwr.app import Message
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from wire import protocol
+
 
 class RoundFailedError(RuntimeError):
     """Fewer than `min-train-nodes` clients replied to a stage; the run cannot go on."""
@@ -32,6 +34,11 @@ def ordered_ok(replies: list[Message], partitions: Mapping[int, int]) -> list[Me
     return sorted(ok, key=lambda m: partitions[m.metadata.src_node_id])
 
 
+def succeeded_partitions(ok: list[Message], partitions: Mapping[int, int]) -> list[int]:
+    """The partitions whose uploads the successful replies hold (a stage reply holds several)."""
+    return sorted(partitions[n] for m in ok for n in protocol.answered_nodes(m))
+
+
 def describe_failures(replies: list[Message], sent: list[Message], partitions: Mapping[int, int],
                       waited: str) -> list[str]:
     """One entry per failed node: its error, or no reply within `waited` (the stage's deadline,
@@ -39,7 +46,8 @@ def describe_failures(replies: list[Message], sent: list[Message], partitions: M
 
     A reply is matched to the node it was sent to by its reply-to id: when a node is gone, the
     SuperLink answers in its place (source node 1), which is the same node's failure, not a
-    second one.
+    second one. A reply that stands for several nodes (secure aggregation's, `protocol.sum_reply`)
+    answers for all of them and reports the reason of each node it lost.
     """
     node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
     failed: dict[int, str] = {}
@@ -50,6 +58,11 @@ def describe_failures(replies: list[Message], sent: list[Message], partitions: M
         if msg.has_error():
             reason = (msg.error.reason or "").strip().splitlines()
             failed[node] = reason[-1] if reason else f"error code {msg.error.code}"
+        else:  # a stage's one reply (secure aggregation) names its nodes and those it lost
+            answered.update(protocol.answered_nodes(msg))
+            lost = protocol.reported_failures(msg)
+            failed.update(lost)
+            answered.update(lost)
     for node in set(node_of.values()) - answered:
         failed[node] = f"no reply within {waited}"
     order = sorted(failed, key=lambda n: (partitions.get(n, -1), n))

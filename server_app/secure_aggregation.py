@@ -51,6 +51,7 @@ from feddifrc_core.secure_encoding import (
     decode,
 )
 from feddifrc_core.seeding import hashed_seed
+from server_app.progress_wait import send_and_receive_with_progress
 from wire.protocol import LAYOUT, MODE_BOUNDED, MODE_ENCODED, MODE_OCTAVES, REQUEST, request_record
 
 STAGES = ("set-up", "key sharing", "masked vectors", "unmasking")
@@ -66,37 +67,42 @@ class SecureSum:
     contributors: list[int]  # node ids, sorted by partition
     dropped: dict[int, str] = field(default_factory=dict)  # node id -> "stage: reason"
     restarts: int = 0  # times the protocol restarted without nodes lost before any upload
+    dtypes: dict[str, str] = field(default_factory=dict)  # each array's dtype on the clients
 
 
 def secure_sum(grid: Grid, nodes: Mapping[int, int], content: RecordDict,
                settings: SecAggSettings, *, seed: int, stage: str,
                bounds: Mapping[str, float] | None = None, min_nodes: int = 2,
-               timeout: float | None = None) -> SecureSum:
+               timeout: float | None = None, progress: bool = False) -> SecureSum:
     """Securely sum the arrays that `nodes` (node id -> partition id) compute from `content`.
 
     `seed` and `stage` (unique per sum in a run, e.g. "round-3.model-update") fix the rounding;
     `timeout` is each stage's wait for replies (None waits for every node: pass the round
-    timeout); fewer than `min_nodes` contributors, or a failed protocol, raise
-    `SecureAggregationError`; settings that cannot work raise ValueError before any message.
+    timeout), counted from the stage's latest reply with `progress` (set-up stages: clients
+    queued behind others keep it alive, server_app/progress_wait.py); fewer than `min_nodes`
+    contributors, or a failed protocol, raise `SecureAggregationError`; settings that cannot
+    work raise ValueError before any message.
     """
     mode = MODE_BOUNDED if bounds is not None else MODE_ENCODED
-    return _run(grid, nodes, content, settings, seed, stage, mode, bounds, min_nodes, timeout)
+    return _run(grid, nodes, content, settings, seed, stage, mode, bounds, min_nodes,
+                _Waiting(timeout, progress))
 
 
 def secure_bounds(grid: Grid, nodes: Mapping[int, int], content: RecordDict,
                   settings: SecAggSettings, *, seed: int, stage: str, min_nodes: int = 2,
-                  timeout: float | None = None) -> tuple[dict[str, float], SecureSum]:
+                  timeout: float | None = None,
+                  progress: bool = False) -> tuple[dict[str, float], SecureSum]:
     """Public bounds for a following `secure_sum` of the same arrays: a secure sum of the
     clients' magnitude octaves (reveals how many clients have their largest value in each
     power-of-two band, per array). Valid for the contributors of this round and any subset."""
     result = _run(grid, nodes, content, settings, seed, stage, MODE_OCTAVES, None, min_nodes,
-                  timeout)
+                  _Waiting(timeout, progress))
     return bounds_from_octaves(result.arrays, settings.clipping_range), result
 
 
 def _run(grid: Grid, nodes: Mapping[int, int], content: RecordDict, settings: SecAggSettings,
          seed: int, stage: str, mode: str, bounds: Mapping[str, float] | None, min_nodes: int,
-         timeout: float | None) -> SecureSum:
+         waiting: _Waiting) -> SecureSum:
     # 1. settings against the sampled nodes; Q is fixed by the first attempt's node count
     if min_nodes < 2:
         raise ValueError(f"a secure sum needs min_nodes >= 2 (the sum of one client is its "
@@ -110,10 +116,10 @@ def _run(grid: Grid, nodes: Mapping[int, int], content: RecordDict, settings: Se
         for attempt in range(len(nodes)):
             # 2. one run of the protocol; the neighbour shuffle seeded per attempt
             random.seed(hashed_seed(seed, "secagg-neighbours", stage, attempt))
-            recorder = _RecordingGrid(grid)
+            recorder = _RecordingGrid(grid, waiting)
             strategy = _SumStrategy(sorted(remaining, key=remaining.__getitem__), grid)
             state, lost_at = _drive(recorder, strategy, remaining, content, settings,
-                                    quantization, seed, stage, mode, bounds, timeout)
+                                    quantization, seed, stage, mode, bounds, waiting.timeout)
             lost = {n: f"{STAGES[i]}: {recorder.reason(n)}" for n, i in lost_at.items()}
             dropped.update(lost)
             _raise_on_bound_errors(recorder, remaining)
@@ -190,7 +196,8 @@ def _result(results: list[tuple[ClientProxy, FitRes]], nodes: Mapping[int, int],
         sums = decode(sums, bounds, settings.clipping_range, dtypes)
     log(INFO, "secure sum %s: %d contributors, %d dropped, %d restarts", stage,
         len(contributors), len(dropped), attempt)
-    return SecureSum(arrays=sums, contributors=contributors, dropped=dropped, restarts=attempt)
+    return SecureSum(arrays=sums, contributors=contributors, dropped=dropped, restarts=attempt,
+                     dtypes=dtypes)
 
 
 def _rounding_seed(seed: int, stage: str, partition: int) -> int:
@@ -247,17 +254,29 @@ class _SumStrategy(Strategy):
         return None
 
 
-class _RecordingGrid:
-    """The caller's grid, remembering why a node did not answer (its error, or no reply)."""
+@dataclass(frozen=True)
+class _Waiting:
+    timeout: float | None  # seconds per stage; None: until every node replied
+    progress: bool = False  # counted from the stage's latest reply instead of its start
 
-    def __init__(self, grid: Grid) -> None:
+
+class _RecordingGrid:
+    """The caller's grid, remembering why a node did not answer (its error, or no reply), and
+    waiting as the caller asked (Flower's workflow passes its own timeout: ours, or None)."""
+
+    def __init__(self, grid: Grid, waiting: _Waiting) -> None:
         self.grid = grid
+        self.waiting = waiting
         self.errors: dict[int, str] = {}
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        if self.waiting.progress:
+            limit = self.waiting.timeout if self.waiting.timeout is not None else float("inf")
+            replies = send_and_receive_with_progress(self.grid, messages, limit)
+        else:
+            replies = list(self.grid.send_and_receive(messages, timeout=self.waiting.timeout))
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         answered = set()
         for reply in replies:

@@ -47,6 +47,7 @@ from server_app.replies import (
     ordered_ok,
     require,
     simulated_nodes,
+    succeeded_partitions,
     wait_for_nodes,
 )
 from wire import protocol
@@ -106,14 +107,15 @@ class AlgorithmStrategy(FedAvg):
                rule: Rule) -> Gathered:
         """One set-up stage: every known node answers; the uploads combined by `rule`."""
         node_ids = sorted(self.node_partitions, key=self.node_partitions.__getitem__)
-        content = protocol.setup_content(self.header, stage, payload)
+        content = protocol.setup_content(self.header, stage, payload, rule)
         sent = protocol.addressed(content, node_ids, protocol.SETUP)
         replies = self.aggregator.exchange(grid, sent, self.setup_wait)
         ok = ordered_ok(replies, self.node_partitions)
-        require(f"set-up stage {stage!r}", len(ok), len(node_ids), self.min_train_nodes,
+        succeeded = succeeded_partitions(ok, self.node_partitions)
+        require(f"set-up stage {stage!r}", len(succeeded), len(node_ids), self.min_train_nodes,
                 describe_failures(replies, sent, self.node_partitions, self.setup_wait.describe()))
         uploads = [protocol.read_upload(m, self._partition(m)) for m in ok]
-        return Gathered(self.aggregator.combine(uploads, rule), len(ok),
+        return Gathered(self.aggregator.combine(uploads, rule), len(succeeded),
                         aggregate_client_metrics([protocol.read_metrics(m) for m in ok]))
 
     # --- training ------------------------------------------------------------------------------
@@ -142,11 +144,11 @@ class AlgorithmStrategy(FedAvg):
         replies = list(replies)
         ok = ordered_ok(replies, self.node_partitions)
         report = self.last_report
-        report.succeeded = [self._partition(m) for m in ok]
+        report.succeeded = succeeded_partitions(ok, self.node_partitions)
         report.failures = describe_failures(replies, self._sent, self.node_partitions,
                                             self.round_wait.describe())
-        require(f"round {server_round}", len(ok), len(report.sampled), self.min_train_nodes,
-                report.failures)
+        require(f"round {server_round}", len(report.succeeded), len(report.sampled),
+                self.min_train_nodes, report.failures)
 
         mean = self.aggregator.combine_models(
             server_round, [protocol.read_upload(m, self._partition(m)) for m in ok])

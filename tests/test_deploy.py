@@ -211,6 +211,25 @@ def test_feddifrc_runs_two_rounds_over_tls_across_hosts(fed):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_secure_aggregation_runs_over_tls_across_hosts(fed):
+    """`secure-aggregation='secaggplus'` in the TLS deployment: each set-up stage and round is
+    two SecAgg+ sums of four round trips, every message a fresh ClientApp process that must find
+    its SecAgg+ keys (and its answer, kept between the two sums) in the node's state."""
+    run_config = (TINY_RUN.replace("num-rounds=2", "num-rounds=1")
+                  + " secure-aggregation='secaggplus'")
+    done = _cli(fed, "run", "-c", run_config, timeout=580)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "finished:completed" in done.stderr
+    rows = [json.loads(line) for folder in fed["runs"].iterdir()
+            if json.loads((folder / "config.json").read_text())["run-config"]
+            ["secure-aggregation"] == "secaggplus"
+            for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["clients"], r["failures"]) for r in rows if r["round"] >= 1] == [
+        (1, "0 1", 0)]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_unregistered_supernode_is_refused(fed, tmp_path):
     rogue = tmp_path / "rogue"

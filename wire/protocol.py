@@ -6,9 +6,15 @@ names); each ClientApp reads its run config from its own Flower context, once pe
 process, and refuses a request whose digest differs from its own.
 
     query.node_info  server -> client: header            client -> server: partition id, count
-    query.setup      header, stage, payload (arrays)     arrays (the stage's upload), metrics
+    query.setup      header, stage, rule, payload        arrays (the stage's upload), metrics
     train            header, round, arrays (the model),  arrays (the local model), metrics,
                      payload (the algorithm's arrays)    payload (the algorithm's uploads)
+
+With secure aggregation (server_app/secure_aggregator.py) a set-up stage travels as a `train`
+message (Flower's SecAgg+ acts on those only) whose config names the stage and its rule, and the
+server's aggregation component hands the strategy ONE reply for the whole stage: the combined
+arrays, the merged metrics and a `contributors` record naming the nodes in it and those lost
+(`sum_reply`); the strategy reads any reply through `answered_nodes` / `reported_failures`.
 
 `arrays` is what the server's aggregation component combines (Flower's `arrayrecord_key`, which
 the DP and robust strategies of `flwr.serverapp.strategy` and Flower's client mods read);
@@ -32,7 +38,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from feddifrc_core.aggregation import Upload
+from feddifrc_core.aggregation import Rule, Upload
 
 # --- message types ---------------------------------------------------------------------------------
 NODE_INFO = f"{MessageType.QUERY}.node_info"
@@ -41,14 +47,16 @@ TRAIN = MessageType.TRAIN
 
 # --- records ---------------------------------------------------------------------------------------
 ARRAYS, PAYLOAD, CONFIG, METRICS = "arrays", "payload", "config", "metrics"
+CONTRIBUTORS = "contributors"  # a reply that answers for several nodes (a secure sum)
 
 # --- keys in the config record ---------------------------------------------------------------------
 CONFIG_DIGEST, RUN_NAME, RUN_KEY, CLASS_NAMES = "config-digest", "run-name", "run-key", "class-names"
-STAGE, SERVER_ROUND = "stage", "server-round"
+STAGE, SERVER_ROUND, RULE = "stage", "server-round", "rule"
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
 
 # --- keys in the metric record ---------------------------------------------------------------------
 NUM_EXAMPLES = "num-examples"  # the weight of a client's upload
+NUM_CLIENTS = "num-clients"  # how many clients merged metrics stand for
 SETUP_SECONDS = "setup-seconds"  # a set-up stage's time on the client
 
 
@@ -74,6 +82,7 @@ class Request:
     header: Header
     stage: str = ""  # set-up stage; "" for train
     server_round: int = 0  # train only
+    rule: Rule = "mean"  # how the server combines the answers (train: always the weighted mean)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # the global model (train)
     payload: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -94,8 +103,11 @@ def node_info_request(node_id: int) -> Message:
     return Message(RecordDict(), dst_node_id=node_id, message_type=NODE_INFO)
 
 
-def setup_content(header: Header, stage: str, payload: Mapping[str, np.ndarray]) -> RecordDict:
-    return RecordDict({CONFIG: ConfigRecord({**header.entries(), STAGE: stage}),
+def setup_content(header: Header, stage: str, payload: Mapping[str, np.ndarray],
+                  rule: Rule = "sum") -> RecordDict:
+    """`rule`: how the answers are combined (a secure sum needs it on the client: a mean is the
+    sum of example-weighted arrays)."""
+    return RecordDict({CONFIG: ConfigRecord({**header.entries(), STAGE: stage, RULE: rule}),
                        PAYLOAD: to_record(payload)})
 
 
@@ -136,17 +148,64 @@ def read_metrics(reply: Message) -> dict[str, Any]:
     return dict(reply.content.metric_records[METRICS])
 
 
+def sum_reply(reply_to: Message, arrays: Mapping[str, np.ndarray], metrics: Mapping[str, Any],
+              payload: Mapping[str, np.ndarray], nodes: list[int],
+              failures: Mapping[int, str]) -> Message:
+    """One reply for a whole stage (the aggregation component's, not a client's): `arrays` and
+    `payload` already combined by the stage's rule, `metrics` merged (with num-examples and
+    num-clients), the node ids in it and the reason each other node was lost."""
+    content = RecordDict({
+        ARRAYS: to_record(arrays), METRICS: MetricRecord(dict(metrics)),
+        CONTRIBUTORS: ConfigRecord({"nodes": list(nodes), "lost-nodes": list(failures),
+                                    "lost-reasons": list(failures.values())})})
+    if payload:
+        content[PAYLOAD] = to_record(payload)
+    return Message(content, reply_to=reply_to)
+
+
+def answered_nodes(reply: Message) -> list[int]:
+    """The node ids a successful reply answers for: its source, or a stage reply's contributors."""
+    record = reply.content.config_records.get(CONTRIBUTORS)
+    if record is None:
+        return [reply.metadata.src_node_id]
+    return [int(n) for n in cast(list[int], record["nodes"])]
+
+
+def reported_failures(reply: Message) -> dict[int, str]:
+    """Node id -> reason for the nodes a stage reply says were lost ({} for a client's reply)."""
+    if reply.has_error() or CONTRIBUTORS not in reply.content.config_records:
+        return {}
+    record = reply.content.config_records[CONTRIBUTORS]
+    nodes, reasons = cast(list[int], record["lost-nodes"]), cast(list[str], record["lost-reasons"])
+    return {int(n): str(r) for n, r in zip(nodes, reasons, strict=True)}
+
+
 # --- client side -----------------------------------------------------------------------------------
 def read_request(msg: Message) -> Request:
+    """A set-up or train request (a set-up stage may come as a `train` message: its config names
+    the stage)."""
     config = msg.content.config_records[CONFIG]
     names = config.get(CLASS_NAMES)
     header = Header(str(config[CONFIG_DIGEST]), str(config.get(RUN_NAME, "")),
                     str(config.get(RUN_KEY, "")), tuple(cast(list[str], names or ())))
     model = msg.content.array_records.get(ARRAYS)
     payload = msg.content.array_records.get(PAYLOAD)
+    rule = str(config.get(RULE, "mean"))
+    if rule not in ("mean", "sum"):
+        raise ValueError(f"request rule must be 'mean' or 'sum', got {rule!r}")
     return Request(header, str(config.get(STAGE, "")), int(cast(int, config.get(SERVER_ROUND, 0))),
-                   from_record(model) if model is not None else {},
+                   cast(Rule, rule), from_record(model) if model is not None else {},
                    from_record(payload) if payload is not None else {})
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A client's answer to a set-up or train request, before it is packed: a plain reply
+    (`reply`), or a share of a secure sum (client_app/secure_upload.py)."""
+
+    arrays: dict[str, np.ndarray]  # the stage's upload, or the local model
+    metrics: dict[str, float | int]  # holds num-examples (the answer's weight)
+    payload: dict[str, np.ndarray] = field(default_factory=dict)  # the algorithm's uploads
 
 
 def node_info_reply(msg: Message, partition_id: int, num_partitions: int) -> Message:
