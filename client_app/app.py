@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common.logger import FLOWER_LOGGER
 
-from client_app.dp_clipping import make_clipping_mod
+from client_app.dp_clipping import clip_for_secure_sum, make_clipping_mod
 from client_app.secure_upload import respond, secure_upload_mod
 from feddifrc_core.algorithms import UpdateInfo
 from feddifrc_core.caches import ProcessCache
@@ -71,8 +71,16 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
     @app.train(mods=[secure_upload_mod, make_clipping_mod(run_config)])
     def train(msg: Message, context: Context) -> Message:
         request = protocol.read_request(msg)
-        answer = _setup_answer if request.stage else _train_answer
-        return respond(msg, context, lambda: answer(session(context, request), request))
+
+        def compute() -> protocol.Answer:
+            client = session(context, request)
+            if request.stage:
+                return _setup_answer(client, request)
+            # with client-side DP and SecAgg+: clipped by Flower's mod before it is encoded
+            return clip_for_secure_sum(msg, context, run_config(context),
+                                       _train_answer(client, request))
+
+        return respond(msg, context, compute)
 
     return app
 

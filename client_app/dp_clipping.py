@@ -14,18 +14,17 @@ client's step counter leaves the node under DP) and whatever else the handler re
 The client's own run config chooses the mod, not the server: a client configured for
 client-side clipping refuses (Flower's error reply) a train message without a clipping norm.
 
-Secure aggregation (Flower's documented pairing): a secure-sum stage's message passes through
-this mod untouched, and its handler clips its plaintext with `clip_reply` before encoding it:
-
-    reply = clip_reply(CLIPPING_MODS[mode], msg, context, plain_train)  # Flower's mod, unchanged
-    update = local (clipped) - global, weight 1           # DP's mean is unweighted
-    return secure_sum_reply(msg, update)                   # masked by secaggplus_mod
+Secure aggregation (Flower's documented pairing with client-side fixed clipping): a secure-sum
+stage's message passes through this mod untouched, and the train handler clips its answer with
+`clip_for_secure_sum` (the same Flower mod, through `clip_reply`) before `secure_upload.respond`
+encodes it: the clipped update (local - global) with weight 1 goes into the masked sum.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import cast
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
@@ -84,3 +83,30 @@ def clip_reply(flower_mod: Mod, msg: Message, context: Context,
         {k: clipped[k] if k in clipped else public[k] for k in keys})
     reply.content[protocol.METRICS] = out.content.metric_records[protocol.METRICS]
     return reply
+
+
+def clip_for_secure_sum(msg: Message, context: Context, cfg: RunConfig,
+                        answer: protocol.Answer) -> protocol.Answer:
+    """A train answer bound for a secure sum, as client-side DP needs it: its model clipped by
+    Flower's mod, as in plaintext (`clip_reply`), and weight 1 (DP's mean is unweighted: the
+    noise is calibrated to one client moving it by C / m). Any other answer is returned as is.
+
+    `dp_clipping_mod` lets the secure-sum message through (its reply is a share, not a model),
+    so the handler clips here, before `secure_upload.respond` encodes the answer."""
+    flower_mod = CLIPPING_MODS.get(cfg.differential_privacy)
+    if flower_mod is None or protocol.secure_sum_request(msg) is None:
+        return answer
+    if answer.payload:
+        raise ValueError("differential privacy covers the model only: this algorithm uploads "
+                         f"{sorted(answer.payload)} beside it, which no clipping bounds")
+
+    def plain(m: Message, c: Context) -> Message:
+        return protocol.reply(msg, answer.arrays, answer.metrics)
+
+    reply = clip_reply(flower_mod, msg, context, plain)
+    if reply.has_error():
+        raise RuntimeError(f"Flower's clipping mod refused the train message: {reply.error.reason}")
+    metrics = dict(reply.content.metric_records[protocol.METRICS])
+    metrics[protocol.NUM_EXAMPLES] = 1
+    return protocol.Answer(protocol.from_record(reply.content.array_records[protocol.ARRAYS]),
+                           cast(dict[str, float | int], metrics))

@@ -64,9 +64,15 @@ def config_problem(cfg: CommonConfig) -> str | None:
         return (f"differential-privacy={cfg.differential_privacy!r} noises the clients' mean "
                 f"and cannot be combined with aggregator={cfg.aggregator!r}: "
                 "use aggregator='fedavg' or differential-privacy='none'")
-    if cfg.secure_aggregation != "none":
-        return (f"differential-privacy={cfg.differential_privacy!r} with secure-aggregation="
-                f"{cfg.secure_aggregation!r} is not supported: set one of them to 'none'")
+    if cfg.secure_aggregation != "none" and cfg.differential_privacy != CLIENT_FIXED:
+        # Flower's pairing with SecAgg+ is client-side fixed clipping: the server never sees one
+        # update to clip, and the adaptive wrappers read each client's clipped bit in clear.
+        why = ("server-side clipping needs each client's update"
+               if cfg.differential_privacy not in CLIENT_SIDE
+               else "Flower's adaptive clipping reads each client's clipped bit in clear")
+        return (f"differential-privacy={cfg.differential_privacy!r} cannot run with "
+                f"secure-aggregation={cfg.secure_aggregation!r} ({why}): use "
+                f"differential-privacy={CLIENT_FIXED!r}, Flower's pairing with SecAgg+")
     if not cfg.dp_delta < 1.0:
         return f"'dp-delta' must be < 1, got {cfg.dp_delta!r}"
     z, stddev = cfg.dp_noise_multiplier, cfg.dp_clipped_count_stddev

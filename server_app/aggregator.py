@@ -19,6 +19,7 @@ beside the model (rule "mean"). The plain one sends with the Grid and combines w
 - `combine(uploads, rule)` turns the uploads, in partition order, into the stage's result (a
   robust rule replaces the mean here); `combine_models(server_round, uploads)` is the round's
   mean model, the release that differential privacy protects (server_app/private_aggregation.py);
+- `contributors(uploads)`: the partitions in them (a secure sum's one upload stands for many);
 - `metrics()` (added to the round's row), `state()` / `load_state()` (checkpointed).
 
 `RobustAggregator` is the robust one: Flower's own FedMedian, FedTrimmedAvg, Krum or Bulyan
@@ -66,6 +67,10 @@ class Aggregator:
                        ) -> dict[str, np.ndarray]:
         """The clients' mean model of `server_round` (uploads in partition order)."""
         return self.combine(uploads, "mean")
+
+    def contributors(self, uploads: Sequence[Upload]) -> list[int]:
+        """The partitions whose data went into `uploads` (the last stage's, from `exchange`)."""
+        return [u.partition for u in uploads]
 
     def metrics(self) -> dict[str, Any]:
         """What this component reports after each round (none)."""

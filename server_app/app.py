@@ -33,7 +33,6 @@ from server_app.secure_aggregator import SecureAggregator
 from server_app.strategy import AlgorithmStrategy
 from wire import protocol
 
-
 # Old checkpoints are pruned to bound disk use (ResNet-10: ~20 MB each); resume needs only the last.
 KEEP_CHECKPOINTS = 3
 

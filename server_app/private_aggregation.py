@@ -113,6 +113,9 @@ class PrivateAggregator(Aggregator):
     def exchange(self, grid: Grid, messages: Iterable[Message], wait: Wait) -> list[Message]:
         return self.inner.exchange(grid, messages, wait)
 
+    def contributors(self, uploads: Sequence[Upload]) -> list[int]:
+        return self.inner.contributors(uploads)
+
     def combine(self, uploads: Sequence[Upload], rule: Rule) -> dict[str, np.ndarray]:
         if rule == "mean":  # only an algorithm's extra uploads beside the model come here
             raise ValueError(
@@ -131,6 +134,12 @@ class PrivateAggregator(Aggregator):
         """The noised, unweighted mean of the clipped updates (Flower's wrapper), its BatchNorm
         variances kept >= 0, then the global model's integer buffers."""
         replies = [_reply_view(u, self._private_keys) for u in uploads]
+        # (with secure aggregation, one upload stands for the sum's contributors)
+        partitions = self.inner.contributors(uploads)
+        if len(replies) == 1 and len(partitions) > 1:
+            # Flower's wrapper expects one reply per client (else it warns of a DP risk): the one
+            # view, once per contributor; `_Mean` takes it as it is.
+            replies = replies * len(partitions)
         wrapper, clipped_to = self.wrapper, self.wrapper.clipping_norm
         # Flower draws the noise from numpy's global RNG: the same per (seed, round) on resume.
         with numpy_global_seed(hashed_seed(self.cfg.seed, "dp-noise", server_round)):
@@ -139,9 +148,9 @@ class PrivateAggregator(Aggregator):
             raise RuntimeError(f"round {server_round}: Flower's DP wrapper returned no aggregate")
         # What this mean is worth, from what the wrapper did (its adaptive norm has moved on).
         count_stddev = getattr(wrapper, "clipped_count_stddev", None)
-        self.ledger.record((u.partition for u in uploads), release_multipliers(
+        self.ledger.record(partitions, release_multipliers(
             wrapper.noise_multiplier, clipped_to, wrapper.clipping_norm, self.clients_per_round,
-            len(uploads), count_stddev))
+            len(partitions), count_stddev))
         # A variance is never negative, but the noise pushes small ones below 0, and one negative
         # variance makes every output NaN; clamping is post-processing: DP is kept.
         mean = {**clamp_running_variances(protocol.from_record(arrays)), **self._public}
@@ -192,6 +201,9 @@ class _Mean(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if len({id(m) for m in replies}) == 1:  # a secure sum's mean, once per contributor
+            replies = replies[:1]
         uploads = [Upload(i, protocol.from_record(m.content.array_records[protocol.ARRAYS]), 1.0)
                    for i, m in enumerate(replies)]
         return protocol.to_record(self.inner.combine(uploads, "mean")), None

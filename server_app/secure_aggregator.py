@@ -21,11 +21,12 @@ ids are how the run samples and resumes), and so do participation and timing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from feddifrc_core.aggregation import Upload
 from feddifrc_core.config import RunConfig
 from feddifrc_core.secure_uploads import from_secure_sums
 from server_app.aggregator import Aggregator
@@ -42,6 +43,7 @@ class SecureAggregator(Aggregator):
         self.cfg = cfg
         self.settings = cfg.secagg_settings
         self.partitions: dict[int, int] = {}  # node id -> partition id (node discovery)
+        self._summed: list[int] = []  # the partitions in the last stage's sum
 
     def exchange(self, grid: Grid, messages: Iterable[Message], wait: Wait) -> list[Message]:
         messages = list(messages)
@@ -95,5 +97,12 @@ class SecureAggregator(Aggregator):
         # (one lost while unmasking stays in the sum: its mask is rebuilt from the others' shares)
         lost.update({n: f"secure aggregation, sum: {r}" for n, r in total.dropped.items()
                      if n not in total.contributors})
+        self._summed = sorted(self.partitions[n] for n in total.contributors)
         first = next(m for m in messages if m.metadata.dst_node_id == total.contributors[0])
         return protocol.sum_reply(first, arrays, metrics, payload, total.contributors, lost)
+
+    def contributors(self, uploads: Sequence[Upload]) -> list[int]:
+        """The partitions in the last stage's sum: its one upload stands for all of them."""
+        if len(uploads) != 1:
+            raise ValueError(f"a secure stage gives one upload, got {len(uploads)}")
+        return list(self._summed)

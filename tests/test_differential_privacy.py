@@ -267,6 +267,13 @@ def test_the_ledger_reports_the_busiest_client_as_flowers_accountant_would():
         ({"differential-privacy": "server-adaptive-clipping", "dp-noise-multiplier": 1.0,
           "dp-clipped-count-stddev": 0.5},
          "'dp-noise-multiplier' must be < 2 \\* 'dp-clipped-count-stddev' \\(1\\) .* got 1.0"),
+        ({"differential-privacy": "server-fixed-clipping", "aggregator": "fedmedian"},
+         "noises the clients' mean and cannot be combined with aggregator='fedmedian'"),
+        ({"differential-privacy": "server-fixed-clipping", "secure-aggregation": "secaggplus"},
+         "server-side clipping needs each client's update\\): use differential-privacy="
+         "'client-fixed-clipping'"),
+        ({"differential-privacy": "client-adaptive-clipping", "secure-aggregation": "secaggplus"},
+         "adaptive clipping reads each client's clipped bit in clear"),
     ],
 )
 def test_bad_settings_name_key_expected_and_received(changes, match):

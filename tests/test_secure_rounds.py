@@ -84,9 +84,8 @@ class Recorded:
 
 def run(cfg: RunConfig, monkeypatch, **grid_options) -> tuple[SecureLoopbackGrid, Recorded]:
     recorded = Recorded()
-    monkeypatch.setattr(server_app, "AGGREGATORS", {
-        "none": lambda cfg: recorded.wrap(Aggregator)(),
-        "secaggplus": lambda cfg: recorded.wrap(SecureAggregator)(cfg)})
+    monkeypatch.setattr(server_app, "make_aggregator", lambda cfg: recorded.wrap(Aggregator)())
+    monkeypatch.setattr(server_app, "SecureAggregator", recorded.wrap(SecureAggregator))
     grid = SecureLoopbackGrid(make_client_app(), NODES, cfg.to_flower(), **grid_options)
     run_server(grid, cfg)
     return grid, recorded
@@ -225,6 +224,48 @@ def test_fewer_clients_than_the_threshold_fail_clearly_and_the_run_resumes_exact
     assert straight.keys() == resumed.keys()
     for key in straight:  # SecAgg+'s rounding is seeded per (seed, sum, partition)
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_client_side_clipping_pairs_with_secure_aggregation(tmp_path, cache_dir):
+    """Flower's pairing: each client clips its update with Flower's mod before the update enters
+    the secure sum (weight 1: DP's mean is unweighted), and the server noises the sum's mean.
+    On the same seed the noise is the same draw, so the secure run's model is the plaintext DP
+    run's within the quantization bound, at the same (epsilon, delta)."""
+    # FedAvg: no set-up stage, so both runs train from the same model (FedDifRC's secure
+    # projection statistics would give a basis that differs within its own bound)
+    dp = dict(algorithm="fedavg", num_rounds=1, differential_privacy="client-fixed-clipping",
+              dp_noise_multiplier=0.1, dp_clipping_norm=0.5)
+    plain_cfg = tiny(tmp_path, cache_dir, run_name="plain", secure_aggregation="none", **dp)
+    secure_cfg = tiny(tmp_path, cache_dir, run_name="secure", **dp)
+    for cfg in (plain_cfg, secure_cfg):
+        run_server(SecureLoopbackGrid(make_client_app(), NODES, cfg.to_flower()), cfg)
+    (p_row,), (s_row,) = rows(plain_cfg)[1:], rows(secure_cfg)[1:]
+    assert s_row["clients"] == p_row["clients"] == "0 1 2 3 4"
+    assert s_row["dp-releases"] == p_row["dp-releases"] == 1
+    assert s_row["dp-epsilon"] == pytest.approx(p_row["dp-epsilon"], rel=1e-12)
+
+    def final(cfg: RunConfig) -> dict[str, np.ndarray]:
+        path = Path(cfg.output_dir) / cfg.run_name / "checkpoints/round-0001.safetensors"
+        return ckpt.load_checkpoint(path).group("model")
+
+    plain, secure = final(plain_cfg), final(secure_cfg)
+    g = ckpt.load_checkpoint(Path(secure_cfg.output_dir) / "secure/checkpoints/round-0000"
+                             ".safetensors").group("model")
+    moved = 0.0
+    for name, want in plain.items():
+        got = secure[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        if np.issubdtype(want.dtype, np.integer):
+            assert np.array_equal(got, want), name  # the global model's buffers, kept
+            continue
+        # a clipped update's values are within +-C, their public bound within 2C: 2 K (2C) / Q
+        # over the K clients' weights, plus float32 rounding of the models
+        atol = 2 * NODES * (2 * 0.5) / Q / NODES
+        np.testing.assert_allclose(got, want, rtol=4 * np.finfo(np.float32).eps, atol=atol,
+                                   err_msg=name)
+        moved = max(moved, float(np.abs(want.astype(np.float64) - g[name]).max()))
+    assert moved > 1e-3  # the round changed the model: the comparison is not of two copies of g
 
 
 @pytest.mark.slow
