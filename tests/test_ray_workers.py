@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -45,6 +46,10 @@ def test_a_killed_ray_worker_costs_only_its_round(tmp_path):
         from flwr.app import ConfigRecord
 
         assert replace_dead_ray_workers()  # what the project's ServerApp does first
+        # The simulation registers its nodes concurrently with this thread's start: wait for all
+        # four (pytest's timeout bounds the wait), else the rounds would go to no node at all.
+        while len(grid.get_node_ids()) < 4:
+            time.sleep(0.05)
         nodes = sorted(grid.get_node_ids())
         for server_round in range(1, 6):
             messages = [Message(RecordDict({"c": ConfigRecord({"round": server_round})}),
