@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from feddifrc_core.reporting import format_summary
 from scripts.deploy import deploy  # flwr CLI helpers shared with the process deployment
 
 REPO = Path(__file__).resolve().parents[2]
@@ -342,11 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         timings["run"] = time.monotonic() - t1
         dest = copy_run_folder(dc, run_name, REPO / "runs" / "docker" / run_name)
         summary = json.loads((dest / "summary.json").read_text())
-        best = summary.get("best-accuracy")
         print(f"\nRun {result['run-id']}: {result['status']}")
-        print(f"Best test accuracy: {100 * best:.2f}% (round {summary.get('best-round')}), "
-              f"mean {100 * summary['mean-accuracy']:.2f}% over {summary['rounds']} rounds"
-              if best is not None else "No test accuracy recorded")
+        # the accuracy at the round validation chose, then the rest; the summary's first and last
+        # lines name paths inside the container (the copy's path follows)
+        print("\n".join(format_summary(summary, Path("/runs") / run_name).splitlines()[1:-1]))
         print(f"Run folder: /runs/{run_name} in volume {dc.project}_runs (service serverapp)")
         print(f"Copied to:  {dest}  with  docker compose -p {dc.project} "
               + " ".join(f"-f {f.relative_to(REPO)}" for f in dc.files)
