@@ -63,22 +63,31 @@ def comparison_table(runs: Sequence[MethodRun], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def multi_seed_result(summary_path: Path, method: str, baseline: str, alpha: float
+def multi_seed_result(summary_paths: Sequence[Path], method: str, baseline: str, alpha: float
                       ) -> str | None:
-    """One line on the benchmark's paired difference of the primary metric (last-5 mean) over
-    seeds, from its generated summary.json; None where the benchmark has no such pair yet."""
+    """One line on a benchmark's paired difference of the primary metric (last-5 mean) over
+    seeds, read from the generated summary.json files given (newest suite first): the pair with
+    the most seeds, the earlier file on a tie, so that a suite still in progress does not replace a
+    complete one. None where no summary has such a pair yet."""
+    pairs = [pair for path in summary_paths if (pair := _last5_pair(path, method, baseline, alpha))]
+    if not pairs:
+        return None
+    pair = max(pairs, key=lambda p: len(p["seeds"]))  # max keeps the first of equals
+    mean = pair["mean-sd"][0]
+    low, high = pair["ci95"]
+    return (f"{method} - {baseline} over {len(pair['seeds'])} seeds ({_seeds(pair['seeds'])}), "
+            f"alpha {alpha:g}, mean of the last {LAST_ROUNDS} rounds: {mean:+.2f} points, "
+            f"95 % interval [{low:+.2f}, {high:+.2f}]")
+
+
+def _last5_pair(summary_path: Path, method: str, baseline: str, alpha: float
+                ) -> Mapping[str, Any] | None:
     if not summary_path.is_file():
         return None
-    table = json.loads(summary_path.read_text()).get("table", [])
-    for row in table:
+    for row in json.loads(summary_path.read_text()).get("table", []):
         pair = row.get(f"last-vs-{baseline}") or {}
-        if row.get("label") != method or row.get("alpha") != alpha or not pair.get("ci95"):
-            continue
-        mean = pair["mean-sd"][0]
-        low, high = pair["ci95"]
-        return (f"{method} - {baseline} over {len(pair['seeds'])} seeds ({_seeds(pair['seeds'])}), "
-                f"alpha {alpha:g}, mean of the last {LAST_ROUNDS} rounds: {mean:+.2f} points, "
-                f"95 % interval [{low:+.2f}, {high:+.2f}]")
+        if row.get("label") == method and row.get("alpha") == alpha and pair.get("ci95"):
+            return pair
     return None
 
 

@@ -36,15 +36,27 @@ def test_table_plot_and_the_multi_seed_line(tmp_path: Path) -> None:
     assert "| feddifrc - fedavg | +5.00 points | +10.00 points | +10.00 points |" in table
     plot_comparison([base, ours], tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
-    summary = tmp_path / "summary.json"
-    summary.write_text(json.dumps({"table": [
-        {"label": "feddifrc", "alpha": 0.1, "last-vs-fedavg": {
-            "seeds": [7, 8, 9], "mean-sd": [2.5, 1.0], "ci95": [0.1, 4.9]}}]}))
-    line = multi_seed_result(summary, "feddifrc", "fedavg", 0.1)
+    def summary(name: str, seeds: list[int], mean: float) -> Path:
+        path = tmp_path / name / "summary.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"table": [
+            {"label": "feddifrc", "alpha": 0.1, "last-vs-fedavg": {
+                "seeds": seeds, "mean-sd": [mean, 1.0], "ci95": [mean - 2.4, mean + 2.4]}}]}))
+        return path
+
+    complete = summary("complete", [7, 8, 9], 2.5)
+    line = multi_seed_result([complete], "feddifrc", "fedavg", 0.1)
     assert line == ("feddifrc - fedavg over 3 seeds (seeds 7-9), alpha 0.1, mean of the last 5 "
                     "rounds: +2.50 points, 95 % interval [+0.10, +4.90]")
-    assert multi_seed_result(summary, "feddifrc", "fedavg", 0.5) is None
-    assert multi_seed_result(tmp_path / "missing.json", "feddifrc", "fedavg", 0.1) is None
+    assert multi_seed_result([complete], "feddifrc", "fedavg", 0.5) is None
+    assert multi_seed_result([tmp_path / "missing.json"], "feddifrc", "fedavg", 0.1) is None
+    # a newer suite in progress (fewer seeds) does not replace the complete one; once it holds
+    # at least as many seeds, it does
+    partial = summary("partial", [7, 8], -1.0)
+    assert multi_seed_result([partial, complete], "feddifrc", "fedavg", 0.1) == line
+    grown = summary("grown", [7, 8, 10], -1.0)
+    assert "over 3 seeds (seeds 7, 8, 10)" in multi_seed_result([grown, complete], "feddifrc",
+                                                              "fedavg", 0.1)
 
 
 def test_the_demo_refuses_settings_it_owns() -> None:
