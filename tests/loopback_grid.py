@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -118,6 +119,23 @@ def run_loopback(cfg: RunConfig, num_nodes: int, **grid_options: Any) -> dict[st
     `cfg`'s run config (as `flwr run` gives each node the run's config)."""
     grid = LoopbackGrid(client_app, num_nodes, cfg.to_flower(), **grid_options)
     return run_server(grid, cfg)
+
+
+def straight_and_resumed(cfg: RunConfig, num_nodes: int) -> tuple[Path, Path]:
+    """The run made straight (`straight`), and again (`killed`) with the server killed after the
+    clients of round 2 replied, then resumed from round 1's checkpoint on new node ids (as after a
+    SuperLink restart). Returns both run folders, to be compared."""
+    run_loopback(cfg.replace(run_name="straight"), num_nodes)
+    killed = cfg.replace(run_name="killed")
+    try:
+        run_loopback(killed, num_nodes, crash_after=1)
+    except ServerKilled:
+        pass
+    else:
+        raise AssertionError("the server was not killed in round 2")
+    run_loopback(killed.replace(resume=True), num_nodes, node_id_base=5000)
+    runs = cfg.resolved_output_dir()
+    return runs / "straight", runs / "killed"
 
 
 class FakeClock:

@@ -30,7 +30,7 @@ from feddifrc_core.privacy_accounting import (
 )
 from server_app.aggregator import Aggregator
 from server_app.private_aggregation import PrivateAggregator, with_privacy
-from tests.loopback_grid import ServerKilled, run_loopback
+from tests.loopback_grid import run_loopback, straight_and_resumed
 from tests.micro_config import micro_run_config
 from wire import protocol
 
@@ -326,19 +326,15 @@ def test_a_resumed_dp_run_ends_bit_identical(tmp_path, mode):
     cfg = micro_run_config(tmp_path, num_rounds=3, fraction_train=0.67, algorithm="fedavgm",
                            differential_privacy=mode, dp_noise_multiplier=0.8,
                            dp_clipping_norm=0.5, dp_clipped_count_stddev=1.0)
-    run_loopback(cfg.replace(run_name="straight"), 3)
-    killed = cfg.replace(run_name="killed")
-    with pytest.raises(ServerKilled):
-        run_loopback(killed, 3, crash_after=1)
-    run_loopback(killed.replace(resume=True), 3, node_id_base=5000)
+    straight_dir, resumed_dir = straight_and_resumed(cfg, 3)
 
-    straight = load_file(str(tmp_path / "runs/straight/final_model.safetensors"))
-    resumed = load_file(str(tmp_path / "runs/killed/final_model.safetensors"))
+    straight = load_file(str(straight_dir / "final_model.safetensors"))
+    resumed = load_file(str(resumed_dir / "final_model.safetensors"))
     for key in straight:
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
     keys = (dp.EPSILON, dp.RELEASES, dp.CLIPPING_NORM, "test-accuracy")
-    assert ([{k: r.get(k) for k in keys} for r in rows(tmp_path / "runs/straight")]
-            == [{k: r.get(k) for k in keys} for r in rows(tmp_path / "runs/killed")])
+    assert ([{k: r.get(k) for k in keys} for r in rows(straight_dir)]
+            == [{k: r.get(k) for k in keys} for r in rows(resumed_dir)])
 
 
 @pytest.mark.slow

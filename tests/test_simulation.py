@@ -24,7 +24,7 @@ from feddifrc_core.robust_aggregation import ROBUST
 from server_app.aggregator import RobustAggregator
 from server_app.app import make_server_app, run_server
 from server_app.replies import RoundFailedError
-from tests.loopback_grid import LoopbackGrid, ServerKilled, run_loopback
+from tests.loopback_grid import LoopbackGrid, run_loopback, straight_and_resumed
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = {"config.json", "metrics.jsonl", "metrics.csv", "metrics.png", "tensorboard",
@@ -144,27 +144,21 @@ def test_resume_after_a_kill_gives_the_same_final_model(tmp_path, cache_dir, alg
     models are tagged by round, the algorithm's server state (FedDifRC's bases, FedAvgM's
     momentum) comes from the checkpoint."""
     cfg = tiny(tmp_path, cache_dir, algorithm=algorithm, num_rounds=3, **changes)
-    run_loopback(cfg.replace(run_name="straight"), 3)
+    straight_dir, resumed_dir = straight_and_resumed(cfg, 3)
 
-    killed = cfg.replace(run_name="killed")
-    with pytest.raises(ServerKilled):
-        run_loopback(killed, 3, crash_after=1)
-    # New node ids after a restart, as with a restarted SuperLink.
-    run_loopback(killed.replace(resume=True), 3, node_id_base=5000)
-
-    straight = load_file(str(tmp_path / "runs/straight/final_model.safetensors"))
-    resumed = load_file(str(tmp_path / "runs/killed/final_model.safetensors"))
+    straight = load_file(str(straight_dir / "final_model.safetensors"))
+    resumed = load_file(str(resumed_dir / "final_model.safetensors"))
     assert straight.keys() == resumed.keys()
     for key in straight:
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
     # the files too, byte for byte: run name and wall time stay out of the model file
-    assert (tmp_path / "runs/straight/final_model.safetensors").read_bytes() == \
-        (tmp_path / "runs/killed/final_model.safetensors").read_bytes()
-    rows = [json.loads(x) for x in (tmp_path / "runs/killed/metrics.jsonl").read_text().splitlines()]
+    assert (straight_dir / "final_model.safetensors").read_bytes() == \
+        (resumed_dir / "final_model.safetensors").read_bytes()
+    rows = [json.loads(x) for x in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     # Resuming with other training settings would not be the same run: refused, naming the key.
     with pytest.raises(ValueError, match=r"lr: 0.01 -> 0.5"):
-        run_loopback(killed.replace(resume=True, lr=0.5), 3)
+        run_loopback(cfg.replace(run_name="killed", resume=True, lr=0.5), 3)
 
 
 @pytest.mark.slow
